@@ -1,0 +1,237 @@
+"""Checkpoints on disk: find them, load them, write them.
+
+A checkpoint is a Hugging Face model directory: config.json, *.safetensors (one file, or shards
+with model.safetensors.index.json), optional generation_config.json and tokenizer files.
+Weights are read from safetensors only and code named by `auto_map` is never imported or run.
+Hub ids are resolved to a local snapshot with huggingface_hub (only when the argument is not an
+existing directory). Writing is atomic: files go to a temporary sibling directory that is
+renamed into place, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import FastDLLMError
+from .model import Transformer
+
+MASK_TOKEN = "|<MASK>|"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; anything else that looks like a hub id is downloaded
+    (safetensors, json and tokenizer files only; never *.py or pickles)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise FastDLLMError(f"--model {text!r} is a file; pass the checkpoint directory that holds config.json")
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FastDLLMError(
+            f"model directory {text!r} does not exist; pass a directory with config.json and "
+            "*.safetensors, or a Hugging Face hub id such as Efficient-Large-Model/Fast_dLLM_v2_1.5B"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        ))
+    except Exception as e:  # network, auth or missing repo: one clear message
+        raise FastDLLMError(
+            f"could not fetch {text!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "check the id and your network, or pass a local directory"
+        ) from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise FastDLLMError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
+    except OSError as e:
+        raise FastDLLMError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FastDLLMError(f"{model_dir} has no config.json; is this a Hugging Face model directory?")
+    raw = read_json(cfg_path)
+    return ModelConfig.from_hf(raw), raw
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise FastDLLMError(f"{model_dir}: shards listed in the index are missing: {missing}")
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) or any(model_dir.glob("*.pth")):
+        raise FastDLLMError(
+            f"{model_dir} holds only pickle weights (*.bin/*.pt); fastdllm loads safetensors only "
+            "for safety. Convert them once with transformers (save_pretrained(safe_serialization=True))"
+        )
+    raise FastDLLMError(f"{model_dir} has no *.safetensors weight files")
+
+
+def load_weights(model: Transformer, model_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Copy every tensor from the safetensors files into the model, checking names and shapes."""
+    expected = dict(model.named_parameters())
+    seen: set[str] = set()
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in expected:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                        continue
+                    raise FastDLLMError(f"{file.name}: unexpected tensor {name!r} for this config")
+                tensor = f.get_tensor(name)
+                param = expected[name]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise FastDLLMError(
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"config.json implies {tuple(param.shape)}"
+                    )
+                with torch.no_grad():
+                    param.copy_(tensor.to(device=device, dtype=dtype))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise FastDLLMError(f"{model_dir}: weights missing from the safetensors files: {missing[:5]}")
+
+
+def load_model(model_dir: Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Transformer:
+    cfg, _ = read_config(model_dir)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty breaks the tie
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, model_dir, device, dtype)
+    return model.eval()
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer through transformers (never with remote code), or None when
+    the directory has no tokenizer files (token-id prompts still work)."""
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:
+        raise FastDLLMError(f"{model_dir}: the tokenizer files could not be loaded ({e})") from None
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    mask_token_id: int | None
+    stop_token_ids: tuple[int, ...]
+
+
+def resolve_special_tokens(cfg: ModelConfig, model_dir: Path, tokenizer,
+                           mask_token_id: int | None = None,
+                           stop_token_ids: tuple[int, ...] | None = None) -> SpecialTokens:
+    """Mask id: explicit, else config.json `mask_token_id`, else the tokenizer's `|<MASK>|`.
+    Stop ids: explicit, else generation_config.json / config.json `eos_token_id`, else the
+    tokenizer's eos."""
+    if mask_token_id is None:
+        mask_token_id = cfg.mask_token_id
+    if mask_token_id is None and tokenizer is not None:
+        tid = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            mask_token_id = tid
+    if mask_token_id is not None and not 0 <= mask_token_id < cfg.vocab_size:
+        raise FastDLLMError(
+            f"mask token id {mask_token_id} is outside the vocabulary (0..{cfg.vocab_size - 1}); "
+            "pass the id of the checkpoint's |<MASK>| token", field="mask_token_id")
+    if stop_token_ids is None:
+        gen = model_dir / "generation_config.json"
+        eos = read_json(gen).get("eos_token_id") if gen.is_file() else None
+        if eos is not None:
+            stop_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        elif cfg.eos_token_ids:
+            stop_token_ids = cfg.eos_token_ids
+        elif tokenizer is not None and tokenizer.eos_token_id is not None:
+            stop_token_ids = (int(tokenizer.eos_token_id),)
+        else:
+            stop_token_ids = ()
+    for s in stop_token_ids:
+        if not 0 <= s < cfg.vocab_size:
+            raise FastDLLMError(f"stop token id {s} is outside the vocabulary (0..{cfg.vocab_size - 1})",
+                                field="stop_token_id")
+    return SpecialTokens(mask_token_id, tuple(int(s) for s in stop_token_ids))
+
+
+def save_checkpoint(out_dir: str | os.PathLike, model: Transformer, *, tokenizer=None,
+                    config: ModelConfig | None = None, official_layout: bool = False,
+                    generation_config: dict[str, Any] | None = None,
+                    extra_files: dict[str, str] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint directory atomically (temp dir, then rename over any old one).
+
+    `extra_files` maps file names to text (e.g. a training summary or model card)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = config or model.config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            t = tensor.detach().to("cpu")
+            state[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = cfg.to_hf(official_layout=official_layout)
+        hf["torch_dtype"] = hf["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        gen = dict(generation_config or {})
+        if cfg.eos_token_ids and "eos_token_id" not in gen:
+            gen["eos_token_id"] = list(cfg.eos_token_ids)
+        if cfg.bos_token_id is not None:
+            gen.setdefault("bos_token_id", cfg.bos_token_id)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,204 @@
+"""Model configuration: one frozen dataclass for the whole Llama family.
+
+`ModelConfig.from_hf` reads a Hugging Face `config.json` dict (qwen2, llama, qwen3 and the
+official Fast_dLLM_Qwen layout) into architecture flags, so one decoder implementation serves
+every supported family (STYLE.md principle 9). Remote code named by `auto_map` is ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FastDLLMError
+
+# model_type -> (q/k/v bias default, per-head q/k RMSNorm)
+_FAMILIES: dict[str, tuple[bool, bool]] = {
+    "qwen2": (True, False),
+    "fast_dllm_qwen": (True, False),  # official Fast-dLLM v2 checkpoints: Qwen2 weights
+    "llama": (False, False),
+    "qwen3": (False, True),
+}
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3", "Fast_dLLM_Qwen")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `kind` is 'default', 'linear' or 'llama3'."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("default", "linear", "llama3"):
+            raise FastDLLMError(
+                f"unsupported RoPE scaling type {self.kind!r}; fastdllm supports "
+                "'default', 'linear' and 'llama3'"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    model_type: str = "qwen2"
+    # Fast-dLLM v2 extras (None when the checkpoint is a plain AR model).
+    bd_size: int | None = None
+    mask_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise FastDLLMError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise FastDLLMError(
+                f"config.json: num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise FastDLLMError(
+                f"config.json: mask_token_id {self.mask_token_id} is outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict."""
+        model_type = str(cfg.get("model_type", ""))
+        family = _FAMILIES.get(model_type.lower())
+        if family is None:
+            raise FastDLLMError(
+                f"unsupported architecture: config.json has model_type {model_type!r}; "
+                f"fastdllm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        qkv_bias_default, qk_norm = family
+        if cfg.get("use_sliding_window"):
+            raise FastDLLMError(
+                "config.json enables use_sliding_window, which fastdllm does not implement; "
+                "set it to false (all published Qwen2.5 checkpoints ship it disabled)"
+            )
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            attention_bias = cfg.get("attention_bias")
+            if model_type.lower() in ("qwen2", "fast_dllm_qwen"):
+                qkv_bias, o_bias = True, False
+            else:
+                qkv_bias = bool(attention_bias) if attention_bias is not None else qkv_bias_default
+                o_bias = qkv_bias
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope=_rope_from_hf(cfg),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                qk_norm=qk_norm,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                model_type=model_type,
+                bd_size=int(cfg["bd_size"]) if cfg.get("bd_size") else None,
+                mask_token_id=cfg.get("mask_token_id"),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+            )
+        except KeyError as e:
+            raise FastDLLMError(f"config.json is missing the required key {e.args[0]!r}") from None
+
+    def to_hf(self, *, official_layout: bool = False) -> dict[str, Any]:
+        """A config.json dict that transformers (and fastdllm) load back to this config."""
+        model_type = self.model_type
+        if official_layout:
+            model_type = "Fast_dLLM_Qwen"
+        elif model_type == "Fast_dLLM_Qwen":
+            model_type = "qwen2"
+        arch = {
+            "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "Fast_dLLM_Qwen": "Fast_dLLM_QwenForCausalLM",
+        }[model_type]
+        rope: dict[str, Any] = {"rope_theta": self.rope.theta, "rope_type": self.rope.kind}
+        if self.rope.kind != "default":
+            rope["factor"] = self.rope.factor
+        if self.rope.kind == "llama3":
+            rope.update(
+                low_freq_factor=self.rope.low_freq_factor,
+                high_freq_factor=self.rope.high_freq_factor,
+                original_max_position_embeddings=self.rope.original_max_position_embeddings,
+            )
+        out: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope.theta,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False,
+        }
+        if model_type in ("llama", "qwen3"):
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        if self.bos_token_id is not None:
+            out["bos_token_id"] = self.bos_token_id
+        if self.eos_token_ids:
+            out["eos_token_id"] = (
+                self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+            )
+        if self.bd_size is not None:
+            out["bd_size"] = self.bd_size
+        if self.mask_token_id is not None:
+            out["mask_token_id"] = self.mask_token_id
+        return out
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
+    """Read RoPE from either spelling: transformers 5 `rope_parameters` or 4.x `rope_theta` +
+    `rope_scaling` (published Qwen2.5 and Llama-3 configs use the latter)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    kw: dict[str, Any] = {"theta": float(theta), "kind": str(kind)}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if key in merged:
+            kw[key] = float(merged[key])
+    if "original_max_position_embeddings" in merged:
+        kw["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
+    return RopeConfig(**kw)
