@@ -137,6 +137,10 @@ class ModelConfig:
         """A config.json dict that transformers (and fastdllm) load back to this config."""
         model_type = self.model_type
         if official_layout:
+            if model_type.lower() not in ("qwen2", "fast_dllm_qwen"):
+                raise FastDLLMError(
+                    f"the official Fast_dLLM_v2 layout holds Qwen2 weights only; this model is "
+                    f"{model_type!r}: save it without official_layout")
             model_type = "Fast_dLLM_Qwen"
         elif model_type == "Fast_dLLM_Qwen":
             model_type = "qwen2"

@@ -138,9 +138,10 @@ class Transformer(nn.Module):
         positions: torch.Tensor,  # (n, T)
         mask,  # (n or 1, 1, T, key_len) bool tensor (True = may attend), or a flex BlockMask
         cache: CacheAccess | None = None,
-        logits_slice: slice | None = None,
+        logits_slice: slice | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (n, T', vocab) for the positions in `logits_slice` (all by default).
+        """Logits (n, K, vocab) for the chunk positions picked by `logits_slice`: a slice, or a
+        long tensor (n, K) of chunk-relative indices per row; all positions by default.
         With `mask=None` the attention is plain causal over this chunk (no cache)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope_for(positions, x.dtype)
@@ -152,7 +153,9 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        if logits_slice is not None:
+        if isinstance(logits_slice, torch.Tensor):
+            x = x.gather(1, logits_slice[:, :, None].expand(-1, -1, x.shape[-1]))
+        elif logits_slice is not None:
             x = x[:, logits_slice]
         return self.lm_head(self.model.norm(x))
 

@@ -1,0 +1,67 @@
+"""Decoding parameters: one frozen dataclass, validated where it is built.
+
+Defaults follow Fast-dLLM v2 (paper §3.3 and the official `generate()`): block size 32,
+sub-block size 8, confidence threshold 0.9, both caches on, greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FastDLLMError
+
+MODES = ("diffusion", "ar")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    mode: str = "diffusion"
+    max_new_tokens: int = 256
+    block_size: int = 32
+    sub_block_size: int = 8
+    threshold: float = 0.9
+    block_cache: bool = True  # False: the slow reference that recomputes the sequence every step
+    sub_block_cache: bool = True
+    token_shift: bool = True  # token i is predicted from the output at i - 1 (paper §3.2)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    trace: bool = False  # record which positions each step unmasked, with confidences
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise FastDLLMError(f"mode must be one of {MODES}, got {self.mode!r}", field="mode")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise FastDLLMError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}",
+                                field="max_new_tokens")
+        if self.block_size <= 0:
+            raise FastDLLMError(f"block_size must be positive, got {self.block_size}", field="block_size")
+        if self.sub_block_size <= 0 or self.block_size % self.sub_block_size:
+            raise FastDLLMError(
+                f"sub_block_size ({self.sub_block_size}) must divide block_size ({self.block_size}); "
+                f"e.g. use --sub-block-size {_largest_divisor_at_most(self.block_size, 8)}",
+                field="sub_block_size")
+        if not 0.0 < self.threshold <= 1.0:
+            raise FastDLLMError(
+                f"threshold must be in (0, 1], got {self.threshold}; 1.0 unmasks one token per step, "
+                "lower values unmask more tokens in parallel", field="threshold")
+        if self.temperature < 0:
+            raise FastDLLMError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}",
+                                field="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise FastDLLMError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        if self.top_k < 0:
+            raise FastDLLMError(f"top_k must be >= 0 (0 = off), got {self.top_k}", field="top_k")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def diffusion(self) -> bool:
+        return self.mode == "diffusion"
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)

@@ -1,0 +1,49 @@
+"""Drawing a token per position: greedy, or temperature + top-k + top-p.
+
+The confidence of a drawn token is its probability under the distribution it was drawn from
+(after top-k/top-p filtering and renormalisation), as in the official Fast-dLLM v2 sampler.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (K, V) for one sequence. Returns (tokens (K,), confidence (K,)) in float32."""
+    logits = logits.float()
+    if temperature == 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        conf, tokens = probs.max(dim=-1)
+        return tokens, conf
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop_sorted = (cumulative - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, conf
+
+
+def sample_batch(logits: torch.Tensor, settings: list, generators: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (n, K, V); settings[i] has temperature/top_p/top_k. Greedy rows are done together."""
+    if all(s.temperature == 0.0 for s in settings):
+        probs = torch.softmax(logits.float(), dim=-1)
+        conf, tokens = probs.max(dim=-1)
+        return tokens, conf
+    out_t, out_c = [], []
+    for row, s, g in zip(logits, settings, generators):
+        t, c = sample_tokens(row, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=g)
+        out_t.append(t)
+        out_c.append(c)
+    return torch.stack(out_t), torch.stack(out_c)

@@ -1,0 +1,284 @@
+"""One request being decoded: its tokens, its place in the Fast-dLLM v2 state machine, its
+statistics and (on request) its step trace.
+
+The state machine (paper §3.3, official `generate()` semantics), one transition per forward:
+
+    PREFILL  -- forward the prompt's whole blocks (block-causal) into the block cache;
+                if the prompt fills its last block, the last logit draws the first new token
+    REFINE   -- the active block = committed tokens' successor, filled with [MASK] up to B;
+                for each sub-block of size S: forward (the full block, or only the sub-block
+                against the block-local cache) and unmask every masked position of the
+                sub-block whose confidence exceeds the threshold, plus the most confident one
+    COMMIT   -- the block has no mask left: one forward writes its exact KV into the block
+                cache and its last logit draws the first token of the next block
+    FINISHED -- a stop token with no mask before it, or max_new_tokens reached
+
+AR mode uses the same machine with PREFILL (causal) and AR_STEP (one token per forward).
+Committed KV is never recomputed; `block_cache=False` is the reference that recomputes the
+whole sequence on every forward instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from .params import DecodeConfig
+from .selection import select_tokens
+
+
+class Phase(Enum):
+    PREFILL = "prefill"
+    REFINE = "refine"
+    COMMIT = "commit"
+    AR_STEP = "ar_step"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What one sequence needs from the next model forward: the tokens at absolute positions
+    [start, end), how far into the cache its queries may look (`key_len`), and the absolute
+    positions whose output logits it will read."""
+
+    kind: str  # prefill | full_block | sub_block | commit | ar_step
+    start: int
+    end: int
+    key_len: int
+    logit_positions: tuple[int, ...]
+
+
+@dataclass
+class SequenceStats:
+    forward_calls: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # refinement forwards (diffusion) or decode forwards (AR)
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.forward_calls if self.forward_calls else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "forward_calls": self.forward_calls,
+            "new_tokens": self.new_tokens,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "seconds": round(self.seconds, 6),
+            "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds else 0.0,
+        }
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: DecodeConfig, *,
+                 mask_token_id: int | None, stop_token_ids: tuple[int, ...], device: torch.device):
+        self.id = seq_id
+        self.params = params
+        self.prompt_len = len(prompt_ids)
+        self.limit = self.prompt_len + params.max_new_tokens  # positions < limit may be generated
+        self.block = params.block_size if params.diffusion else 1
+        self.capacity = -(-self.limit // self.block) * self.block
+        self.mask_id = mask_token_id if mask_token_id is not None else 0
+        self.stop_ids = torch.tensor(stop_token_ids or (-1,), device=device)
+        self.tokens = torch.full((self.capacity,), self.mask_id, dtype=torch.long, device=device)
+        self.tokens[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.masked = torch.zeros(self.capacity, dtype=torch.bool, device=device)
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        self.phase = Phase.PREFILL
+        self.committed = 0  # positions whose KV in the cache is exact
+        self.length = self.prompt_len  # positions holding a token or a mask of the live block
+        self.sub_block = 0
+        self.block_fresh = False  # a full-block forward has filled the block-local cache
+        self.end = None  # position after the last output token once finished
+        self.finish_reason: str | None = None
+        self.final_len = self.prompt_len  # tokens before this are final (safe to stream)
+        self.stats = SequenceStats()
+        self.trace: list[dict] | None = [] if params.trace else None
+        self.slot: int = -1
+
+    def begin(self) -> None:
+        """A diffusion prompt shorter than one block has nothing to prefill: its tail starts
+        the first decoding block directly."""
+        if self.params.diffusion and self.prompt_len < self.block:
+            self._enter_next_phase()
+
+    # ------------------------------------------------------------------ planning
+    def plan(self) -> ForwardPlan:
+        p = self.params
+        if self.phase is Phase.PREFILL:
+            end = self.prompt_len if not p.diffusion else (self.prompt_len // self.block) * self.block
+            return ForwardPlan("prefill", 0, end, end, (end - 1,))
+        if self.phase is Phase.AR_STEP:
+            pos = self.length - 1  # the last drawn token, whose KV is not cached yet
+            start = pos if p.block_cache else 0
+            return ForwardPlan("ar_step", start, pos + 1, pos + 1, (pos,))
+        bs, be = self.committed, self.committed + self.block
+        if self.phase is Phase.COMMIT:
+            return ForwardPlan("commit", bs if p.block_cache else 0, be, be, (be - 1,))
+        a, b = self._active_range()
+        shift = 1 if p.token_shift else 0
+        # a block's first position is never masked when shifting (it holds the prompt tail or
+        # the token drawn from the previous forward), so its logit, outside the chunk, is skipped
+        logit_pos = tuple(i - shift for i in range(a, b) if i - shift >= bs)
+        if not p.block_cache:
+            return ForwardPlan("full_block", 0, be, be, logit_pos)
+        first_masked = bool(self.masked[a])
+        if p.sub_block_cache and self.block_fresh and not first_masked:
+            # only the sub-block is recomputed; the rest of the block is read (stale) from the
+            # block-local cache. Position a is final here, so its own logit is never needed.
+            logit_pos = tuple(x for x in logit_pos if x >= a)
+            return ForwardPlan("sub_block", a, b, be, logit_pos)
+        return ForwardPlan("full_block", bs, be, be, logit_pos)
+
+    def _active_range(self) -> tuple[int, int]:
+        s = self.params.sub_block_size
+        a = self.committed + self.sub_block * s
+        return a, a + s
+
+    # ------------------------------------------------------------------ transitions
+    def advance(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+        """Apply one forward's drawn tokens (K,) and confidences (K,), ordered like
+        plan.logit_positions (each drawn token is for position logit_position + shift)."""
+        self.stats.forward_calls += 1
+        if plan.kind == "prefill":
+            self.committed = plan.end
+            if not self.params.diffusion or self.prompt_len % self.block == 0:
+                self._append_drawn(tokens[-1:], conf[-1:], plan.kind)
+            if not self.finished:
+                self._enter_next_phase()
+        elif plan.kind == "ar_step":
+            self.committed = plan.end
+            self.stats.steps += 1
+            self._append_drawn(tokens, conf, plan.kind)
+            if not self.finished and self.length >= self.limit:
+                self._finish("length")
+        elif plan.kind == "commit":
+            self.committed = plan.end
+            self._append_drawn(tokens[-1:], conf[-1:], plan.kind)
+            if not self.finished:
+                self._enter_next_phase()
+        else:
+            self._refine(plan, tokens, conf)
+
+    def _append_drawn(self, tokens, conf, kind: str) -> None:
+        """A token drawn AR-style (after prefill/commit, or an AR step) at position `length`."""
+        if not self.params.token_shift and self.params.diffusion:
+            return  # without token shift the block's first position is decoded like the rest
+        if self.length >= self.limit:
+            self._finish("length")
+            return
+        pos = self.length
+        self.tokens[pos] = tokens[0]
+        self.length += 1
+        self.stats.new_tokens += 1
+        self._record(kind, [pos], tokens, conf)
+        if bool((self.stop_ids == tokens[0]).any()):
+            self._finish("stop", end=pos + 1)
+        else:
+            self.final_len = self.length
+
+    def _enter_next_phase(self) -> None:
+        if not self.params.diffusion:
+            self.phase = Phase.AR_STEP
+            return
+        # a new block starts at `committed`: whatever is already there (prompt tail or the drawn
+        # first token) stays, the rest becomes [MASK] up to the block end, never past `limit`.
+        bs, be = self.committed, self.committed + self.block
+        fill_from, fill_to = self.length, min(be, self.limit)
+        if fill_from >= self.limit:
+            self._finish("length")
+            return
+        self.masked[fill_from:fill_to] = True
+        self.tokens[fill_from:be] = self.mask_id
+        self.length = be
+        self.sub_block = 0
+        self.block_fresh = False
+        self.phase = Phase.REFINE
+        self._skip_finished_sub_blocks()
+
+    def _skip_finished_sub_blocks(self) -> None:
+        n_sub = self.block // self.params.sub_block_size
+        while self.sub_block < n_sub:
+            a, b = self._active_range()
+            if bool(self.masked[a:b].any()):
+                return
+            self.sub_block += 1
+        # every sub-block is decoded: commit (or stop if nothing after this block can be emitted)
+        be = self.committed + self.block
+        if be >= self.limit:
+            self._finish("length")
+        else:
+            self.phase = Phase.COMMIT
+
+    def _refine(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+        p = self.params
+        self.stats.steps += 1
+        if plan.kind == "full_block":
+            self.block_fresh = True
+        shift = 1 if p.token_shift else 0
+        targets = torch.tensor(plan.logit_positions, device=tokens.device) + shift
+        candidates = self.masked[targets]
+        chosen = select_tokens(conf[None], candidates[None], p.threshold)[0]
+        pos = targets[chosen]
+        self.tokens[pos] = tokens[chosen]
+        self.masked[pos] = False
+        n_new = int(chosen.sum())
+        self.stats.new_tokens += n_new
+        if self.trace is not None:
+            self._record(plan.kind, pos.tolist(), tokens[chosen], conf[chosen])
+        self._check_stop_and_progress()
+        if not self.finished:
+            self._skip_finished_sub_blocks()
+
+    def _check_stop_and_progress(self) -> None:
+        gen = slice(self.prompt_len, min(self.length, self.limit))
+        masked = self.masked[gen]
+        is_stop = torch.isin(self.tokens[gen], self.stop_ids) & ~masked
+        first_mask = int(masked.int().argmax()) if bool(masked.any()) else masked.numel()
+        self.final_len = self.prompt_len + first_mask
+        if bool(is_stop.any()):
+            first_stop = int(is_stop.int().argmax())
+            if first_stop < first_mask:
+                self._finish("stop", end=self.prompt_len + first_stop + 1)
+                return
+        if self.final_len >= self.limit:
+            self._finish("length")
+
+    def _finish(self, reason: str, end: int | None = None) -> None:
+        self.phase = Phase.FINISHED
+        self.finish_reason = reason
+        self.end = end if end is not None else min(self.length, self.limit)
+        self.final_len = self.end
+        self.stats.new_tokens = self.end - self.prompt_len
+        self.stats.seconds = time.perf_counter() - self.stats.started
+
+    def _record(self, kind: str, positions: list[int], tokens, conf) -> None:
+        if self.trace is None:
+            return
+        self.trace.append({
+            "step": len(self.trace),
+            "kind": kind,
+            "positions": positions,
+            "tokens": [int(t) for t in tokens.tolist()],
+            "confidences": [round(float(c), 6) for c in conf.tolist()],
+        })
+
+    # ------------------------------------------------------------------ results
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
+
+    def output_ids(self) -> list[int]:
+        end = self.end if self.end is not None else self.final_len
+        return self.tokens[self.prompt_len:end].tolist()
+
+    def final_ids(self) -> list[int]:
+        """Generated tokens that can no longer change (for streaming)."""
+        return self.tokens[self.prompt_len:self.final_len].tolist()

@@ -1,0 +1,213 @@
+"""The Python API: load a checkpoint once, then generate from text, chat messages or token ids.
+
+    from fastdllm import LLM
+    llm = LLM.load("path/to/checkpoint")              # or a hub id
+    out = llm.generate("What is 3 + 4?", max_new_tokens=64)
+    print(out.text, out.stats["tokens_per_forward"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+import torch
+
+from .checkpoint import (SpecialTokens, load_model, load_tokenizer, read_config,
+                         resolve_model_dir, resolve_special_tokens)
+from .config import ModelConfig
+from .engine.engine import Engine
+from .engine.params import DecodeConfig
+from .engine.sequence import Sequence
+from .errors import FastDLLMError
+from .model import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # new tokens only (a final stop token included)
+    text: str | None
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    stats: dict[str, Any]
+    trace: list[dict] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason,
+               "prompt_tokens": self.prompt_tokens, **self.stats}
+        if self.trace is not None:
+            out["trace"] = self.trace
+        return out
+
+
+@dataclass
+class LLM:
+    model: Transformer
+    tokenizer: Any
+    model_dir: Path
+    special: SpecialTokens
+    default_block_size: int = 32
+    _engine: Engine | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
+             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
+             compile: bool = False) -> "LLM":
+        model_dir = resolve_model_dir(name_or_path)
+        cfg, _ = read_config(model_dir)
+        dev = _resolve_device(device)
+        torch_dtype = _resolve_dtype(dtype, dev)
+        model = load_model(model_dir, dev, torch_dtype)
+        if compile:
+            model.forward = torch.compile(model.forward, dynamic=True)
+        tokenizer = load_tokenizer(model_dir)
+        special = resolve_special_tokens(
+            cfg, model_dir, tokenizer, mask_token_id,
+            tuple(stop_token_ids) if stop_token_ids is not None else None)
+        return cls(model, tokenizer, model_dir, special, default_block_size=cfg.bd_size or 32)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def decode_config(self, config: DecodeConfig | None = None, **overrides) -> DecodeConfig:
+        """Defaults from the checkpoint (block size = its bd_size), then `overrides`."""
+        base = config or DecodeConfig(block_size=self.default_block_size,
+                                      sub_block_size=min(8, self.default_block_size))
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise FastDLLMError(f"{self.model_dir} has no tokenizer files; pass token ids "
+                                    "(--prompt-ids 1,2,3) instead of text", field="prompt")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = [int(i) for i in prompt]
+        self._check_prompt(ids)
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise FastDLLMError(f"{self.model_dir} has no chat template; send a plain prompt instead",
+                                field="messages")
+        if not messages:
+            raise FastDLLMError("messages must not be empty", field="messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:
+            raise FastDLLMError(f"the chat template cannot render these messages: {e}",
+                                field="messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        ids = [int(i) for i in ids]
+        self._check_prompt(ids)
+        return ids
+
+    def decode(self, ids: list[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise FastDLLMError("the prompt is empty; give at least one token", field="prompt")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise FastDLLMError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                f"(0..{self.config.vocab_size - 1})", field="prompt")
+        if len(ids) >= self.context_length:
+            raise FastDLLMError(f"the prompt has {len(ids)} tokens but the model's context is "
+                                f"{self.context_length}; shorten the prompt", field="prompt")
+
+    def check_request(self, prompt_len: int, params: DecodeConfig) -> None:
+        if prompt_len + params.max_new_tokens > self.context_length:
+            raise FastDLLMError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's context of {self.context_length}; lower max_new_tokens to at most "
+                f"{self.context_length - prompt_len}", field="max_new_tokens")
+
+    # ------------------------------------------------------------------ engine
+    def engine(self, slots: int, max_len: int) -> Engine:
+        """An engine with at least `slots` slots of `max_len` positions (reused across calls)."""
+        e = self._engine
+        if e is None or e.cache.slots < slots or e.max_len < max_len or e.running:
+            e = Engine(self.model, max_slots=slots, max_len=max_len,
+                       mask_token_id=self.special.mask_token_id,
+                       stop_token_ids=self.special.stop_token_ids)
+            self._engine = e
+        return e
+
+    def generate(self, prompt: str | Seq[int] | None = None, *, messages: list[dict] | None = None,
+                 config: DecodeConfig | None = None, stop_token_ids: Seq[int] | None = None,
+                 **overrides) -> GenerationResult:
+        """One prompt (text or token ids) or one chat (`messages`)."""
+        if (prompt is None) == (messages is None):
+            raise FastDLLMError("give exactly one of prompt or messages", field="prompt")
+        ids = self.encode_chat(messages) if messages is not None else self.encode(prompt)
+        return self.generate_batch([ids], config=config, stop_token_ids=stop_token_ids, **overrides)[0]
+
+    def generate_batch(self, prompts: Seq[str | Seq[int]], *, config: DecodeConfig | None = None,
+                       stop_token_ids: Seq[int] | None = None,
+                       **overrides) -> list[GenerationResult]:
+        """Decode several prompts together; finished sequences leave the batch."""
+        if not prompts:
+            raise FastDLLMError("no prompts given", field="prompt")
+        params = self.decode_config(config, **overrides)
+        ids = [self.encode(p) for p in prompts]
+        for x in ids:
+            self.check_request(len(x), params)
+        block = params.block_size if params.diffusion else 1
+        max_len = max(-(-(len(x) + params.max_new_tokens) // block) * block for x in ids)
+        engine = self.engine(len(ids), max_len)
+        stops = tuple(stop_token_ids) if stop_token_ids is not None else None
+        t0 = time.perf_counter()
+        calls0 = engine.stats.forward_calls
+        seqs = [engine.add(x, params, stop_token_ids=stops) for x in ids]
+        while engine.running:
+            engine.step()
+        batch_seconds = time.perf_counter() - t0
+        batch_calls = engine.stats.forward_calls - calls0
+        return [self._result(s, batch_calls, batch_seconds) for s in seqs]
+
+    def _result(self, seq: Sequence, batch_calls: int, batch_seconds: float) -> GenerationResult:
+        out = seq.output_ids()
+        stats = seq.stats.as_dict()
+        stats.update(batch_forward_calls=batch_calls, batch_seconds=round(batch_seconds, 6),
+                     mode=seq.params.mode)
+        return GenerationResult(out, self.decode(out), seq.finish_reason or "length",
+                                seq.prompt_len, stats, seq.trace)
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FastDLLMError(f"unknown device {device!r}; use cpu, cuda or cuda:N", field="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FastDLLMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu",
+                            field="device")
+    return dev
+
+
+def _resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise FastDLLMError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}", field="dtype")
+    return DTYPES[dtype]

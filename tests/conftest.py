@@ -1,0 +1,98 @@
+"""Shared pytest fixtures: tiny checkpoints written once per session (see fixtures.py).
+
+Session-scoped checkpoints are shared by every test: never edit them in place; take a private
+copy with the `ckpt_copy` fixture first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from fixtures import LLAMA3_ROPE, STORIES260K, copy_checkpoint, make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory) -> Callable[..., Path]:
+    """`checkpoint_factory(family, **make_checkpoint_kwargs)` -> a directory, built once per
+    distinct set of arguments in this session."""
+    built: dict[tuple, Path] = {}
+
+    def factory(family: str = "qwen2", **kwargs: Any) -> Path:
+        key = (family, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in built:
+            built[key] = make_checkpoint(tmp_path_factory.mktemp(f"ckpt-{family}"), family, **kwargs)
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(checkpoint_factory) -> Path:
+    return checkpoint_factory("qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen2_tied_ckpt(checkpoint_factory) -> Path:
+    return checkpoint_factory("qwen2", tie=True)
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(checkpoint_factory) -> Path:
+    return checkpoint_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def llama3_rope_ckpt(checkpoint_factory) -> Path:
+    return checkpoint_factory("llama", rope_scaling=LLAMA3_ROPE)
+
+
+@pytest.fixture(scope="session")
+def qwen3_ckpt(checkpoint_factory) -> Path:
+    return checkpoint_factory("qwen3", num_layers=3)
+
+
+@pytest.fixture(scope="session")
+def sharded_ckpt(checkpoint_factory) -> Path:
+    """Same weights as `qwen2_ckpt`, split over several safetensors shards."""
+    return checkpoint_factory("qwen2", sharded=True)
+
+
+@pytest.fixture(scope="session")
+def official_ckpt(checkpoint_factory) -> Path:
+    """The published Fast_dLLM_v2 layout (bd_size 32), same weights as `qwen2_ckpt`."""
+    return checkpoint_factory("qwen2", official_layout=True)
+
+
+@pytest.fixture(scope="session")
+def no_tokenizer_ckpt(checkpoint_factory) -> Path:
+    return checkpoint_factory("qwen2", with_tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(qwen2_ckpt):
+    """The test tokenizer as transformers loads it (ChatML template, eos <|im_end|>, |<MASK>|)."""
+    from fastdllm.checkpoint import load_tokenizer
+
+    return load_tokenizer(qwen2_ckpt)
+
+
+@pytest.fixture(scope="session")
+def stories260k_dir() -> Path:
+    """The real (tiny, trained) Llama checkpoint shipped in the shared folder."""
+    if not (STORIES260K / "config.json").is_file():
+        pytest.skip(f"real checkpoint not found at {STORIES260K}")
+    return STORIES260K
+
+
+@pytest.fixture
+def ckpt_copy(tmp_path) -> Callable[[Path], Path]:
+    """`ckpt_copy(src)` -> a private, editable copy of a checkpoint under this test's tmp_path."""
+    counter = iter(range(1000))
+
+    def copy(src: Path) -> Path:
+        return copy_checkpoint(src, tmp_path / f"copy{next(counter)}-{Path(src).name}")
+
+    return copy
