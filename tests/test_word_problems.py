@@ -11,8 +11,8 @@ import pytest
 
 from fastdllm.errors import FastDLLMError
 from fastdllm.tasks.gsm8k import extract_answer, read_gsm8k_jsonl
-from fastdllm.tasks.word_problems import (FAMILIES, apply_op, make_problem, generate_problems, make_splits,
-                                          write_jsonl)
+from fastdllm.tasks.word_problems import (FAMILIES, apply_op, generate_problems, make_problem,
+                                          make_splits, write_jsonl)
 
 # every solution line: "label: a op b = c"
 STEP = re.compile(r"^(?P<label>[^:\d][^:]*): (?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)$")

@@ -37,6 +37,8 @@ class GenerationResult:
     prompt_tokens: int
     stats: dict[str, Any]
     trace: list[dict] | None = None
+    params: DecodeConfig | None = None  # the decoding configuration used (for reports, replays)
+    prompt_ids: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason,
@@ -189,7 +191,8 @@ class LLM:
         stats.update(batch_forward_calls=batch_calls, batch_seconds=round(batch_seconds, 6),
                      mode=seq.params.mode)
         return GenerationResult(out, self.decode(out), seq.finish_reason or "length",
-                                seq.prompt_len, stats, seq.trace)
+                                seq.prompt_len, stats, seq.trace, params=seq.params,
+                                prompt_ids=seq.tokens[: seq.prompt_len].tolist())
 
 
 def _resolve_device(device: str | None) -> torch.device:

@@ -57,10 +57,10 @@ _BOYS = ("Tom", "Ben", "Sam", "Leo", "Omar", "Raj", "Jack", "Liam", "Noah", "Iva
 _PEOPLE = tuple(_Person(n, "she", "her") for n in _GIRLS) + tuple(_Person(n, "he", "his") for n in _BOYS)
 
 # (plural name, lowest price, highest price)
-_SHOP_ITEMS = (("pens", 1, 5), ("notebooks", 2, 9), ("apples", 1, 3), ("books", 5, 20),
-               ("toy cars", 3, 12), ("shirts", 8, 25), ("cupcakes", 2, 5), ("pencils", 1, 3),
+_SHOP_ITEMS = (("pens", 2, 5), ("notebooks", 2, 9), ("apples", 2, 4), ("books", 5, 20),
+               ("toy cars", 3, 12), ("shirts", 8, 25), ("cupcakes", 2, 5), ("pencils", 2, 3),
                ("bottles of juice", 2, 6), ("comic books", 3, 9), ("sandwiches", 4, 9),
-               ("candles", 2, 8), ("balloons", 1, 4), ("mugs", 3, 10), ("plants", 4, 15),
+               ("candles", 2, 8), ("balloons", 2, 4), ("mugs", 3, 10), ("plants", 4, 15),
                ("puzzles", 6, 18), ("socks", 2, 6), ("hats", 5, 14))
 _CURRENCIES = ("dollars", "euros", "pounds")
 _BIG_ITEMS = ("bike", "guitar", "tent", "watch", "skateboard", "camera", "scooter", "telescope")
@@ -68,12 +68,15 @@ _COLLECTIBLES = ("marbles", "stickers", "stamps", "shells", "cards", "beads", "b
                  "crayons", "rocks", "coins")
 _FOODS = ("cookies", "candies", "grapes", "strawberries", "cherries", "crackers", "muffins",
           "chocolates", "nuts", "pretzels")
-_CONTAINERS = ("boxes", "bags", "jars", "baskets", "crates", "packs")
+_CONTAINERS = ("boxes", "jars", "baskets", "crates", "packs", "tins")
 _FRUIT_TREES = (("apple", "apples"), ("orange", "oranges"), ("lemon", "lemons"),
                 ("peach", "peaches"), ("plum", "plums"), ("pear", "pears"))
 _DISTANCE_UNITS = ("km", "miles")
+# (verb, things, minutes each: divisors of 60, so the hours come out whole)
 _CHORES = (("washes", "cars", (10, 12, 15, 20, 30)), ("walks", "dogs", (15, 20, 30)),
-           ("paints", "chairs", (12, 15, 20, 30)), ("cleans", "rooms", (10, 15, 20, 30)))
+           ("paints", "chairs", (12, 15, 20, 30)), ("cleans", "rooms", (10, 15, 20, 30)),
+           ("bakes", "cakes", (20, 30)), ("repairs", "bikes", (10, 15, 20, 30)),
+           ("plants", "trees", (5, 6, 10, 12, 15)), ("irons", "shirts", (5, 6, 10)))
 # (noun, where, has the trait, lacks it)
 _GROUPS = (("students", "in a class", "wear glasses", "do not wear glasses"),
            ("cars", "in a parking lot", "are red", "are not red"),
@@ -206,7 +209,7 @@ def discount_sale(rng, s):
 @_family
 def coins_value(rng, s):
     p = _people(rng, 1)[0]
-    n, m, q = rng.randint(2, 12), rng.randint(2, 12), rng.randint(1, 8)
+    n, m, q = rng.randint(2, 12), rng.randint(2, 12), rng.randint(2, 8)
     five = s.step("Coins of five cents", n, "*", 5)
     ten = s.step("Coins of ten cents", m, "*", 10)
     both = s.step("Together", five, "+", ten)
@@ -244,7 +247,7 @@ def savings_total(rng, s):
     weekly, weeks, gift = rng.randint(2, 15), rng.randint(3, 10), rng.randint(5, 50)
     saved = s.step("Saved", weekly, "*", weeks)
     total = s.step("With the gift", saved, "+", gift)
-    spent = rng.randint(1, total - 1)
+    spent = rng.randint(2, total - 1)
     s.step("Money left", total, "-", spent)
     return (f"{p.name} saves {weekly} {cur} every week for {weeks} weeks and gets {gift} {cur} "
             f"as a gift. Then {p.he} spends {spent} {cur}. How much money does {p.he} have now?")
@@ -281,7 +284,7 @@ def packing_boxes(rng, s):
     p, thing, box = _people(rng, 1)[0], rng.choice(_COLLECTIBLES), rng.choice(_CONTAINERS)
     n, k, bag = rng.randint(2, 9), rng.randint(4, 20), rng.randint(2, 6)
     total = n * k
-    lost = total % bag + bag * rng.randint(0, max(0, (total - total % bag) // bag - 1))
+    lost = total - bag * rng.randint(1, max(1, (total - 1) // bag))  # at least one is lost
     all_ = s.step(f"All {thing}", n, "*", k)
     left = s.step(f"{_cap(thing)} left", all_, "-", lost)
     s.step("Bags", left, "/", bag)
@@ -291,13 +294,16 @@ def packing_boxes(rng, s):
 
 @_family
 def team_equipment(rng, s):
-    teams, size, balls, price = rng.randint(2, 9), rng.randint(3, 8), rng.randint(2, 5), rng.randint(2, 9)
-    cur = rng.choice(_CURRENCIES)
+    p, cur = _people(rng, 1)[0], rng.choice(_CURRENCIES)
+    gear, one = rng.choice((("balls", "ball"), ("cones", "cone"), ("rackets", "racket"),
+                            ("helmets", "helmet"), ("ropes", "rope")))
+    teams, size = rng.randint(2, 9), rng.randint(3, 8)
+    per_team, price = rng.randint(2, 5), rng.randint(2, 9)
     n = s.step("Teams", teams * size, "/", size)
-    b = s.step("Balls", n, "*", balls)
+    b = s.step(_cap(gear), n, "*", per_team)
     s.step("Cost", b, "*", price)
-    return (f"A coach splits {teams * size} children into teams of {size}. Each team needs {balls} "
-            f"balls and a ball costs {price} {cur}. How much do the balls cost?")
+    return (f"Coach {p.name} splits {teams * size} children into teams of {size}. Each team needs "
+            f"{per_team} {gear} and a {one} costs {price} {cur}. How much do the {gear} cost?")
 
 
 @_family
@@ -344,7 +350,7 @@ def collecting_daily(rng, s):
 def trip_distance(rng, s):
     p, unit = _people(rng, 1)[0], rng.choice(_DISTANCE_UNITS)
     v1, v2 = rng.randrange(30, 95, 5), rng.randrange(30, 95, 5)
-    h1, h2 = rng.randint(1, 4), rng.randint(1, 4)
+    h1, h2 = rng.randint(2, 5), rng.randint(2, 5)
     d1 = s.step("First part", v1, "*", h1)
     d2 = s.step("Second part", v2, "*", h2)
     s.step("Total distance", d1, "+", d2)
@@ -354,13 +360,13 @@ def trip_distance(rng, s):
 
 @_family
 def trip_time(rng, s):
-    unit, speed = rng.choice(_DISTANCE_UNITS), rng.randrange(20, 125, 5)
-    hours, stop = rng.randint(2, 8), rng.randint(1, 3)
-    vehicle = rng.choice(("train", "bus", "truck", "boat"))
+    p, unit, speed = _people(rng, 1)[0], rng.choice(_DISTANCE_UNITS), rng.randrange(20, 125, 5)
+    hours, stop = rng.randint(2, 8), rng.randint(2, 4)
+    vehicle = rng.choice(("train", "bus", "truck", "boat", "ferry", "van"))
     driving = s.step("Hours moving", speed * hours, "/", speed)
     s.step("Total hours", driving, "+", stop)
-    return (f"A {vehicle} travels {speed * hours} {unit} at {speed} {unit} per hour and stops for "
-            f"{stop} hours on the way. How many hours does the trip take?")
+    return (f"{p.name} takes a {vehicle} that travels {speed * hours} {unit} at {speed} {unit} per "
+            f"hour and stops for {stop} hours on the way. How many hours does the trip take?")
 
 
 @_family
@@ -404,8 +410,8 @@ def reading_week(rng, s):
 def chores_time(rng, s):
     p = _people(rng, 1)[0]
     verb, things, times = rng.choice(_CHORES)
-    minutes = rng.choice(times)  # each divides 60, so whole hours come out
-    n = 60 // minutes * rng.randint(1, 4)
+    minutes = rng.choice(times)
+    n = 60 // minutes * rng.randint(1, 5)
     total = s.step("Minutes", n, "*", minutes)
     s.step("Hours", total, "/", 60)
     return (f"{p.name} {verb} {n} {things} and each takes {minutes} minutes. "
@@ -417,7 +423,7 @@ def chores_time(rng, s):
 @_family
 def ages_sum(rng, s):
     a, b, c = _people(rng, 3)
-    age, older = rng.randint(3, 40), rng.randint(1, 30)
+    age, older = rng.randint(3, 40), rng.randint(2, 30)
     older += (age + older) % 2  # c is half of b's age
     b_age = s.step(f"{b.name}'s age", age, "+", older)
     c_age = s.step(f"{c.name}'s age", b_age, "/", 2)
@@ -459,10 +465,10 @@ def percent_of_group(rng, s):
 def unit_conversion(rng, s):
     p = _people(rng, 1)[0]
     big_unit, small_unit, factor, template = rng.choice(_CONVERSIONS)
-    big, small = rng.randint(1, 5), rng.randint(1, factor - 1)
+    big, small = rng.randint(2, 5), rng.randint(2, factor - 1)
     part = s.step(f"{_cap(big_unit)} in {small_unit}", big, "*", factor)
     total = s.step(f"Total {small_unit}", part, "+", small)
-    used = rng.randint(1, total - 1)
+    used = rng.randint(2, total - 1)
     s.step(f"{_cap(small_unit)} left", total, "-", used)
     return template.format(name=p.name, He=_cap(p.he), big=big, small=small, used=used)
 
@@ -475,7 +481,7 @@ def dozens_needed(rng, s):
     dozens, days = rng.randint(1, 6), rng.randint(2, 7)
     per_day = s.step(f"{_cap(thing)} a day", dozens, "*", 12)
     need = s.step(f"{_cap(thing)} needed", per_day, "*", days)
-    have = rng.randint(1, need - 1)
+    have = rng.randint(2, need - 1)
     s.step("Still needed", need, "-", have)
     return (f"{p.name} {use} {dozens} dozen {thing} a day for {days} days. {_cap(p.he)} already has "
             f"{have} {thing}. How many more {thing} does {p.he} need?")
