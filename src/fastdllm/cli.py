@@ -123,12 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         t.set_defaults(func=cmd_train)
 
-    for module in ("chat", "serve"):
-        try:
-            mod = __import__(f"fastdllm.{module}_cli", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        mod.add_parser(sub)
+    from . import chat_cli, serve_cli  # each keeps its heavy imports inside its command
+
+    chat_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
     return parser
 
 

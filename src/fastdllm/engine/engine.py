@@ -129,7 +129,8 @@ class Engine:
         self.stats.forward_calls += 1
         if self.mask_token_id is not None and any(s.params.diffusion for s in seqs):
             logits[..., self.mask_token_id] = float("-inf")  # a drawn token is never [MASK]
-        tokens, conf = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, conf = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                    [len(p.logit_positions) for p in plans])
         for i, (seq, plan) in enumerate(members):
             k = len(plan.logit_positions)
             seq.advance(plan, tokens[i, :k], conf[i, :k])

@@ -35,15 +35,20 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, top
     return tokens, conf
 
 
-def sample_batch(logits: torch.Tensor, settings: list, generators: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (n, K, V); settings[i] has temperature/top_p/top_k. Greedy rows are done together."""
+def sample_batch(logits: torch.Tensor, settings: list, generators: list,
+                 lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (n, K, V); settings[i] has temperature/top_p/top_k. Greedy rows are done together.
+    lengths[i]: how many of row i's K positions are real (the rest is padding); a sampled row
+    draws only those, so its generator advances exactly as it would outside the batch."""
     if all(s.temperature == 0.0 for s in settings):
         probs = torch.softmax(logits.float(), dim=-1)
         conf, tokens = probs.max(dim=-1)
         return tokens, conf
+    K = logits.shape[1]
+    lengths = lengths or [K] * len(settings)
     out_t, out_c = [], []
-    for row, s, g in zip(logits, settings, generators):
-        t, c = sample_tokens(row, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=g)
-        out_t.append(t)
-        out_c.append(c)
+    for row, s, g, k in zip(logits, settings, generators, lengths):
+        t, c = sample_tokens(row[:k], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=g)
+        out_t.append(torch.nn.functional.pad(t, (0, K - k)))
+        out_c.append(torch.nn.functional.pad(c, (0, K - k)))
     return torch.stack(out_t), torch.stack(out_c)

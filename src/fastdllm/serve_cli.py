@@ -1,0 +1,51 @@
+"""`fastdllm serve`: the OpenAI-compatible HTTP server (see docs/serving.md).
+
+Only argparse is imported here, so `fastdllm --help` works without the server extras; the
+server itself (fastapi, uvicorn) is imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli import add_decode_args, add_model_args, decode_overrides, load_llm
+from .errors import FastDLLMError
+
+
+def add_parser(subparsers) -> None:
+    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    add_model_args(s)
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together; more requests wait for a free slot (default: 8)")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take from arrival to its last token; 0 = no limit "
+                        "(default: 600)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the --model argument)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="positions per sequence, prompt + answer (default: the model's context); "
+                        "the KV cache holds max-batch x max-model-len positions")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_decode_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:
+        raise FastDLLMError(f"the server needs extra packages ({e.name} is missing); "
+                            "install them with: pip install 'fastdllm[serve]'") from None
+    llm = load_llm(args)
+    config = ServerConfig(
+        served_model_name=args.served_model_name or args.model,
+        defaults=llm.decode_config(**decode_overrides(args)),
+        max_batch=args.max_batch,
+        request_timeout=args.request_timeout or None,
+        max_model_len=args.max_model_len,
+    )
+    serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,245 @@
+"""The OpenAI wire format: request bodies, response bodies and error bodies.
+
+Requests are validated strictly (a string is not a number, unknown fields are refused, as the
+OpenAI API does) and every problem becomes an `APIError` whose body is OpenAI's
+`{"error": {"message", "type", "param", "code"}}` with `param` naming the offending field.
+Decoding parameters are checked once, by `DecodeConfig` itself; this module only maps the
+engine's field names back to the request's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+
+from ..errors import FastDLLMError
+
+
+# the CLI flags a FastDLLMError may suggest, which are request fields over HTTP
+_FLAG = re.compile(r"--(block-size|sub-block-size|threshold|temperature|top-p|top-k|max-new-tokens|mode)\b")
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI-style JSON body with HTTP `status`."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    @classmethod
+    def from_user_error(cls, e: FastDLLMError, renames: dict[str, str]) -> "APIError":
+        """A FastDLLMError raised by the engine or the tokenizer; `renames` maps fastdllm's
+        field names (max_new_tokens) to the request's (max_tokens)."""
+        param = renames.get(e.field, e.field) if e.field else None
+        message = _FLAG.sub(lambda m: m[1].replace("-", "_"), str(e))  # --top-p -> top_p
+        return cls(message.replace("max_new_tokens", "max_tokens"), param=param)
+
+
+# ---------------------------------------------------------------------------------- requests
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions; None = the server default."""
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None  # accepted and ignored
+    # fastdllm's own fields (paper §3.3): decoding mode, block / sub-block size, threshold
+    mode: str | None = None
+    block_size: int | None = None
+    sub_block_size: int | None = None
+    threshold: float | None = None
+    top_k: int | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(s == "" for s in stops):
+            raise APIError("stop strings must not be empty", param="stop")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content or ())
+        out = {"role": self.role, "content": text}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+
+
+_FIELDS = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
+           for name in m.model_fields}
+
+
+def parse_request(raw: bytes, model: type[_Strict]) -> Any:
+    """Raw body -> a validated request, or an APIError naming the first bad field."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    errors = e.errors()
+    first = errors[0]
+    param = _param_path(first["loc"])
+    if first["type"] == "missing":
+        return APIError(f"'{param}' is a required field", param=param)
+    if first["type"] == "extra_forbidden":  # the unknown name is not one of _FIELDS
+        param = _param_path(first["loc"][:-1])
+        param = f"{param}.{first['loc'][-1]}" if param != "body" else str(first["loc"][-1])
+        return APIError(f"'{param}' is not a recognised field", param=param)
+    # a union reports one error per member type ('prompt', 'str'), ('prompt', 'list[int]', 1):
+    # name the acceptable types instead of the first member's complaint
+    tag_at = next((i for i, part in enumerate(first["loc"]) if _is_union_tag(part)), None)
+    if tag_at is not None:
+        prefix = first["loc"][:tag_at]
+        tags = dict.fromkeys(err["loc"][tag_at] for err in errors
+                             if err["loc"][:tag_at] == prefix and len(err["loc"]) > tag_at
+                             and _is_union_tag(err["loc"][tag_at]))
+        return APIError(f"'{param}' must be one of: {', '.join(tags)}", param=param)
+    return APIError(f"'{param}': {first['msg']}", param=param)
+
+
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and part not in _FIELDS
+
+
+def _param_path(loc: tuple) -> str:
+    """('messages', 0, 'role') -> 'messages[0].role'; pydantic's union-member tags
+    ('str', 'list[int]') are left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _FIELDS:
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+# ---------------------------------------------------------------------------------- responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+    @field_serializer("delta")
+    def _delta(self, delta: ChatDelta) -> dict:  # OpenAI leaves unset delta fields out
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fastdllm"
+    max_model_len: int = Field(description="positions a prompt plus its answer may use")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

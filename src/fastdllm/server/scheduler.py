@@ -1,0 +1,196 @@
+"""The batching loop: one thread owns the Engine and serves every request with it.
+
+HTTP handlers (on the asyncio event loop) `submit` a `Job` and read its `events` queue; they
+never touch the model. The scheduler thread repeats:
+
+    admit waiting jobs while the engine has free slots (each joins at its own prefill)
+    drop cancelled jobs (client gone, timed out): `engine.abort` frees their slot
+    engine.step()      -- one forward per width group serves every running sequence
+    for each job: decode its newly final tokens (`TextStream`), push the text delta;
+                  a finished sequence or a matched stop string ends the job
+
+so concurrent requests share forwards, and each gets exactly what it would alone (the engine
+decides every row from its own logits). Events cross to the event loop with
+`loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ..engine.engine import Engine
+from ..engine.params import DecodeConfig
+from ..engine.sequence import Sequence
+from ..errors import FastDLLMError
+from .protocol import APIError
+from .stream import TextStream
+
+log = logging.getLogger("fastdllm.server")
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a job's handler receives: new text, and on the last event a finish reason (or an
+    error). `completion_tokens` counts the final tokens so far."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" | "length" on the last event
+    error: APIError | None = None
+
+
+class Job:
+    """One request as the scheduler sees it. Created on the event loop by `submit`."""
+
+    def __init__(self, prompt_ids: list[int], params: DecodeConfig, text: TextStream,
+                 loop: asyncio.AbstractEventLoop):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.text = text
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.seq: Sequence | None = None
+        self.cancelled = False
+        self.done = False  # the last event was pushed
+        self._final_len = 0
+
+    def push(self, event: Event) -> None:
+        if event.finish_reason is not None or event.error is not None:
+            self.done = True
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class SchedulerStats:
+    admitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, detokenize: Callable[[list[int]], str]):
+        self.engine = engine
+        self.detokenize = detokenize
+        self.stats = SchedulerStats()
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
+        self._running: list[Job] = []  # only the scheduler thread changes it
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="fastdllm-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def submit(self, prompt_ids: list[int], params: DecodeConfig, stop: tuple[str, ...]) -> Job:
+        job = Job(prompt_ids, params, TextStream(self.detokenize, stop), asyncio.get_running_loop())
+        with self._cond:
+            if self._stopping:
+                raise APIError("the server is shutting down", status=503, type="server_error")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop decoding `job` (its client left or its time ran out); its slot is freed before
+        the next step. Safe to call at any time, also after the job ended."""
+        with self._cond:
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.stats.cancelled += 1
+            self._cond.notify()
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = [self._waiting.popleft()
+                            for _ in range(min(len(self.engine.free_slots), len(self._waiting)))]
+            self._drop_cancelled()
+            for job in admitted:
+                self._admit(job)
+            if self._running:
+                self._step()
+        for job in [*self._running, *self._waiting]:
+            job.push(Event(error=APIError("the server is shutting down", status=503,
+                                          type="server_error")))
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:  # cancelled between leaving the queue and now
+            self.stats.cancelled += 1
+            return
+        try:
+            job.seq = self.engine.add(job.prompt_ids, job.params)
+        except FastDLLMError as e:  # the handler validated the request; this is a last guard
+            self._fail(job, APIError.from_user_error(e, {"max_new_tokens": "max_tokens"}))
+            return
+        self.stats.admitted += 1
+        self._running.append(job)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._running if j.cancelled]:
+            self.engine.abort(job.seq)
+            self._running.remove(job)
+            self.stats.cancelled += 1
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception:  # a bug: fail the batch, keep serving
+            log.exception("engine step failed; failing %d running requests", len(self._running))
+            for job in list(self._running):
+                self.engine.abort(job.seq)
+                self._running.remove(job)
+                self._fail(job, APIError("internal error while decoding", status=500,
+                                         type="server_error"))
+            return
+        for job in list(self._running):
+            self._emit(job)
+
+    def _emit(self, job: Job) -> None:
+        seq = job.seq
+        if seq.final_len == job._final_len and not seq.finished:
+            return  # nothing became final this step
+        job._final_len = seq.final_len
+        ids = seq.final_ids()
+        delta = job.text.update(ids, seq.finished)
+        if seq.finished or job.text.stopped:
+            self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
+            self._running.remove(job)
+            self.stats.finished += 1
+            reason = "stop" if job.text.stopped else seq.finish_reason
+            job.push(Event(delta, len(ids), finish_reason=reason))
+        elif delta:
+            job.push(Event(delta, len(ids)))
+
+    def _fail(self, job: Job, error: APIError) -> None:
+        self.stats.failed += 1
+        job.push(Event(error=error))
