@@ -186,6 +186,9 @@ class Sequence:
 
     def _enter_next_phase(self) -> None:
         if not self.params.diffusion:
+            if self.length >= self.limit:  # the prefill drew the only token asked for
+                self._finish("length")
+                return
             self.phase = Phase.AR_STEP
             return
         # a new block starts at `committed`: whatever is already there (prompt tail or the drawn

@@ -4,18 +4,14 @@ Sections mirror the recipe (paper §3.2 for the `diffusion` section): what to st
 (top level, `model` for from-scratch architectures), the `data`, the `diffusion` objective,
 the `optimizer` with its learning-rate schedule, and the `train` loop. Every key is checked:
 an unknown key is an error that names it and lists the valid ones, so a typo never silently
-falls back to a default. `TrainConfig.to_dict()` is the canonical form written into every
-checkpoint; resuming compares it with the given file.
+falls back to a default (config_file.py reads and checks the YAML). `TrainConfig.to_dict()` is
+the canonical form written into every checkpoint; resuming compares it with the given file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import FastDLLMError
@@ -171,6 +167,7 @@ class LoopConfig:
 class TrainConfig:
     data: DataConfig
     output_dir: str
+    train: LoopConfig  # required: a run has no sensible default length
     objective: str = "diffusion"  # diffusion (Fast-dLLM v2 adaptation) | ar (next-token)
     init_from: str = "pretrained"  # pretrained | scratch
     base_model: str | None = None  # checkpoint directory (init_from: pretrained)
@@ -180,7 +177,6 @@ class TrainConfig:
     pad_vocab_to_multiple_of: int = 64  # when adding [MASK] must grow the embedding
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    train: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000))
 
     def __post_init__(self):
         _choice(self.objective, OBJECTIVES, "objective")
@@ -225,88 +221,3 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-# ---- building dataclasses from YAML mappings, with type checks ----
-
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise FastDLLMError(f"{key} must be a mapping of keys, got {value!r}", field=key)
-        return build(hint, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise FastDLLMError(f"{key} must be a list of {len(args)} values, got {value!r}", field=key)
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise FastDLLMError(f"{key} must be true or false, got {value!r}", field=key)
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise FastDLLMError(f"{key} must be an integer, got {value!r}", field=key)
-        return int(value)
-    if hint is float:
-        # YAML 1.1 reads `1e-5` (no dot) as a string; accept it as the number it spells
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or not math.isfinite(number):
-            raise FastDLLMError(f"{key} must be a number, got {value!r}", field=key)
-        return number
-    if hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise FastDLLMError(f"{key} must be a string, got {value!r}", field=key)
-        return value
-    raise TypeError(f"unhandled config type {hint!r}")  # a bug here, not a user error
-
-
-def build(cls, raw: dict[str, Any], section: str = ""):
-    """`cls(**raw)` with unknown keys rejected (naming the valid ones) and values type-checked."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    prefix = f"{section}." if section else ""
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"section {section!r}" if section else "the top level"
-        raise FastDLLMError(
-            f"unknown config key {prefix}{unknown[0]} in {where}; valid keys: {', '.join(fields)}",
-            field=f"{prefix}{unknown[0]}")
-    missing = [n for n, f in fields.items() if n not in raw
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise FastDLLMError(f"missing required config key {prefix}{missing[0]}", field=f"{prefix}{missing[0]}")
-    kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in raw.items()}
-    return cls(**kwargs)
-
-
-def load_train_config(path: str | Path) -> TrainConfig:
-    """Read a YAML training config. Relative paths inside it stay relative to the working
-    directory (as on the command line), not to the file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FastDLLMError(f"training config {str(path)!r} does not exist; pass a YAML file "
-                            "(see configs/adapt_example.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise FastDLLMError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise FastDLLMError(f"{path} must hold a mapping of config keys at the top level")
-    return config_from_dict(raw)
-
-
-def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    return build(TrainConfig, raw)

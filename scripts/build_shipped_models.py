@@ -1,0 +1,123 @@
+"""Rebuild the shipped models from scratch, with fixed seeds:
+
+    python scripts/build_shipped_models.py                 # every stage
+    python scripts/build_shipped_models.py --stages adapt export
+
+Stages (each reads what the previous wrote under runs/shipped/):
+
+1. data       word problems: 200k train (seed 1), 2k test (seed 2), disjoint; GSM8K-style JSONL
+              plus the chat-formatted prompt/response files the trainer reads
+2. tokenizer  byte-level BPE trained on the training text (digits split one by one)
+3. pretrain   the AR base, from scratch          (configs/shipped/pretrain.yaml)
+4. adapt      Fast-dLLM v2 adaptation, 25% budget (configs/shipped/adapt.yaml)
+5. ablations  the same adaptation without complementary masks / without token shift
+6. export     bf16 copies with model cards into models/fastdllm-wp-ar and models/fastdllm-wp-diffusion
+
+Training runs on CUDA when available (bf16), else on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path("runs/shipped")
+STAGES = ("data", "tokenizer", "pretrain", "adapt", "ablations", "export")
+N_TRAIN, N_TEST, N_VAL = 200_000, 2_000, 1_000
+TRAIN_SEED, TEST_SEED = 1, 2
+CONFIGS = {
+    "pretrain": "configs/shipped/pretrain.yaml",
+    "adapt": "configs/shipped/adapt.yaml",
+    "adapt-no-complementary": "configs/shipped/adapt_no_complementary.yaml",
+    "adapt-no-shift": "configs/shipped/adapt_no_shift.yaml",
+}
+EXPORTS = {"pretrain": "models/fastdllm-wp-ar", "adapt": "models/fastdllm-wp-diffusion"}
+
+
+def _write_jsonl(records: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+
+
+def stage_data() -> None:
+    from fastdllm.tasks import format_prompt, make_splits, write_jsonl
+
+    out = WORK / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = make_splits(N_TRAIN, N_TEST, TRAIN_SEED, TEST_SEED)
+    write_jsonl(train, out / "train.jsonl")
+    write_jsonl(test, out / "test.jsonl")
+    sft = [{"prompt": format_prompt(p.question), "response": p.answer} for p in train]
+    random.Random(0).shuffle(sft)
+    _write_jsonl(sft[N_VAL:], out / "sft_train.jsonl")
+    _write_jsonl(sft[:N_VAL], out / "sft_val.jsonl")
+    print(f"data: {len(train)} train ({len(sft) - N_VAL} sft + {N_VAL} val), {len(test)} test -> {out}")
+
+
+def stage_tokenizer() -> None:
+    from fastdllm.tasks import read_gsm8k_jsonl
+    from fastdllm.tokenizer_build import train_tokenizer
+
+    rows = read_gsm8k_jsonl(WORK / "data" / "train.jsonl")
+    train_tokenizer((r["question"] + "\n" + r["answer"] for r in rows), WORK / "tokenizer")
+    print(f"tokenizer -> {WORK / 'tokenizer'}")
+
+
+def stage_train(name: str) -> None:
+    from fastdllm.training import run_training
+
+    out = run_training(CONFIGS[name], resume=(WORK / name / "checkpoints").is_dir())
+    print(f"{name}: final model -> {out}")
+
+
+def stage_export() -> None:
+    import torch
+
+    from fastdllm.checkpoint import load_model, load_tokenizer, read_json, save_checkpoint
+
+    for run, dest in EXPORTS.items():
+        src = WORK / run / "final"
+        model = load_model(src, "cpu", torch.float32)
+        gen = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else None
+        official = model.config.model_type == "Fast_dLLM_Qwen"
+        extra = {}
+        summary = src / "training_summary.json"
+        if summary.is_file():
+            extra["training_summary.json"] = summary.read_text()
+        save_checkpoint(ROOT / dest, model, tokenizer=load_tokenizer(src), official_layout=official,
+                        generation_config=gen, extra_files=extra, dtype=torch.bfloat16)
+        print(f"export: {src} -> {dest} (bf16)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    for stage in STAGES:
+        if stage not in args.stages:
+            continue
+        if stage == "data":
+            stage_data()
+        elif stage == "tokenizer":
+            stage_tokenizer()
+        elif stage == "pretrain":
+            stage_train("pretrain")
+        elif stage == "adapt":
+            stage_train("adapt")
+        elif stage == "ablations":
+            stage_train("adapt-no-complementary")
+            stage_train("adapt-no-shift")
+        elif stage == "export":
+            stage_export()
+
+
+if __name__ == "__main__":
+    main()

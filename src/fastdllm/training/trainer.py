@@ -1,0 +1,285 @@
+"""The training loop: adapt a pretrained AR model into a block-diffusion model (paper §3.2) or
+train it autoregressively, on one process or many (data parallel through `accelerate`).
+
+One optimizer step reads top to bottom: set the step's learning rate; build this process's
+micro-batches (noise is seeded per row, see noise.py); sum the loss normaliser over all
+micro-batches and processes; forward/backward each micro-batch (gradient sync only on the
+last); clip; step; log, validate and checkpoint on the main process. Resuming restores model,
+optimizer, step (= data position, see dataset.py) and RNG states from the latest complete
+checkpoint, so an interrupted run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save_checkpoint
+from ..errors import FastDLLMError
+from .base_model import initial_model, resumed_model
+from .config import TrainConfig
+from .config_file import load_train_config
+from .dataset import RowOrder, build_datasets, micro_batch_indices
+from .loss import target_loss_sum
+from .noise import row_seed
+from .objective import Batch, ar_batch, diffusion_batch
+from .packing import PackedRows
+from .schedule import lr_at
+from .state import (check_same_run, latest_checkpoint, optimizer_from_flat, read_checkpoint,
+                    remove_stale, restore_rng, rng_for_rank, rng_snapshot, truncate_metrics,
+                    write_checkpoint)
+
+
+def run_training(config_path: str, resume: bool = False, *, stop_after_steps: int | None = None) -> Path:
+    """Train as the YAML file says; returns the final model directory (`output_dir/final`).
+
+    `resume=True` continues from the latest complete checkpoint under `output_dir`.
+    `stop_after_steps` ends the run early without writing the final model (tests use it to
+    simulate an interruption); the return value is then the last checkpoint, if any."""
+    return Trainer(load_train_config(config_path), resume).fit(stop_after_steps)
+
+
+def _accelerator(cfg: TrainConfig):
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        raise FastDLLMError("training needs the accelerate package: pip install 'fastdllm[train]'") from None
+    # cpu=True on a machine without CUDA makes a multi-process launch (torchrun, accelerate
+    # launch --multi_gpu) data parallel over gloo instead of N independent runs. Mixed precision
+    # is our own autocast (Trainer.autocast), not accelerate's: its process-wide state refuses a
+    # second run with another precision in the same process.
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases), the usual LLM practice."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    unique = list({id(p): p for p in params}.values())  # tied embeddings appear once
+    groups = [{"params": [p for p in unique if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
+              {"params": [p for p in unique if p.ndim < 2], "weight_decay": 0.0}]
+    o = cfg.optimizer
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps, foreach=False)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.cfg = cfg
+        self.acc = _accelerator(cfg)
+        self.run_dir = Path(cfg.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        latest = latest_checkpoint(self.ckpt_root)
+        world = self.acc.num_processes
+        self.step, self.tokens_seen, self.data_tokens_seen, self.elapsed = 0, 0, 0, 0.0
+        if resume and latest is None:
+            raise FastDLLMError(f"nothing to resume: {self.ckpt_root} holds no complete checkpoint; "
+                                "start the run without --resume")
+        if not resume and latest is not None:
+            raise FastDLLMError(f"{self.run_dir} already holds checkpoints ({latest.name}); pass "
+                                "--resume to continue that run or choose a new output_dir")
+        if resume:
+            state, tensors = read_checkpoint(latest)
+            check_same_run(state, cfg.to_dict(), world, latest)
+            model, self.tokenizer, self.generation_config = resumed_model(latest)
+        else:
+            model, self.tokenizer, self.generation_config = initial_model(cfg)
+        self.mask_token_id = model.config.mask_token_id
+        self.train_rows, self.val_rows = build_datasets(cfg, self.tokenizer, self.mask_token_id)
+        self.fingerprint = self.train_rows.fingerprint()
+        t = cfg.train
+        self.global_rows = t.micro_batch_size * t.grad_accum_steps * world
+        self.total_steps = t.max_steps or math.ceil(t.max_tokens / (self.global_rows * cfg.data.seq_len))
+        model.gradient_checkpointing = t.gradient_checkpointing
+        optimizer = _optimizer(model, cfg)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.use_flex = self.acc.device.type == "cuda"
+        self.order = RowOrder(len(self.train_rows), t.seed)
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+        if resume:
+            if state["data_fingerprint"] != self.fingerprint:
+                raise FastDLLMError(f"the training data changed since {latest} was written; resume "
+                                    "needs the same data files (or start a new run)")
+            self.optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+            restore_rng(rng_for_rank(tensors, state["rng"], self.acc.process_index))
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.data_tokens_seen, self.elapsed = state["data_tokens_seen"], state["elapsed_s"]
+            self.last_loss, self.last_val = state["last_loss"], state["last_val_loss"]
+        else:
+            torch.manual_seed(t.seed)
+        if self.acc.is_main_process:
+            remove_stale(self.ckpt_root)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            metrics = self.run_dir / "metrics.jsonl"
+            if resume:
+                truncate_metrics(metrics, self.step)
+            else:
+                metrics.unlink(missing_ok=True)  # left by an earlier attempt that saved nothing
+
+    # ---- one optimizer step ----
+
+    def make_batch(self, rows: PackedRows, seeds: list[int]) -> Batch:
+        if self.cfg.objective == "ar":
+            return ar_batch(rows, self.acc.device, self.use_flex)
+        return diffusion_batch(rows, seeds, self.cfg.diffusion, self.mask_token_id, self.acc.device,
+                               self.use_flex)
+
+    def autocast(self):
+        """bf16 autocast for forwards when configured; weights and optimizer stay float32."""
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.train.precision == "bf16")
+
+    def _reduce(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        return self.acc.reduce(t, reduction="sum").tolist() if self.acc.num_processes > 1 else t.tolist()
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        lr = lr_at(self.step, self.cfg.optimizer, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = []
+        for indices in micro_batch_indices(self.step, t.grad_accum_steps, t.micro_batch_size,
+                                           self.acc.process_index, self.acc.num_processes):
+            rows = self.train_rows.select([self.order(g) for g in indices])
+            batches.append(self.make_batch(rows, [row_seed(t.seed, "train", g) for g in indices]))
+        denominator, data_tokens = self._reduce(sum(b.denominator for b in batches),
+                                                sum(b.data_tokens for b in batches))
+        # DDP averages gradients over processes; scale so the step's gradient is that of one mean
+        # over every target of the global batch
+        scale = self.acc.num_processes / max(denominator, 1.0)
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
+                with self.autocast():
+                    logits = self.forward(batch.input_ids, batch.positions, batch.attn_mask,
+                                          logits_slice=batch.logits_index)
+                loss = target_loss_sum(logits, batch.targets, batch.weights)
+                self.acc.backward(loss * scale)
+            loss_sum += loss.item()
+        grad_norm = None
+        if self.cfg.optimizer.grad_clip > 0:
+            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        (loss_total,) = self._reduce(loss_sum)
+        self.tokens_seen += self.global_rows * self.cfg.data.seq_len
+        self.data_tokens_seen += int(data_tokens)
+        self.last_loss = loss_total / max(denominator, 1.0)
+        return {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm,
+                "data_tokens": int(data_tokens)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the validation rows, with noise fixed per row so values compare
+        across evaluations. Runs the unwrapped model: processes may do unequal numbers of
+        forwards, which DDP's collectives must not see."""
+        if self.val_rows is None:
+            return None
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        mine = list(range(self.acc.process_index, len(self.val_rows), self.acc.num_processes))
+        total, count = 0.0, 0
+        micro = self.cfg.train.micro_batch_size
+        for start in range(0, len(mine), micro):
+            chunk = mine[start:start + micro]
+            batch = self.make_batch(self.val_rows.select(chunk),
+                                    [row_seed(self.cfg.train.seed, "val", i) for i in chunk])
+            with self.autocast():
+                logits = model(batch.input_ids, batch.positions, batch.attn_mask,
+                               logits_slice=batch.logits_index)
+            total += target_loss_sum(logits, batch.targets, batch.weights).item()
+            count += batch.denominator
+        model.train()
+        total, count = self._reduce(total, count)
+        self.last_val = total / max(count, 1.0)
+        return self.last_val
+
+    # ---- the run ----
+
+    def fit(self, stop_after_steps: int | None = None) -> Path:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        main = self.acc.is_main_process
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not main, desc="train",
+                   dynamic_ncols=True)
+        if t.eval_interval and self.step == 0:
+            self._log_val()  # the starting point, to compare later validations with
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.step < self.total_steps:
+            if stop_after_steps is not None and self.step >= stop_after_steps:
+                bar.close()
+                return latest_checkpoint(self.ckpt_root) or self.run_dir
+            step_start = time.perf_counter()
+            record = self.train_step()
+            window_tokens += record["data_tokens"]
+            bar.update(1)
+            if self.step % t.log_interval == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                self._log(record)
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < self.total_steps:
+                self._log_val()
+            self.elapsed += time.perf_counter() - step_start  # before save: it is checkpointed
+            if t.save_interval and self.step % t.save_interval == 0:
+                self.save()
+        bar.close()
+        self._log_val()
+        return self.write_final()
+
+    def _log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log_val(self) -> None:
+        val = self.evaluate()
+        if val is not None:
+            self._log({"step": self.step, "val_loss": val})
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen,
+                "data_tokens_seen": self.data_tokens_seen, "elapsed_s": self.elapsed,
+                "last_loss": self.last_loss, "last_val_loss": self.last_val,
+                "world_size": self.acc.num_processes, "data_fingerprint": self.fingerprint,
+                "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        from accelerate.utils import gather_object
+
+        snapshots = gather_object([rng_snapshot()])  # every process's RNG, for an exact resume
+        if self.acc.is_main_process:
+            write_checkpoint(self.ckpt_root, self.step, model=self.acc.unwrap_model(self.model),
+                             tokenizer=self.tokenizer, generation_config=self.generation_config,
+                             official_layout=self.cfg.official_layout,
+                             optimizer_state=self.optimizer.state_dict(), rng_snapshots=snapshots,
+                             trainer_state=self._trainer_state(), keep_last_k=self.cfg.train.keep_last_k)
+        self.acc.wait_for_everyone()
+
+    def write_final(self) -> Path:
+        final = self.run_dir / "final"
+        if self.acc.is_main_process:
+            summary = {"steps": self.step, "tokens_seen": self.tokens_seen,
+                       "data_tokens_seen": self.data_tokens_seen,
+                       "final_train_loss": self.last_loss, "final_val_loss": self.last_val,
+                       "wall_time_s": round(self.elapsed, 3),
+                       "data_tokens_per_s": round(self.data_tokens_seen / max(self.elapsed, 1e-9), 1),
+                       "world_size": self.acc.num_processes, "global_batch_rows": self.global_rows,
+                       "config": self.cfg.to_dict()}
+            save_checkpoint(final, self.acc.unwrap_model(self.model), tokenizer=self.tokenizer,
+                            generation_config=self.generation_config,
+                            official_layout=self.cfg.official_layout,
+                            extra_files={"training_summary.json": json.dumps(summary, indent=2) + "\n"})
+        self.acc.wait_for_everyone()
+        return final
