@@ -6,10 +6,11 @@ import datetime as _dt
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fastdllm.atomic import atomic_write_text
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -36,14 +37,6 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
@@ -60,10 +53,10 @@ def _fmt(v) -> str:
 def write_results(out_stem: Path, title: str, machine: dict, sections: list[tuple[str, list[dict], list[str]]],
                   payload: dict, notes: str = "") -> None:
     """Write `<stem>.json` (everything) and `<stem>.md` (tables with the machine they ran on)."""
-    _atomic_write(out_stem.with_suffix(".json"), json.dumps({"machine": machine, **payload}, indent=2) + "\n")
+    atomic_write_text(out_stem.with_suffix(".json"), json.dumps({"machine": machine, **payload}, indent=2) + "\n")
     md = [f"# {title}", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), ""]
     if notes:
         md += [notes, ""]
     for heading, rows, cols in sections:
         md += [f"## {heading}", "", markdown_table(rows, cols), ""]
-    _atomic_write(out_stem.with_suffix(".md"), "\n".join(md))
+    atomic_write_text(out_stem.with_suffix(".md"), "\n".join(md))

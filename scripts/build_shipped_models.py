@@ -39,11 +39,9 @@ EXPORTS = {"pretrain": "models/fastdllm-wp-ar", "adapt": "models/fastdllm-wp-dif
 
 
 def _write_jsonl(records: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    from fastdllm.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def stage_data() -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_dir
 from .config import ModelConfig
 from .errors import FastDLLMError
 from .model import Transformer
@@ -200,10 +199,8 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Transformer, *, tokenizer
 
     `extra_files` maps file names to text (e.g. a training summary or model card)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = config or model.config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         state = {}
         for name, tensor in model.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -224,14 +221,4 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Transformer, *, tokenizer
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

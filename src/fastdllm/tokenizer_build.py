@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .atomic import atomic_dir
 from .checkpoint import MASK_TOKEN
 from .errors import FastDLLMError
 
@@ -115,20 +114,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     atomically (temp dir, then rename over any old one). Returns `out_dir`."""
     tok = build_bpe(texts, vocab_size)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tok.save(str(tmp / "tokenizer.json"))
         config = tokenizer_config(model_max_length)
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

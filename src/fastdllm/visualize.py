@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import atomic_write_text
 from .errors import FastDLLMError
 
 if TYPE_CHECKING:
@@ -153,13 +154,9 @@ def write_html(path: str | os.PathLike, llm: LLM, result: GenerationResult) -> P
     """Write the replay page for `result` to `path` atomically (temp file + rename)."""
     path = Path(path)
     page = render_html(replay_data(llm, result))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, page)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FastDLLMError(f"cannot write the visualisation to {path}: {e.strerror}",
                             field="visualize") from None
     return path

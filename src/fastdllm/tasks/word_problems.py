@@ -25,12 +25,12 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from ..atomic import atomic_write_text
 from ..errors import FastDLLMError
 
 
@@ -618,15 +618,5 @@ def make_splits(n_train: int, n_test: int, train_seed: int,
 
 def write_jsonl(problems: list[Problem], path: str | os.PathLike) -> Path:
     """GSM8K-style lines `{"question": ..., "answer": ...}`, written atomically (temp + rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for p in problems:
-                f.write(json.dumps({"question": p.question, "answer": p.answer}) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    lines = (json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in problems)
+    return atomic_write_text(path, "".join(lines))
