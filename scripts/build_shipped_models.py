@@ -12,6 +12,7 @@ Stages (each reads what the previous wrote under runs/shipped/):
 4. adapt      Fast-dLLM v2 adaptation, 25% budget (configs/shipped/adapt.yaml)
 5. ablations  the same adaptation without complementary masks / without token shift
 6. export     bf16 copies with model cards into models/fastdllm-wp-ar and models/fastdllm-wp-diffusion
+              (after `benchmarks/bench_gsm.py`, `python scripts/model_cards.py` refreshes the cards' results)
 
 Training runs on CUDA when available (bf16), else on the CPU.
 """
@@ -92,6 +93,10 @@ def stage_export() -> None:
         save_checkpoint(ROOT / dest, model, tokenizer=load_tokenizer(src), official_layout=official,
                         generation_config=gen, extra_files=extra, dtype=torch.bfloat16)
         print(f"export: {src} -> {dest} (bf16)")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from model_cards import write_cards
+
+    write_cards()
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ class ModelConfig:
     # Fast-dLLM v2 extras (None when the checkpoint is a plain AR model).
     bd_size: int | None = None
     mask_token_id: int | None = None
+    token_shift: bool = True  # False only for models adapted without token shift (an ablation)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -127,6 +128,7 @@ class ModelConfig:
                 model_type=model_type,
                 bd_size=int(cfg["bd_size"]) if cfg.get("bd_size") else None,
                 mask_token_id=cfg.get("mask_token_id"),
+                token_shift=bool(cfg.get("token_shift", True)),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
@@ -188,6 +190,8 @@ class ModelConfig:
             out["bd_size"] = self.bd_size
         if self.mask_token_id is not None:
             out["mask_token_id"] = self.mask_token_id
+        if not self.token_shift:
+            out["token_shift"] = False
         return out
 
 

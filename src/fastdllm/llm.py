@@ -86,7 +86,8 @@ class LLM:
     def decode_config(self, config: DecodeConfig | None = None, **overrides) -> DecodeConfig:
         """Defaults from the checkpoint (block size = its bd_size), then `overrides`."""
         base = config or DecodeConfig(block_size=self.default_block_size,
-                                      sub_block_size=min(8, self.default_block_size))
+                                      sub_block_size=min(8, self.default_block_size),
+                                      token_shift=self.config.token_shift)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(base, **overrides) if overrides else base
 

@@ -233,6 +233,9 @@ class Sequence:
         self.tokens[pos] = tokens[chosen]
         self.masked[pos] = False
         n_new = int(chosen.sum())
+        if n_new == 0:  # a bug, not bad input: fail loudly instead of looping forever
+            raise RuntimeError(f"sequence {self.id}: a refinement step unmasked nothing "
+                               f"(plan {plan}); please report this")
         self.stats.new_tokens += n_new
         if self.trace is not None:
             self._record(plan.kind, pos.tolist(), tokens[chosen], conf[chosen])

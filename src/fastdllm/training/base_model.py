@@ -101,7 +101,8 @@ def initial_model(cfg: TrainConfig) -> tuple[Transformer, object, dict]:
             f"this model is {model.config.model_type!r}. Set official_layout: false", field="official_layout")
     if cfg.objective == "diffusion":
         add_mask_token(model, tokenizer, cfg.pad_vocab_to_multiple_of)
-        model.config = dataclasses.replace(model.config, bd_size=cfg.diffusion.block_size)
+        model.config = dataclasses.replace(model.config, bd_size=cfg.diffusion.block_size,
+                                           token_shift=cfg.diffusion.token_shift)
     if model.config.max_position_embeddings < cfg.data.seq_len:
         model.config = dataclasses.replace(model.config, max_position_embeddings=cfg.data.seq_len)
     return model.train(), tokenizer, gen

@@ -1,0 +1,118 @@
+"""Write the model cards (README.md) of the shipped models from what was measured:
+the training summaries in each model directory and, when present, the benchmark results
+in docs/results/gsm_bench.json. Run after the benchmark to refresh the numbers:
+
+    python scripts/model_cards.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fastdllm.atomic import atomic_write_text  # noqa: E402
+from fastdllm.tasks.word_problems import FAMILIES  # noqa: E402
+
+MODELS = {"ar": ROOT / "models" / "fastdllm-wp-ar", "diffusion": ROOT / "models" / "fastdllm-wp-diffusion"}
+BENCH = ROOT / "docs" / "results" / "gsm_bench.json"
+
+
+def _summary(d: Path) -> dict:
+    p = d / "training_summary.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _params(d: Path) -> tuple[int, float]:
+    from safetensors.torch import load_file
+
+    n = sum(t.numel() for t in load_file(str(d / "model.safetensors")).values())
+    return n, (d / "model.safetensors").stat().st_size / 2**20
+
+
+def _tokens(summary: dict) -> int | None:
+    return int(summary["tokens_seen"]) if "tokens_seen" in summary else None
+
+
+def _results_section(bench: dict, which: str) -> str:
+    if not bench:
+        return "Benchmark not run yet: `python benchmarks/bench_gsm.py` fills this section.\n"
+    kinds = {"ar": ("ar_engine", "ar_transformers"), "diffusion": ("ar_engine", "diffusion", "ablation")}[which]
+    lines = ["| batch | configuration | accuracy | tokens/s | tokens/forward |", "|---|---|---|---|---|"]
+    for r in bench.get("rows", []):
+        if r["kind"] in kinds and r["status"] == "ok":
+            tpf = f"{r['tokens_per_forward']:.2f}" if r.get("tokens_per_forward") else ""
+            lines.append(f"| {r['batch']} | {r['config']} | {100 * r['accuracy']:.1f}% | "
+                         f"{r['tokens_per_s']:.1f} | {tpf} |")
+    m = bench.get("machine", {})
+    n = bench.get("args", {}).get("limit", "?")
+    return (f"Measured by `benchmarks/bench_gsm.py` on {n} held-out problems, greedy, fp32 "
+            f"({m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
+            f"{m.get('date', '?')}):\n\n" + "\n".join(lines) + "\n\n"
+            "Full table, goals and plot: [docs/results/gsm_bench.md](../../docs/results/gsm_bench.md).\n")
+
+
+def card(which: str, bench: dict) -> str:
+    d = MODELS[which]
+    cfg = json.loads((d / "config.json").read_text())
+    n, mib = _params(d)
+    s = _summary(d)
+    base_s = _summary(MODELS["ar"])
+    pre_tokens, ad_tokens = _tokens(base_s), _tokens(_summary(MODELS["diffusion"]))
+    budget = ""
+    if pre_tokens and ad_tokens:
+        budget = (f"- AR pretraining: {pre_tokens:,} tokens; adaptation: {ad_tokens:,} tokens "
+                  f"({100 * ad_tokens / pre_tokens:.0f}% of pretraining)\n")
+    title = {"ar": "fastdllm-wp-ar: the AR base", "diffusion": "fastdllm-wp-diffusion: the Fast-dLLM v2 adapted model"}[which]
+    recipe = {
+        "ar": ("Trained from scratch with the AR objective (`configs/shipped/pretrain.yaml`): next-token "
+               "loss on the answers of chat-formatted problems, packed rows of 256 tokens."),
+        "diffusion": ("Adapted from fastdllm-wp-ar with the Fast-dLLM v2 recipe (`configs/shipped/adapt.yaml`): "
+                      "blocks of 32, per-block mask ratio t ~ U(0,1) (eps 1e-3), complementary masks, "
+                      "noisy+clean concatenation with the block-diffusion attention mask, token shift, "
+                      "blocks padded with loss-bearing end-of-turn tokens. Saved in the official "
+                      "Fast_dLLM_v2 layout (`Fast_dLLM_QwenForCausalLM`, `bd_size` 32, `|<MASK>|`)."),
+    }[which]
+    usage = {"ar": "--mode ar", "diffusion": "--threshold 0.9"}[which]
+    return f"""# {title}
+
+A small Qwen2-architecture model trained by the fastdllm project on synthetic grade-school math
+word problems, so that fastdllm runs out of the box on a CPU. It answers in the GSM8K format
+(step-by-step arithmetic lines, then `#### <answer>`). It knows nothing else.
+
+```bash
+fastdllm generate --model models/{d.name} --chat {usage} --prompt "Mia buys 3 pens at 4 dollars each. She pays with 20 dollars. How much change does she get?"
+```
+
+## Model
+- Architecture: Qwen2 (q/k/v bias, GQA {cfg['num_attention_heads']}:{cfg['num_key_value_heads']}, tied embeddings), hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, MLP {cfg['intermediate_size']}, vocabulary {cfg['vocab_size']}, context {cfg['max_position_embeddings']}
+- Parameters: {n / 1e6:.2f} M; weights stored in bfloat16 ({mib:.1f} MiB; fastdllm upcasts to fp32 on CPU)
+- Tokenizer: byte-level BPE trained on the training text, digits split one by one, ChatML template, `|<MASK>|`
+
+## Data
+`fastdllm.tasks.word_problems`: {len(FAMILIES)} problem families (shopping and change, sharing, rates and
+time, ages, percentages, unit conversions, areas, multi-step combinations), 2 to 5 steps each.
+200,000 training problems (seed 1), 2,000 held-out test problems (seed 2), disjoint.
+
+## Training
+{recipe}
+{budget}- Training summary: `training_summary.json` beside this card
+- Rebuild from scratch: `python scripts/build_shipped_models.py`
+
+## Results
+{_results_section(bench, which)}"""
+
+
+def write_cards() -> None:
+    bench = json.loads(BENCH.read_text()) if BENCH.is_file() else {}
+    for which, d in MODELS.items():
+        if (d / "config.json").is_file():
+            atomic_write_text(d / "README.md", card(which, bench))
+            print(f"wrote {d / 'README.md'}")
+
+
+if __name__ == "__main__":
+    write_cards()
