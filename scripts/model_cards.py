@@ -59,9 +59,7 @@ def card(which: str, bench: dict) -> str:
     d = MODELS[which]
     cfg = json.loads((d / "config.json").read_text())
     n, mib = _params(d)
-    s = _summary(d)
-    base_s = _summary(MODELS["ar"])
-    pre_tokens, ad_tokens = _tokens(base_s), _tokens(_summary(MODELS["diffusion"]))
+    pre_tokens, ad_tokens = _tokens(_summary(MODELS["ar"])), _tokens(_summary(MODELS["diffusion"]))
     budget = ""
     if pre_tokens and ad_tokens:
         budget = (f"- AR pretraining: {pre_tokens:,} tokens; adaptation: {ad_tokens:,} tokens "

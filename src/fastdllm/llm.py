@@ -60,15 +60,12 @@ class LLM:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
-             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
-             compile: bool = False) -> "LLM":
+             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None) -> "LLM":
         model_dir = resolve_model_dir(name_or_path)
         cfg, _ = read_config(model_dir)
         dev = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, dev)
         model = load_model(model_dir, dev, torch_dtype)
-        if compile:
-            model.forward = torch.compile(model.forward, dynamic=True)
         tokenizer = load_tokenizer(model_dir)
         special = resolve_special_tokens(
             cfg, model_dir, tokenizer, mask_token_id,

@@ -193,7 +193,7 @@ class Sequence:
             return
         # a new block starts at `committed`: whatever is already there (prompt tail or the drawn
         # first token) stays, the rest becomes [MASK] up to the block end, never past `limit`.
-        bs, be = self.committed, self.committed + self.block
+        be = self.committed + self.block
         fill_from, fill_to = self.length, min(be, self.limit)
         if fill_from >= self.limit:
             self._finish("length")
