@@ -82,7 +82,7 @@ word problems, so that fastdllm runs out of the box on a CPU. It answers in the 
 (step-by-step arithmetic lines, then `#### <answer>`). It knows nothing else.
 
 ```bash
-fastdllm generate --model models/{d.name} --chat {usage} --prompt "Mia buys 3 pens at 4 dollars each. She pays with 20 dollars. How much change does she get?"
+fastdllm generate --model models/{d.name} --chat {usage} --prompt "Mia buys 3 pens for 4 dollars each and pays with 20 dollars. How much change does she get?"
 ```
 
 ## Model

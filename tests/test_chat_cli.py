@@ -40,7 +40,7 @@ class Terminal:
         self.buffer += chunk
         return bool(chunk)
 
-    def expect(self, text: str, count: int, timeout: float = 60) -> None:
+    def expect(self, text: str, count: int, timeout: float = 180) -> None:
         """Wait until `text` has appeared `count` times in the whole output."""
         deadline = time.monotonic() + timeout
         while self.output.count(text) < count:
@@ -50,7 +50,7 @@ class Terminal:
     def send(self, line: str) -> None:
         os.write(self.master, (line + "\n").encode())
 
-    def finish(self, timeout: float = 30) -> int:
+    def finish(self, timeout: float = 120) -> int:
         deadline = time.monotonic() + timeout
         while self._read(deadline):
             pass

@@ -45,10 +45,10 @@ def client(server) -> openai.OpenAI:
 
 
 def health(server) -> dict:
-    return httpx.get(f"{server.url}/health").json()
+    return httpx.get(f"{server.url}/health", timeout=30).json()
 
 
-def wait_idle(server, timeout: float = 10.0) -> dict:
+def wait_idle(server, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         h = health(server)
@@ -255,7 +255,7 @@ def test_serve_command(qwen2_ckpt):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(f"{url}/health").status_code == 200:

@@ -143,11 +143,18 @@ def load_tokenizer(model_dir: Path):
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # transformers reads config.json too and warns that it does not know model_type
+    # Fast_dLLM_Qwen; the tokenizer itself is standard, so that warning is noise for our users
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:
         raise FastDLLMError(f"{model_dir}: the tokenizer files could not be loaded ({e})") from None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @dataclass(frozen=True)
