@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from fixtures import LLAMA3_ROPE, STORIES260K, copy_checkpoint, make_checkpoint
 
@@ -96,3 +97,14 @@ def ckpt_copy(tmp_path) -> Callable[[Path], Path]:
         return copy_checkpoint(src, tmp_path / f"copy{next(counter)}-{Path(src).name}")
 
     return copy
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' waiting
+    makes tests several times slower; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

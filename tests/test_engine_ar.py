@@ -16,14 +16,7 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
          "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' waiting
-    makes these tests several times slower; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_greedy(hf, ids: list[int], n: int, eos: list[int] | None) -> list[int]:

@@ -17,14 +17,7 @@ REFINE = ("full_block", "sub_block")
 SMALL = dict(block_size=B, sub_block_size=S)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' waiting
-    makes these tests several times slower; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompt(n: int, offset: int = 3) -> list[int]:

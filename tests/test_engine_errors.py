@@ -6,21 +6,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
-import torch
 
 from fastdllm import LLM
 from fastdllm.errors import FastDLLMError
 from fixtures import update_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' waiting
-    makes these tests several times slower; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

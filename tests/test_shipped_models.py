@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastdllm import LLM
 from fastdllm.tasks import format_prompt, is_correct
@@ -23,12 +22,7 @@ DIFFUSION_DIR = ROOT / "models" / "fastdllm-wp-diffusion"
 HELD_OUT = json.loads((Path(__file__).parent / "data" / "held_out_problems.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
