@@ -12,6 +12,7 @@ import time
 import pytest
 
 from fastdllm import LLM
+from fastdllm.text_stream import TextStream
 
 PROMPT = "you> "
 STATS = re.compile(r"\[diffusion\] (\d+) tokens · (\d+) forwards · [\d.]+ tokens/forward · "
@@ -143,5 +144,7 @@ def test_answers_stream_in_pieces(qwen2_ckpt):
     chat.reset()
     assert chat.messages == [{"role": "system", "content": "Be brief."}]
     # a trailing U+FFFD may be half a character: held back until the answer is finished
-    assert chat._emit("ab", "abc\ufffd", finished=False) == "abc" and out.writes[-1] == "c"
-    assert chat._emit("abc", "abc\ufffd", finished=True) == "abc\ufffd"
+    stream = TextStream(lambda ids: "".join(ids))
+    stream.text = "ab"
+    assert stream.update(list("abc\ufffd"), finished=False) == "c" and stream.text == "abc"
+    assert stream.update(list("abc\ufffd"), finished=True) == "\ufffd"

@@ -20,7 +20,7 @@ import pytest
 
 from fastdllm import LLM
 from fastdllm.server import BackgroundServer, ServerConfig
-from fastdllm.server.stream import TextStream
+from fastdllm.text_stream import TextStream
 
 PROMPTS = ["Once upon a time", "The answer is", "Hello! How can I", "She liked to play",
            "One day, Lily found", "What is two plus two?", "Please write a short story.", "A big red"]

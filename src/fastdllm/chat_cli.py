@@ -16,6 +16,7 @@ from typing import TextIO
 
 from .cli import add_decode_args, add_model_args, decode_overrides, load_llm
 from .errors import FastDLLMError
+from .text_stream import TextStream
 
 PROMPT, ANSWER = "you> ", "assistant> "
 HELP = "commands: /reset new conversation · /stats toggle statistics · /help · /exit (or Ctrl-D)"
@@ -64,12 +65,12 @@ class Chat:
         engine = self.llm.engine(1, _cache_len(len(ids) + self.params.max_new_tokens, block,
                                               self.llm.context_length))
         seq = engine.add(ids, self.params)
-        printed = ""
+        stream = TextStream(lambda final: self.llm.decode(final) or "")
         self.out.write(ANSWER)
         try:
             while not seq.finished:
                 engine.step()
-                printed = self._emit(printed, self.llm.decode(seq.final_ids()) or "", seq.finished)
+                self._emit(stream.update(seq.final_ids(), seq.finished))
         except KeyboardInterrupt:
             engine.abort(seq)
             self.out.write(" [interrupted]\n")
@@ -86,16 +87,10 @@ class Chat:
         self.messages = messages + [{"role": "assistant", "content": text}]
         return text
 
-    def _emit(self, printed: str, text: str, finished: bool) -> str:
-        """Print what `text` adds to `printed`. A trailing U+FFFD may be the first bytes of a
-        character whose rest is still masked, so it waits until the answer is finished."""
-        if not finished:
-            text = text.rstrip("\ufffd")
-        if text.startswith(printed) and len(text) > len(printed):
-            self.out.write(text[len(printed):])
+    def _emit(self, delta: str) -> None:
+        if delta:
+            self.out.write(delta)
             self.out.flush()
-            return text
-        return printed
 
 
 def _cache_len(needed: int, block: int, context: int) -> int:

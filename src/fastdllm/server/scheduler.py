@@ -28,7 +28,7 @@ from ..engine.params import DecodeConfig
 from ..engine.sequence import Sequence
 from ..errors import FastDLLMError
 from .protocol import APIError
-from .stream import TextStream
+from ..text_stream import TextStream
 
 log = logging.getLogger("fastdllm.server")
 

@@ -1,61 +1,9 @@
-"""Final tokens -> text deltas, and text deltas -> server-sent events.
-
-A block-diffusion sequence finalises its tokens left to right, several at a time
-(`Sequence.final_ids()`); `TextStream` turns that growing prefix into text that is safe to send:
-
-- it decodes the whole final prefix and sends only the new suffix, so multi-byte characters
-  split over tokens are never cut: a trailing U+FFFD (an incomplete character) is held back
-  until the next token completes it or the sequence ends;
-- it cuts the text at the first stop string, holding back the last `len(stop) - 1` characters
-  while a stop string could still be starting there.
-
-The concatenation of the deltas is, by construction, the non-streamed text.
-"""
+"""Text deltas -> server-sent events in OpenAI's framing (the deltas come from
+`fastdllm.text_stream.TextStream`)."""
 
 from __future__ import annotations
 
 import json
-from typing import Callable
-
-REPLACEMENT = "\ufffd"
-
-
-class TextStream:
-    def __init__(self, detokenize: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
-        self.detokenize = detokenize
-        self.stop = stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text = ""  # everything sent so far
-        self.stopped = False  # a stop string was found; `text` ends right before it
-
-    def update(self, final_ids: list[int], finished: bool) -> str:
-        """The new text to send, given every final token so far. After a stop string is found
-        (`self.stopped`), nothing more is ever sent."""
-        if self.stopped:
-            return ""
-        full = self.detokenize(final_ids)
-        if not finished:
-            full = full.rstrip(REPLACEMENT)
-        if not full.startswith(self.text):
-            # decoding a longer prefix rewrote text already sent (a tokenizer whose decode is
-            # not prefix-stable); sent text is never retracted, so keep it and go on
-            full = self.text + full[len(self.text):]
-        cut = self._find_stop(full)
-        if cut is not None:
-            self.stopped = True
-            full = full[:cut]
-        elif not finished and self.hold:
-            full = full[:max(len(self.text), len(full) - self.hold)]
-        delta = full[len(self.text):]
-        self.text = full
-        return delta
-
-    def _find_stop(self, full: str) -> int | None:
-        # a stop string can only end in the unsent part; start where it could begin
-        start = max(0, len(self.text) - self.hold)
-        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
 
 def sse(payload: dict | str) -> str:
     """One server-sent event in OpenAI's framing: `data: <json>` and a blank line."""
