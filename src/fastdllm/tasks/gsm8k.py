@@ -17,14 +17,13 @@ chat template wraps the question in the user turn.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
 from ..errors import FastDLLMError
+from ..jsonl import read_jsonl
 
 _MARKER = "####"
 # A number as people write one: optional sign, digits with thousands commas, optional decimals;
@@ -82,22 +81,9 @@ def read_gsm8k_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows of a GSM8K-style JSONL file, each an object with string `question` and `answer`
     (other keys are kept). Blank lines are skipped; anything else malformed is an error that
     names the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise FastDLLMError(f"{path}: cannot read the GSM8K file ({e.strerror or e})") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FastDLLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise FastDLLMError(f"{path}:{lineno}: expected a JSON object with 'question' and "
-                                f"'answer', got {type(row).__name__}")
+    for lineno, row in read_jsonl(path, expected="with 'question' and 'answer'",
+                                  missing_hint="pass the path of a GSM8K-style JSONL file"):
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str):
                 problem = "is missing" if key not in row else "is not a string"

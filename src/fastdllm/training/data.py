@@ -20,10 +20,10 @@ that render earlier turns differently from the final one).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import jsonl
 from ..errors import FastDLLMError
 
 RECORD_FORMS = '{"messages": [...]}, {"prompt": ..., "response": ...} or {"text": ...}'
@@ -38,24 +38,8 @@ class Example:
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, record) for every non-blank line; malformed lines name file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FastDLLMError(f"data file {str(path)!r} does not exist; check data.train_file / data.val_file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FastDLLMError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    "each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise FastDLLMError(f"{path}:{number}: expected a JSON object ({RECORD_FORMS}), "
-                                    f"got {type(record).__name__}")
-            records.append((number, record))
-    return records
+    return jsonl.read_jsonl(path, expected=RECORD_FORMS,
+                            missing_hint="check data.train_file / data.val_file")
 
 
 def _ids(tokenizer, text: str, *, special: bool) -> list[int]:
