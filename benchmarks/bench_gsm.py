@@ -9,7 +9,9 @@ On the first `--limit` problems of the held-out test split, greedy, at each batc
 - the AR base on our engine (mode="ar") and through transformers' `generate()` (same weights);
 - the adapted model with block-diffusion decoding at each `--thresholds` value, with and
   without the sub-block cache, and its speedup against both AR baselines;
-- the ablations (no complementary masks, no token shift) at threshold 0.9, largest batch only.
+- the ablations (no complementary masks, no token shift) at threshold 0.9, largest batch only;
+- a diagnostic, largest batch only: the adapted model decoding one token per step strictly left
+  to right (sub-blocks of one token), which tells model error from parallel-decoding error.
 Writes `<out>.json`, `<out>.md` (tables + a "goals" section computed from the numbers) and
 `<out>.png` (accuracy vs tokens/s).
 
@@ -44,6 +46,7 @@ GOAL_THRESHOLD = 0.9
 GOAL_ACCURACY_POINTS = 1.0  # diffusion accuracy >= AR accuracy - 1 point
 GOAL_SPEEDUP_VS_AR = 2.5
 GOAL_SPEEDUP_VS_TRANSFORMERS = 3.0
+LEFT_TO_RIGHT = "adapted, left to right (sub-block 1, t=1)"
 DEFAULT_ABLATIONS = ["no-complementary=runs/shipped/adapt-no-complementary/final",
                      "no-token-shift=runs/shipped/adapt-no-shift/final:noshift"]
 METRICS = ("problems", "correct", "accuracy", "new_tokens", "seconds", "tokens_per_s", "forward_calls",
@@ -97,9 +100,8 @@ def run_engine(llm: LLM, prompts: list[list[int]], refs: list[str], batch: int, 
     """Decode `prompts` in consecutive batches of `batch` on our engine; `decode` are
     DecodeConfig overrides (mode, threshold, sub_block_cache, token_shift)."""
     params = llm.decode_config(max_new_tokens=max_new_tokens, **decode)
-    block = params.block_size if params.diffusion else 1
     # allocate the KV cache for the longest prompt up front so no timed call re-allocates it
-    llm.engine(batch, max(-(-(len(p) + max_new_tokens) // block) * block for p in prompts))
+    llm.engine(batch, max(params.cache_len(len(p)) for p in prompts))
     if warmup:  # at the timed batch size, so the warm-up never swaps the engine for a smaller one
         for chunk in _batches(prompts[:WARMUP_PROBLEMS], batch):
             llm.generate_batch(chunk, config=params)
@@ -317,6 +319,11 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
                     dif, dif_prompts, refs, b, mode="diffusion", threshold=t, sub_block_cache=cache,
                     desc=f"{name} b={b}", **common)))
     b = max(args.batch_sizes)
+    # separates the model from the decoder: one token per step, strictly left to right (sub-blocks
+    # of one token), so parallel unmasking and confidence order play no part
+    add(_row(LEFT_TO_RIGHT, "diagnostic", args.diffusion_model, b, 1.0, True, True, **run_engine(
+        dif, dif_prompts, refs, b, mode="diffusion", threshold=1.0, sub_block_size=1,
+        desc=f"{LEFT_TO_RIGHT} b={b}", **common)))
     for name, path, shift in args.ablation:
         config = f"{name} t={GOAL_THRESHOLD:g}"
         if not path.is_dir():
@@ -395,13 +402,14 @@ def main(argv: list[str] | None = None) -> None:
     machine["dtype"] = args.dtype
     cols = ["config", "accuracy_%", "correct", "new_tokens", "seconds", "tokens_per_s",
             "tokens_per_forward", "speedup_vs_ar_engine", "speedup_vs_transformers", "stopped"]
-    sections = [(f"Batch {b}", [_md_row(r) for r in rows if r["batch"] == b and r["kind"] != "ablation"],
+    extra = ("ablation", "diagnostic")
+    sections = [(f"Batch {b}", [_md_row(r) for r in rows if r["batch"] == b and r["kind"] not in extra],
                  cols) for b in args.batch_sizes]
-    sections.append((f"Ablations at the same adaptation budget (threshold {GOAL_THRESHOLD:g}, "
-                     f"batch {max(args.batch_sizes)})",
-                     [_md_row(r) for r in rows if r["kind"] == "ablation"],
-                     ["config", "status", "model", "token_shift", "accuracy_%", "tokens_per_s",
-                      "tokens_per_forward", "speedup_vs_ar_engine"]))
+    sections.append((f"Ablations at the same adaptation budget, and the left-to-right diagnostic "
+                     f"(batch {max(args.batch_sizes)})",
+                     [_md_row(r) for r in rows if r["kind"] in extra],
+                     ["config", "status", "model", "token_shift", "threshold", "accuracy_%",
+                      "tokens_per_s", "tokens_per_forward", "speedup_vs_ar_engine"]))
     notes = (f"{len(problems)} held-out problems: {source}. Greedy, max_new_tokens "
              f"{args.max_new_tokens}, {WARMUP_PROBLEMS}-problem warm-up per configuration. "
              "Tokens: output tokens up to and including the first stop token; tokens/s: those / wall "

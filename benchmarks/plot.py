@@ -1,7 +1,7 @@
 """Accuracy against decoding speed, one marker per benchmark configuration (bench_gsm.py).
 
 Colour says what decodes (our AR, transformers' generate, diffusion with or without the
-sub-block cache, an ablation); the marker shape says the batch size. Diffusion points carry
+sub-block cache, an ablation, the left-to-right diagnostic); the marker shape says the batch size. Diffusion points carry
 their threshold and are joined per (batch, cache) series, so the speed/accuracy trade-off of
 the threshold reads as a curve.
 """
@@ -17,12 +17,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 COLORS = {"ar_engine": "black", "ar_transformers": "tab:gray", "diffusion": "tab:blue",
-          "diffusion_no_sub_cache": "tab:orange", "ablation": "tab:red"}
+          "diffusion_no_sub_cache": "tab:orange", "ablation": "tab:red",
+          "diagnostic": "tab:purple"}
 LABELS = {"ar_engine": "AR base (fastdllm engine)",
           "ar_transformers": "AR base (transformers generate)",
           "diffusion": "diffusion, sub-block cache",
           "diffusion_no_sub_cache": "diffusion, no sub-block cache",
-          "ablation": "ablation (t=0.9)"}
+          "ablation": "ablation (t=0.9)",
+          "diagnostic": "adapted, left to right"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
@@ -50,6 +52,8 @@ def plot_accuracy_vs_speed(rows: list[dict], path: str | os.PathLike, title: str
             label = f"{r['threshold']:g}"
         elif r["kind"] == "ablation":
             label = r["config"].split(" t=")[0]
+        elif r["kind"] == "diagnostic":
+            label = "L2R"
         else:
             label = {"ar_engine": "AR", "ar_transformers": "HF"}[r["kind"]]
         ax.annotate(label, (r["tokens_per_s"], 100 * r["accuracy"]), textcoords="offset points",

@@ -46,7 +46,8 @@ def test_bench_gsm_smoke(bench, qwen2_ckpt, tmp_path):
                      "diffusion t=1, no sub-block cache"):
             assert (name, b) in configs
     assert ("no-shift t=0.9", 2) in configs and ("missing t=0.9", 2) in configs
-    assert len(rows) == 2 * 6 + 2
+    assert (bench.LEFT_TO_RIGHT, 2) in configs
+    assert len(rows) == 2 * 6 + 1 + 2
     by = {(r["config"], r["batch"]): r for r in rows}
     assert by[("missing t=0.9", 2)]["status"] == "not trained"
     assert by[("no-shift t=0.9", 2)]["token_shift"] is False

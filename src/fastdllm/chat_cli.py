@@ -15,6 +15,7 @@ import sys
 from typing import TextIO
 
 from .cli import add_decode_args, add_model_args, decode_overrides, load_llm
+from .engine.params import round_up
 from .errors import FastDLLMError
 from .text_stream import TextStream
 
@@ -97,7 +98,7 @@ def _cache_len(needed: int, block: int, context: int) -> int:
     """Cache positions for a turn: the next power of two (so a growing conversation rarely
     reallocates), at most the context, whole blocks."""
     n = max(needed, min(1 << (needed - 1).bit_length(), context))
-    return -(-n // block) * block
+    return round_up(n, block)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

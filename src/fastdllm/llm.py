@@ -170,8 +170,7 @@ class LLM:
         ids = [self.encode(p) for p in prompts]
         for x in ids:
             self.check_request(len(x), params)
-        block = params.block_size if params.diffusion else 1
-        max_len = max(-(-(len(x) + params.max_new_tokens) // block) * block for x in ids)
+        max_len = max(params.cache_len(len(x)) for x in ids)
         engine = self.engine(len(ids), max_len)
         stops = tuple(stop_token_ids) if stop_token_ids is not None else None
         t0 = time.perf_counter()

@@ -62,6 +62,19 @@ class DecodeConfig:
     def diffusion(self) -> bool:
         return self.mode == "diffusion"
 
+    @property
+    def block(self) -> int:
+        """The unit a sequence's positions are allocated in: whole blocks for diffusion, 1 for AR."""
+        return self.block_size if self.diffusion else 1
+
+    def cache_len(self, prompt_len: int) -> int:
+        """KV-cache positions one request occupies: prompt + max_new_tokens in whole blocks."""
+        return round_up(prompt_len + self.max_new_tokens, self.block)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)

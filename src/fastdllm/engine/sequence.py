@@ -80,8 +80,8 @@ class Sequence:
         self.params = params
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + params.max_new_tokens  # positions < limit may be generated
-        self.block = params.block_size if params.diffusion else 1
-        self.capacity = -(-self.limit // self.block) * self.block
+        self.block = params.block
+        self.capacity = params.cache_len(self.prompt_len)
         self.mask_id = mask_token_id if mask_token_id is not None else 0
         self.stop_ids = torch.tensor(stop_token_ids or (-1,), device=device)
         self.tokens = torch.full((self.capacity,), self.mask_id, dtype=torch.long, device=device)

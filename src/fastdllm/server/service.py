@@ -17,7 +17,7 @@ from fastapi import Request
 
 from ..checkpoint import load_tokenizer
 from ..engine.engine import Engine
-from ..engine.params import DecodeConfig
+from ..engine.params import DecodeConfig, round_up
 from ..errors import FastDLLMError
 from ..llm import LLM
 from . import protocol as p
@@ -61,7 +61,7 @@ class Server:
         self.max_len = config.max_model_len or llm.context_length
         block = config.defaults.block_size
         # diffusion sequences occupy whole blocks: room for the last one to overhang max_len
-        self.engine = Engine(llm.model, max_slots=config.max_batch, max_len=-(-self.max_len // block) * block,
+        self.engine = Engine(llm.model, max_slots=config.max_batch, max_len=round_up(self.max_len, block),
                              mask_token_id=llm.special.mask_token_id,
                              stop_token_ids=llm.special.stop_token_ids)
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
@@ -120,9 +120,8 @@ class Server:
             raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
                            f"exceeds the server's context of {self.max_len}; lower max_tokens to "
                            f"at most {self.max_len - prompt_len}", param="max_tokens")
-        block = params.block_size if params.diffusion else 1
-        if -(-(prompt_len + params.max_new_tokens) // block) * block > self.engine.max_len:
-            raise APIError(f"block_size {block} rounds this request up past the server's "
+        if params.cache_len(prompt_len) > self.engine.max_len:
+            raise APIError(f"block_size {params.block} rounds this request up past the server's "
                            f"{self.engine.max_len} positions; use a block size that divides "
                            f"{self.engine.max_len} or lower max_tokens", param="block_size")
         if params.diffusion and self.llm.special.mask_token_id is None:

@@ -15,10 +15,11 @@ from torch import nn
 
 from ..checkpoint import load_model, load_tokenizer, read_json, resolve_model_dir
 from ..config import ModelConfig, RopeConfig
+from ..engine.params import round_up
 from ..errors import FastDLLMError
 from ..model import Transformer
 from .config import TrainConfig
-from .mask_token import add_mask_token, add_to_tokenizer, round_up
+from .mask_token import add_mask_token, add_to_tokenizer
 
 _FAMILY_FLAGS = {  # architecture -> (q/k/v bias, q/k norm), as ModelConfig.from_hf reads them
     "qwen2": (True, False), "llama": (False, False), "qwen3": (False, True),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import MASK_TOKEN
+from ..engine.params import round_up
 from ..errors import FastDLLMError
 from ..model import Transformer
 
@@ -33,10 +34,6 @@ def add_to_tokenizer(tokenizer) -> bool:
 
     tokenizer.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
     return True
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _grown(weight: torch.Tensor, rows: int, fill_from: int, fill_rows: list[int]) -> torch.Tensor:
