@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fastdllm.atomic import atomic_write_text  # noqa: E402
-from fastdllm.tasks.word_problems import FAMILIES  # noqa: E402
+from fastdllm.tasks import FAMILIES  # noqa: E402
 
 MODELS = {"ar": ROOT / "models" / "fastdllm-wp-ar", "diffusion": ROOT / "models" / "fastdllm-wp-diffusion"}
 BENCH = ROOT / "docs" / "results" / "gsm_bench.json"
@@ -37,10 +37,19 @@ def _tokens(summary: dict) -> int | None:
     return int(summary["tokens_seen"]) if "tokens_seen" in summary else None
 
 
+def _steps_line(summary: dict) -> str:
+    if "steps" not in summary or "config" not in summary:
+        return ""
+    c = summary["config"]
+    return (f"- {summary['steps']:,} optimizer steps of {summary['global_batch_rows']} rows x "
+            f"{c['data']['seq_len']} tokens, peak learning rate {c['optimizer']['lr']:g} "
+            f"({c['optimizer']['schedule']}), final validation loss {summary['final_val_loss']:.4f}\n")
+
+
 def _results_section(bench: dict, which: str) -> str:
     if not bench:
         return "Benchmark not run yet: `python benchmarks/bench_gsm.py` fills this section.\n"
-    kinds = {"ar": ("ar_engine", "ar_transformers"), "diffusion": ("ar_engine", "diffusion", "ablation")}[which]
+    kinds = {"ar": ("ar_engine", "ar_transformers"), "diffusion": ("ar_engine", "diffusion", "diagnostic", "ablation")}[which]
     lines = ["| batch | configuration | accuracy | tokens/s | tokens/forward |", "|---|---|---|---|---|"]
     for r in bench.get("rows", []):
         if r["kind"] in kinds and r["status"] == "ok":
@@ -97,7 +106,7 @@ time, ages, percentages, unit conversions, areas, multi-step combinations), 2 to
 
 ## Training
 {recipe}
-{budget}- Training summary: `training_summary.json` beside this card
+{budget}{_steps_line(_summary(d))}- Training summary: `training_summary.json` beside this card
 - Rebuild from scratch: `python scripts/build_shipped_models.py`
 
 ## Results
