@@ -9,7 +9,8 @@ On the first `--limit` problems of the held-out test split, greedy, at each batc
 - the AR base on our engine (mode="ar") and through transformers' `generate()` (same weights);
 - the adapted model with block-diffusion decoding at each `--thresholds` value, with and
   without the sub-block cache, and its speedup against both AR baselines;
-- the ablations (no complementary masks, no token shift) at threshold 0.9, largest batch only;
+- the ablations (no complementary masks, no token shift) and the recipe they are taken from
+  (micro batch 16) at threshold 0.9, largest batch only;
 - a diagnostic, largest batch only: the adapted model decoding one token per step strictly left
   to right (sub-blocks of one token), which tells model error from parallel-decoding error.
 Writes `<out>.json`, `<out>.md` (tables + a "goals" section computed from the numbers) and
@@ -47,8 +48,10 @@ GOAL_ACCURACY_POINTS = 1.0  # diffusion accuracy >= AR accuracy - 1 point
 GOAL_SPEEDUP_VS_AR = 2.5
 GOAL_SPEEDUP_VS_TRANSFORMERS = 3.0
 LEFT_TO_RIGHT = "adapted, left to right (sub-block 1, t=1)"
-DEFAULT_ABLATIONS = ["no-complementary=runs/shipped/adapt-no-complementary/final",
-                     "no-token-shift=runs/shipped/adapt-no-shift/final:noshift"]
+# the ablations change one switch of configs/shipped/adapt_mb16.yaml, so its model is their reference
+DEFAULT_ABLATIONS = ["mb16 reference=runs/shipped/adapt-mb16/final",
+                     "mb16 no-complementary=runs/shipped/adapt-no-complementary/final",
+                     "mb16 no-token-shift=runs/shipped/adapt-no-shift/final:noshift"]
 METRICS = ("problems", "correct", "accuracy", "new_tokens", "seconds", "tokens_per_s", "forward_calls",
            "tokens_per_forward", "stopped", "sample_output")  # what _metrics measures per configuration
 # the pipeline's split (scripts/build_shipped_models.py): 200k train seed 1, 2k test seed 2

@@ -10,7 +10,8 @@ Stages (each reads what the previous wrote under runs/shipped/):
 2. tokenizer  byte-level BPE trained on the training text (digits split one by one)
 3. pretrain   the AR base, from scratch          (configs/shipped/pretrain.yaml)
 4. adapt      Fast-dLLM v2 adaptation, 25% budget (configs/shipped/adapt.yaml)
-5. ablations  the same adaptation without complementary masks / without token shift
+5. ablations  the first recipe (micro batch 16, configs/shipped/adapt_mb16.yaml) and the same
+              recipe without complementary masks / without token shift
 6. export     bf16 copies with model cards into models/fastdllm-wp-ar and models/fastdllm-wp-diffusion
               (after `benchmarks/bench_gsm.py`, `python scripts/model_cards.py` refreshes the cards' results)
 
@@ -33,6 +34,7 @@ TRAIN_SEED, TEST_SEED = 1, 2
 CONFIGS = {
     "pretrain": "configs/shipped/pretrain.yaml",
     "adapt": "configs/shipped/adapt.yaml",
+    "adapt-mb16": "configs/shipped/adapt_mb16.yaml",
     "adapt-no-complementary": "configs/shipped/adapt_no_complementary.yaml",
     "adapt-no-shift": "configs/shipped/adapt_no_shift.yaml",
 }
@@ -116,6 +118,7 @@ def main() -> None:
         elif stage == "adapt":
             stage_train("adapt")
         elif stage == "ablations":
+            stage_train("adapt-mb16")
             stage_train("adapt-no-complementary")
             stage_train("adapt-no-shift")
         elif stage == "export":
