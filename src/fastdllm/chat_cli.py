@@ -62,8 +62,7 @@ class Chat:
                 f"{self.llm.context_length}, leaving {max(room, 0)} for an answer of up to "
                 f"{self.params.max_new_tokens}; type /reset to start a new conversation"
                 + (" (or lower --max-new-tokens)" if room > 0 else ""), field="messages")
-        block = self.params.block_size if self.params.diffusion else 1
-        engine = self.llm.engine(1, _cache_len(len(ids) + self.params.max_new_tokens, block,
+        engine = self.llm.engine(1, _cache_len(len(ids) + self.params.max_new_tokens, self.params.block,
                                               self.llm.context_length))
         seq = engine.add(ids, self.params)
         stream = TextStream(lambda final: self.llm.decode(final) or "")
@@ -71,7 +70,7 @@ class Chat:
         try:
             while not seq.finished:
                 engine.step()
-                self._emit(stream.update(seq.final_ids(), seq.finished))
+                self._emit(stream.feed(seq))
         except KeyboardInterrupt:
             engine.abort(seq)
             self.out.write(" [interrupted]\n")

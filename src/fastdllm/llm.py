@@ -12,12 +12,19 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence as Seq
+from typing import Any
+from typing import Sequence as Seq
 
 import torch
 
-from .checkpoint import (SpecialTokens, load_model, load_tokenizer, read_config,
-                         resolve_model_dir, resolve_special_tokens)
+from .checkpoint import (
+    SpecialTokens,
+    load_model,
+    load_tokenizer,
+    read_config,
+    resolve_model_dir,
+    resolve_special_tokens,
+)
 from .config import ModelConfig
 from .engine.engine import Engine
 from .engine.params import DecodeConfig

@@ -14,7 +14,10 @@ The concatenation of the deltas is, by construction, the non-streamed text.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .engine.sequence import Sequence
 
 REPLACEMENT = "\ufffd"
 
@@ -26,6 +29,16 @@ class TextStream:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything sent so far
         self.stopped = False  # a stop string was found; `text` ends right before it
+        self._final_len = 0  # seq.final_len at the last feed()
+
+    def feed(self, seq: Sequence) -> str:
+        """`update` from a decoding sequence, called after each engine step. A step that made
+        no token final (most refinement steps) sends nothing, so it skips copying the final
+        tokens off the device and detokenising them again."""
+        if seq.final_len == self._final_len and not seq.finished:
+            return ""
+        self._final_len = seq.final_len
+        return self.update(seq.final_ids(), seq.finished)
 
     def update(self, final_ids: list[int], finished: bool) -> str:
         """The new text to send, given every final token so far. After a stop string is found

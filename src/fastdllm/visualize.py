@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write_text
+from .engine.params import round_down
 from .errors import FastDLLMError
 
 if TYPE_CHECKING:
@@ -94,13 +95,13 @@ def replay_data(llm: LLM, result: GenerationResult) -> dict[str, Any]:
                             field="trace")
     p, tok = result.params, llm.tokenizer
     diffusion = p is not None and p.diffusion
-    block = p.block_size if diffusion else 1
+    block = p.block if p is not None else 1
     start = result.prompt_tokens
     output_end = start + len(result.token_ids)
     end = max([output_end] + [x + 1 for step in result.trace for x in step["positions"]])
     prompt_ids = result.prompt_ids or []
     # in diffusion mode the first block may begin inside the prompt: show that tail in it
-    first_block = (start // block) * block
+    first_block = round_down(start, block)
     tail_from = first_block if prompt_ids else start
     tail = prompt_ids[tail_from:]
     ids = sorted({t for step in result.trace for t in step["tokens"]} | set(tail))

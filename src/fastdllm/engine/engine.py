@@ -64,14 +64,15 @@ class Engine:
                 "(no mask_token_id in config.json, no |<MASK>| in the tokenizer); pass "
                 "--mask-token-id, use --mode ar, or adapt the model with `fastdllm train`",
                 field="mode")
+        needed = params.cache_len(len(prompt_ids))
+        if needed > self.max_len:  # checked before the sequence allocates its buffers
+            raise FastDLLMError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"needs {needed} positions but the engine holds {self.max_len}",
+                field="max_new_tokens")
         seq = Sequence(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                        stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                        device=self.device)
-        if seq.capacity > self.max_len:
-            raise FastDLLMError(
-                f"prompt ({seq.prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"needs {seq.capacity} positions but the engine holds {self.max_len}",
-                field="max_new_tokens")
         seq.slot = self.free_slots.pop(0)
         seq.begin()
         self.running.append(seq)

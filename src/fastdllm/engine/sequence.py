@@ -26,7 +26,7 @@ from enum import Enum
 
 import torch
 
-from .params import DecodeConfig
+from .params import DecodeConfig, round_down
 from .selection import select_tokens
 
 
@@ -113,7 +113,7 @@ class Sequence:
     def plan(self) -> ForwardPlan:
         p = self.params
         if self.phase is Phase.PREFILL:
-            end = self.prompt_len if not p.diffusion else (self.prompt_len // self.block) * self.block
+            end = round_down(self.prompt_len, self.block)  # AR (block 1): the whole prompt
             return ForwardPlan("prefill", 0, end, end, (end - 1,))
         if self.phase is Phase.AR_STEP:
             pos = self.length - 1  # the last drawn token, whose KV is not cached yet
@@ -149,7 +149,7 @@ class Sequence:
         self.stats.forward_calls += 1
         if plan.kind == "prefill":
             self.committed = plan.end
-            if not self.params.diffusion or self.prompt_len % self.block == 0:
+            if self.prompt_len % self.block == 0:  # always in AR (block 1)
                 self._append_drawn(tokens[-1:], conf[-1:], plan.kind)
             if not self.finished:
                 self._enter_next_phase()

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from ..errors import FastDLLMError
 
-
 # the CLI flags a FastDLLMError may suggest, which are request fields over HTTP
 _FLAG = re.compile(r"--(block-size|sub-block-size|threshold|temperature|top-p|top-k|max-new-tokens|mode)\b")
 

@@ -27,8 +27,8 @@ from ..engine.engine import Engine
 from ..engine.params import DecodeConfig
 from ..engine.sequence import Sequence
 from ..errors import FastDLLMError
-from .protocol import APIError
 from ..text_stream import TextStream
+from .protocol import APIError
 
 log = logging.getLogger("fastdllm.server")
 
@@ -57,7 +57,6 @@ class Job:
         self.seq: Sequence | None = None
         self.cancelled = False
         self.done = False  # the last event was pushed
-        self._final_len = 0
 
     def push(self, event: Event) -> None:
         if event.finish_reason is not None or event.error is not None:
@@ -177,19 +176,16 @@ class Scheduler:
 
     def _emit(self, job: Job) -> None:
         seq = job.seq
-        if seq.final_len == job._final_len and not seq.finished:
-            return  # nothing became final this step
-        job._final_len = seq.final_len
-        ids = seq.final_ids()
-        delta = job.text.update(ids, seq.finished)
+        delta = job.text.feed(seq)
+        n_final = seq.final_len - seq.prompt_len
         if seq.finished or job.text.stopped:
             self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
             self._running.remove(job)
             self.stats.finished += 1
             reason = "stop" if job.text.stopped else seq.finish_reason
-            job.push(Event(delta, len(ids), finish_reason=reason))
+            job.push(Event(delta, n_final, finish_reason=reason))
         elif delta:
-            job.push(Event(delta, len(ids)))
+            job.push(Event(delta, n_final))
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.stats.failed += 1

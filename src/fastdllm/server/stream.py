@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+
 def sse(payload: dict | str) -> str:
     """One server-sent event in OpenAI's framing: `data: <json>` and a blank line."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))

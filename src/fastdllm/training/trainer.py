@@ -30,9 +30,18 @@ from .noise import row_seed
 from .objective import Batch, ar_batch, diffusion_batch
 from .packing import PackedRows
 from .schedule import lr_at
-from .state import (check_same_run, latest_checkpoint, optimizer_from_flat, read_checkpoint,
-                    remove_stale, restore_rng, rng_for_rank, rng_snapshot, truncate_metrics,
-                    write_checkpoint)
+from .state import (
+    check_same_run,
+    latest_checkpoint,
+    optimizer_from_flat,
+    read_checkpoint,
+    remove_stale,
+    restore_rng,
+    rng_for_rank,
+    rng_snapshot,
+    truncate_metrics,
+    write_checkpoint,
+)
 
 
 def run_training(config_path: str, resume: bool = False, *, stop_after_steps: int | None = None) -> Path:
