@@ -275,7 +275,7 @@ def test_incomplete_checkpoints_are_never_used(tmp_path, qwen2_ckpt, monkeypatch
     run_training(path, stop_after_steps=1)
     root = tmp_path / "run" / "checkpoints"
     # leftovers of a crash while saving: a staging dir, and a step dir without trainer state
-    (root / ".tmp-step-000002-999").mkdir()
+    (root / ".step-000002.tmp-999").mkdir()
     (root / "step-000002").mkdir()
     (root / "step-000002" / "config.json").write_text("{}")
     assert latest_checkpoint(root).name == "step-000001"
@@ -287,10 +287,10 @@ def test_incomplete_checkpoints_are_never_used(tmp_path, qwen2_ckpt, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         run_training(path, resume=True)
     assert not (root / "step-000003").exists() and latest_checkpoint(root).name == "step-000001"
-    assert not list(root.glob(".tmp-*"))[1:]  # at most the pre-made stale dir (removed next run)
+    assert not list(root.glob(".step-*.tmp-*"))[1:]  # at most the pre-made stale dir (removed next run)
     monkeypatch.undo()
     assert run_training(path, resume=True).name == "final"
-    assert not list(root.glob(".tmp-*"))
+    assert not list(root.glob(".step-*.tmp-*"))
 
 
 def test_example_configs_are_valid():

@@ -206,26 +206,38 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Transformer, *, tokenizer
 
     `extra_files` maps file names to text (e.g. a training summary or model card)."""
     out = Path(out_dir)
-    cfg = config or model.config
     with atomic_dir(out) as tmp:
-        state = {}
-        for name, tensor in model.state_dict().items():
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue
-            t = tensor.detach().to("cpu")
-            state[name] = (t.to(dtype) if dtype is not None else t).contiguous()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf = cfg.to_hf(official_layout=official_layout)
-        hf["torch_dtype"] = hf["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        gen = dict(generation_config or {})
-        if cfg.eos_token_ids and "eos_token_id" not in gen:
-            gen["eos_token_id"] = list(cfg.eos_token_ids)
-        if cfg.bos_token_id is not None:
-            gen.setdefault("bos_token_id", cfg.bos_token_id)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_checkpoint_files(tmp, model, tokenizer=tokenizer, config=config,
+                               official_layout=official_layout, generation_config=generation_config,
+                               extra_files=extra_files, dtype=dtype)
     return out
+
+
+def write_checkpoint_files(directory: Path, model: Transformer, *, tokenizer=None,
+                           config: ModelConfig | None = None, official_layout: bool = False,
+                           generation_config: dict[str, Any] | None = None,
+                           extra_files: dict[str, str] | None = None,
+                           dtype: torch.dtype | None = None) -> None:
+    """The files of a checkpoint, written into an existing (staging) directory; callers that
+    add files of their own (training checkpoints) make it atomic with `atomic_dir`."""
+    cfg = config or model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = tensor.detach().to("cpu")
+        state[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    hf = cfg.to_hf(official_layout=official_layout)
+    hf["torch_dtype"] = hf["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    gen = dict(generation_config or {})
+    if cfg.eos_token_ids and "eos_token_id" not in gen:
+        gen["eos_token_id"] = list(cfg.eos_token_ids)
+    if cfg.bos_token_id is not None:
+        gen.setdefault("bos_token_id", cfg.bos_token_id)
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import FastDLLMError
 
 # model_type -> (q/k/v bias default, per-head q/k RMSNorm)
-_FAMILIES: dict[str, tuple[bool, bool]] = {
+FAMILY_FLAGS: dict[str, tuple[bool, bool]] = {
     "qwen2": (True, False),
     "fast_dllm_qwen": (True, False),  # official Fast-dLLM v2 checkpoints: Qwen2 weights
     "llama": (False, False),
@@ -86,7 +86,7 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face config.json dict."""
         model_type = str(cfg.get("model_type", ""))
-        family = _FAMILIES.get(model_type.lower())
+        family = FAMILY_FLAGS.get(model_type.lower())
         if family is None:
             raise FastDLLMError(
                 f"unsupported architecture: config.json has model_type {model_type!r}; "

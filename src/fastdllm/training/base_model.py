@@ -14,16 +14,12 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_model, load_tokenizer, read_json, resolve_model_dir
-from ..config import ModelConfig, RopeConfig
+from ..config import FAMILY_FLAGS, ModelConfig, RopeConfig
 from ..engine.params import round_up
 from ..errors import FastDLLMError
 from ..model import Transformer
 from .config import TrainConfig
 from .mask_token import add_mask_token, add_to_tokenizer
-
-_FAMILY_FLAGS = {  # architecture -> (q/k/v bias, q/k norm), as ModelConfig.from_hf reads them
-    "qwen2": (True, False), "llama": (False, False), "qwen3": (False, True),
-}
 
 
 def _tokenizer(directory: Path, what: str):
@@ -47,7 +43,7 @@ def scratch_model(cfg: TrainConfig, tokenizer) -> Transformer:
     """A freshly initialised model of the `model` section (weights ~ N(0, init_std), biases 0,
     norms 1, as Hugging Face initialises Llama-family models)."""
     arch = cfg.model
-    qkv_bias, qk_norm = _FAMILY_FLAGS[arch.architecture]
+    qkv_bias, qk_norm = FAMILY_FLAGS[arch.architecture]
     eos = tokenizer.eos_token_id
     mc = ModelConfig(
         vocab_size=round_up(len(tokenizer), cfg.pad_vocab_to_multiple_of),

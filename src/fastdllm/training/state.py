@@ -6,16 +6,16 @@ and mask_token_id, model.safetensors, tokenizer files, generation_config.json) p
 data position, counters, optimizer hyper-parameters, python RNG state, the run's config).
 Nothing is pickled, so loading a checkpoint never executes code.
 
-Atomicity: everything is written into a hidden staging directory, which is renamed to
-`step-XXXXXX` only when complete; `trainer_state/state.json` is the last file written. Only
-directories with that name *and* that file count as checkpoints, so a crash at any point leaves
-at worst a `.tmp-*` directory that is ignored (and removed by the next run).
+Atomicity: everything is written into a hidden staging directory (`fastdllm.atomic.atomic_dir`),
+which is renamed to `step-XXXXXX` only when complete; `trainer_state/state.json` is the last
+file written. Only directories with that name *and* that file count as checkpoints, so a crash
+at any point leaves at worst a `.step-XXXXXX.tmp-*` directory that is ignored (and removed by
+the next run).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import save_checkpoint
+from ..atomic import atomic_dir
+from ..checkpoint import write_checkpoint_files
 from ..errors import FastDLLMError
 
 # in a subdirectory, so the model loader's *.safetensors glob never mistakes them for weights
@@ -33,6 +34,8 @@ STATE_DIR = "trainer_state"
 STATE_JSON = f"{STATE_DIR}/state.json"
 STATE_TENSORS = f"{STATE_DIR}/tensors.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# what atomic_dir leaves beside step-XXXXXX if the process dies mid-save (staging / replaced copy)
+STALE_PATTERNS = (".step-*.tmp-*", ".step-*.old-*")
 
 
 def checkpoint_name(step: int) -> str:
@@ -59,8 +62,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 def remove_stale(root: Path) -> None:
     """Delete staging directories left by a run that died while saving."""
     if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
+        for pattern in STALE_PATTERNS:
+            for path in root.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- optimizer state <-> (tensors, json) ----
@@ -151,25 +155,17 @@ def write_checkpoint(root: Path, step: int, *, model, tokenizer, generation_conf
                      official_layout: bool, optimizer_state: dict, rng_snapshots: list[dict],
                      trainer_state: dict[str, Any], keep_last_k: int) -> Path:
     """Write `root/step-XXXXXX` atomically and prune to the newest `keep_last_k`."""
-    root.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(step)
-    staging = root / f".tmp-{name}-{os.getpid()}"
-    final = root / name
-    try:
-        save_checkpoint(staging, model, tokenizer=tokenizer, generation_config=generation_config,
-                        official_layout=official_layout)
+    final = root / checkpoint_name(step)
+    # replaces a directory of the same step left by an earlier, interrupted attempt
+    with atomic_dir(final) as staging:
+        write_checkpoint_files(staging, model, tokenizer=tokenizer, generation_config=generation_config,
+                               official_layout=official_layout)
         (staging / STATE_DIR).mkdir()
         opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
         rng_tensors, rng_rest = _rng_to_flat(rng_snapshots)
         save_file({**opt_tensors, **rng_tensors}, str(staging / STATE_TENSORS))
         state = {**trainer_state, "optimizer": opt_meta, "rng": rng_rest}
         (staging / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
-        if final.exists():  # same step written by an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for _, old in complete_checkpoints(root)[:-keep_last_k]:
         shutil.rmtree(old, ignore_errors=True)
     return final

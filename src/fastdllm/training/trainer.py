@@ -67,10 +67,9 @@ def _accelerator(cfg: TrainConfig):
 
 def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms, biases), the usual LLM practice."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    unique = list({id(p): p for p in params}.values())  # tied embeddings appear once
-    groups = [{"params": [p for p in unique if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
-              {"params": [p for p in unique if p.ndim < 2], "weight_decay": 0.0}]
+    params = [p for p in model.parameters() if p.requires_grad]  # tied embeddings appear once
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     o = cfg.optimizer
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps, foreach=False)
 
@@ -162,7 +161,7 @@ class Trainer:
         # DDP averages gradients over processes; scale so the step's gradient is that of one mean
         # over every target of the global batch
         scale = self.acc.num_processes / max(denominator, 1.0)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
@@ -171,14 +170,14 @@ class Trainer:
                                           logits_slice=batch.logits_index)
                 loss = target_loss_sum(logits, batch.targets, batch.weights)
                 self.acc.backward(loss * scale)
-            loss_sum += loss.item()
+            loss_sum += loss.detach().double()  # no host sync per micro-batch
         grad_norm = None
         if self.cfg.optimizer.grad_clip > 0:
             grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        (loss_total,) = self._reduce(loss_sum)
+        (loss_total,) = self._reduce(loss_sum.item())
         self.tokens_seen += self.global_rows * self.cfg.data.seq_len
         self.data_tokens_seen += int(data_tokens)
         self.last_loss = loss_total / max(denominator, 1.0)
