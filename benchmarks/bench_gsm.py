@@ -40,7 +40,7 @@ from plot import plot_accuracy_vs_speed  # noqa: E402
 
 from fastdllm.atomic import atomic_write_text  # noqa: E402
 from fastdllm.llm import DTYPES, LLM  # noqa: E402
-from fastdllm.tasks import format_prompt, is_correct, make_splits, read_gsm8k_jsonl  # noqa: E402
+from fastdllm.tasks import SHIPPED_SPLIT, format_prompt, make_splits, read_gsm8k_jsonl, score  # noqa: E402
 
 WARMUP_PROBLEMS = 2
 GOAL_THRESHOLD = 0.9
@@ -54,8 +54,6 @@ DEFAULT_ABLATIONS = ["mb16 reference=runs/shipped/adapt-mb16/final",
                      "mb16 no-token-shift=runs/shipped/adapt-no-shift/final:noshift"]
 METRICS = ("problems", "correct", "accuracy", "new_tokens", "seconds", "tokens_per_s", "forward_calls",
            "tokens_per_forward", "stopped", "sample_output")  # what _metrics measures per configuration
-# the pipeline's split (scripts/build_shipped_models.py): 200k train seed 1, 2k test seed 2
-SPLIT_ARGS = (200_000, 2_000, 1, 2)
 
 
 # ---------------------------------------------------------------------- data
@@ -63,11 +61,11 @@ def load_problems(test_file: Path, limit: int) -> tuple[list[dict], str]:
     """The first `limit` problems and a sentence saying where they came from."""
     if test_file.is_file():
         return read_gsm8k_jsonl(test_file)[:limit], f"{test_file} (first {limit})"
-    print(f"{test_file} is missing: regenerating the test split with make_splits{SPLIT_ARGS}",
+    print(f"{test_file} is missing: regenerating the test split with make_splits{SHIPPED_SPLIT}",
           file=sys.stderr, flush=True)
-    test = make_splits(*SPLIT_ARGS)[1]
+    test = make_splits(*SHIPPED_SPLIT)[1]
     rows = [{"question": p.question, "answer": p.answer} for p in test[:limit]]
-    return rows, f"regenerated with fastdllm.tasks.make_splits{SPLIT_ARGS} ({test_file} was missing)"
+    return rows, f"regenerated with fastdllm.tasks.make_splits{SHIPPED_SPLIT} ({test_file} was missing)"
 
 
 def chat_prompts(llm: LLM, problems: list[dict]) -> list[list[int]]:
@@ -89,8 +87,8 @@ def _batches(prompts: list[list[int]], batch: int) -> list[list[list[int]]]:
 def _metrics(texts: list[str], outputs: list[list[int]], refs: list[str], seconds: float,
              forward_calls: int | None, stopped: int) -> dict:
     tokens = sum(len(o) for o in outputs)
-    correct = sum(is_correct(t or "", r) for t, r in zip(texts, refs))
-    return {"problems": len(refs), "correct": correct, "accuracy": correct / len(refs),
+    sc = score([t or "" for t in texts], refs)
+    return {"problems": sc["total"], "correct": sc["correct"], "accuracy": sc["accuracy"],
             "new_tokens": tokens, "seconds": round(seconds, 4),
             "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
             "forward_calls": forward_calls,
@@ -347,7 +345,8 @@ def profile(args, problems: list[dict]) -> Path:
     problems = problems[:20]
     prompts, refs = chat_prompts(llm, problems), [p["answer"] for p in problems]
     decode = dict(mode="diffusion", threshold=GOAL_THRESHOLD, max_new_tokens=args.max_new_tokens)
-    run_engine(llm, prompts[:WARMUP_PROBLEMS], refs[:WARMUP_PROBLEMS], 1, desc="warm-up", **decode)
+    run_engine(llm, prompts[:WARMUP_PROBLEMS], refs[:WARMUP_PROBLEMS], 1, desc="warm-up", warmup=False,
+               **decode)
     prof = cProfile.Profile()
     prof.enable()
     m = run_engine(llm, prompts, refs, 1, desc="profile", warmup=False, **decode)

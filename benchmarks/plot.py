@@ -1,20 +1,22 @@
 """Accuracy against decoding speed, one marker per benchmark configuration (bench_gsm.py).
 
 Colour says what decodes (our AR, transformers' generate, diffusion with or without the
-sub-block cache, an ablation, the left-to-right diagnostic); the marker shape says the batch size. Diffusion points carry
-their threshold and are joined per (batch, cache) series, so the speed/accuracy trade-off of
-the threshold reads as a curve.
+sub-block cache, an ablation, the left-to-right diagnostic); the marker shape says the batch
+size. Diffusion points carry their threshold and are joined per (batch, cache) series, so the
+speed/accuracy trade-off of the threshold reads as a curve.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from fastdllm.atomic import atomic_write_bytes
 
 COLORS = {"ar_engine": "black", "ar_transformers": "tab:gray", "diffusion": "tab:blue",
           "diffusion_no_sub_cache": "tab:orange", "ablation": "tab:red",
@@ -82,14 +84,6 @@ def plot_accuracy_vs_speed(rows: list[dict], path: str | os.PathLike, title: str
     ax.legend(handles=handles, fontsize=8, loc="best")
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    return atomic_write_bytes(path, png.getvalue())

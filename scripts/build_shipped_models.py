@@ -29,8 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("runs/shipped")
 STAGES = ("data", "tokenizer", "pretrain", "adapt", "ablations", "export")
-N_TRAIN, N_TEST, N_VAL = 200_000, 2_000, 1_000
-TRAIN_SEED, TEST_SEED = 1, 2
+N_VAL = 1_000  # of the training problems, held out as the trainer's validation split
 CONFIGS = {
     "pretrain": "configs/shipped/pretrain.yaml",
     "adapt": "configs/shipped/adapt.yaml",
@@ -48,11 +47,11 @@ def _write_jsonl(records: list[dict], path: Path) -> None:
 
 
 def stage_data() -> None:
-    from fastdllm.tasks import format_prompt, make_splits, write_jsonl
+    from fastdllm.tasks import SHIPPED_SPLIT, format_prompt, make_splits, write_jsonl
 
     out = WORK / "data"
     out.mkdir(parents=True, exist_ok=True)
-    train, test = make_splits(N_TRAIN, N_TEST, TRAIN_SEED, TEST_SEED)
+    train, test = make_splits(*SHIPPED_SPLIT)
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(test, out / "test.jsonl")
     sft = [{"prompt": format_prompt(p.question), "response": p.answer} for p in train]

@@ -49,7 +49,8 @@ def _steps_line(summary: dict) -> str:
 def _results_section(bench: dict, which: str) -> str:
     if not bench:
         return "Benchmark not run yet: `python benchmarks/bench_gsm.py` fills this section.\n"
-    kinds = {"ar": ("ar_engine", "ar_transformers"), "diffusion": ("ar_engine", "diffusion", "diagnostic", "ablation")}[which]
+    kinds = {"ar": ("ar_engine", "ar_transformers"),
+             "diffusion": ("ar_engine", "diffusion", "diagnostic", "ablation")}[which]
     lines = ["| batch | configuration | accuracy | tokens/s | tokens/forward |", "|---|---|---|---|---|"]
     for r in bench.get("rows", []):
         if r["kind"] in kinds and r["status"] == "ok":

@@ -5,8 +5,8 @@ answer convention (`#### <number>`), prompts and scoring, shared by our data and
 """
 
 from .gsm8k import extract_answer, extract_reference, format_prompt, is_correct, read_gsm8k_jsonl, score
-from .word_problems import FAMILIES, Problem, generate_problems, make_splits, write_jsonl
+from .word_problems import FAMILIES, SHIPPED_SPLIT, Problem, generate_problems, make_splits, write_jsonl
 
-__all__ = ["FAMILIES", "Problem", "extract_answer", "extract_reference", "format_prompt",
+__all__ = ["FAMILIES", "SHIPPED_SPLIT", "Problem", "extract_answer", "extract_reference", "format_prompt",
            "generate_problems", "is_correct", "make_splits", "read_gsm8k_jsonl", "score",
            "write_jsonl"]

@@ -81,6 +81,11 @@ def _unique(seed: int, n: int, exclude: set[str]) -> list[Problem]:
     return out
 
 
+# make_splits arguments of the shipped models' data (scripts/build_shipped_models.py): 200k train
+# problems from seed 1, 2k held-out test problems from seed 2
+SHIPPED_SPLIT = (200_000, 2_000, 1, 2)
+
+
 def make_splits(n_train: int, n_test: int, train_seed: int,
                 test_seed: int) -> tuple[list[Problem], list[Problem]]:
     """`n_train` and `n_test` distinct problems; no test question appears in train."""

@@ -32,7 +32,6 @@ def ages_future(rng, s):
             f"How old will {p.his} {parent} be in {years} years?")
 
 
-
 @family
 def percent_of_group(rng, s):
     p, pct = people(rng, 1)[0], rng.choice((10, 20, 25, 50, 75))
@@ -43,8 +42,6 @@ def percent_of_group(rng, s):
     hit = s.step(f"{cap(noun)} that {yes}", some, "/", 100)
     s.step(f"{cap(noun)} that {no}", n, "-", hit)
     return f"{p.name} counts {n} {noun} {where}. {pct}% of them {yes}. How many {noun} {no}?"
-
-
 
 
 @family
