@@ -25,6 +25,7 @@ from .checkpoint import (
     resolve_model_dir,
     resolve_special_tokens,
 )
+from .chat_template import TemplateLimits, render_chat
 from .config import ModelConfig
 from .engine.engine import Engine
 from .engine.params import DecodeConfig
@@ -96,31 +97,43 @@ class LLM:
         return dataclasses.replace(base, **overrides) if overrides else base
 
     # ------------------------------------------------------------------ prompts
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
+    def encode(self, prompt: str | Seq[int], *, tokenizer=None) -> list[int]:
+        """Prompt ids from text or ids. `tokenizer`: another instance of this checkpoint's
+        tokenizer (a fast tokenizer must not be used by two threads at once)."""
+        tokenizer = tokenizer or self.tokenizer
         if isinstance(prompt, str):
-            if self.tokenizer is None:
+            if tokenizer is None:
                 raise FastDLLMError(f"{self.model_dir} has no tokenizer files; pass token ids "
                                     "(--prompt-ids 1,2,3) instead of text", field="prompt")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            _check_text(prompt, "prompt")
+            ids = tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(i) for i in prompt]
         self._check_prompt(ids)
         return ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+    def encode_chat(self, messages: list[dict[str, str]], *, tokenizer=None,
+                    limits: TemplateLimits | None = None) -> list[int]:
+        """Prompt ids of `messages` rendered with the checkpoint's chat template (in a bounded
+        sandbox, see chat_template.py) plus the generation prompt."""
+        tokenizer = tokenizer or self.tokenizer
+        template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        if not template:
             raise FastDLLMError(f"{self.model_dir} has no chat template; send a plain prompt instead",
                                 field="messages")
         if not messages:
             raise FastDLLMError("messages must not be empty", field="messages")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:
-            raise FastDLLMError(f"the chat template cannot render these messages: {e}",
-                                field="messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = [int(i) for i in ids]
+        for i, m in enumerate(messages):
+            for key, value in m.items():
+                if isinstance(value, str):
+                    _check_text(value, f"messages[{i}].{key}")
+        text = render_chat(template, messages, limits=limits or TemplateLimits(),
+                           name=f"the chat template of {self.model_dir.name}",
+                           **_special_tokens(tokenizer))
+        # the template writes the special tokens itself, as apply_chat_template assumes
+        ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
         self._check_prompt(ids)
         return ids
 
@@ -185,6 +198,9 @@ class LLM:
         seqs = [engine.add(x, params, stop_token_ids=stops) for x in ids]
         while engine.running:
             engine.step()
+        failed = next((s.error for s in seqs if s.error is not None), None)
+        if failed is not None:  # the others finished; this one failed alone (a bug)
+            raise failed
         batch_seconds = time.perf_counter() - t0
         batch_calls = engine.stats.forward_calls - calls0
         return [self._result(s, batch_calls, batch_seconds) for s in seqs]
@@ -197,6 +213,21 @@ class LLM:
         return GenerationResult(out, self.decode(out), seq.finish_reason or "length",
                                 seq.prompt_len, stats, seq.trace, params=seq.params,
                                 prompt_ids=seq.tokens[: seq.prompt_len].tolist())
+
+
+def _check_text(text: str, field: str) -> None:
+    """Text a tokenizer can take: valid Unicode (JSON can carry a lone surrogate, which no
+    tokenizer encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FastDLLMError(f"{field} is not valid Unicode: {e.reason} at character {e.start}",
+                            field=field) from None
+
+
+def _special_tokens(tokenizer) -> dict[str, Any]:
+    """What apply_chat_template passes to a template besides the messages (bos_token, ...)."""
+    return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
 
 
 def _resolve_device(device: str | None) -> torch.device:

@@ -74,7 +74,11 @@ class Engine:
                        stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                        device=self.device)
         seq.slot = self.free_slots.pop(0)
-        seq.begin()
+        try:
+            seq.begin()
+        except BaseException:
+            self._release(seq)  # a sequence that never started gives its slot back
+            raise
         self.running.append(seq)
         return seq
 
@@ -90,17 +94,33 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """One forward for every running sequence (batched by width). Returns the sequences
-        that advanced; finished ones have left `running`."""
+        that advanced; finished ones have left `running`.
+
+        A failure that belongs to one sequence (planning it, sampling its row, advancing it)
+        ends that sequence alone: it leaves `running` with `seq.error` set, and the sequences
+        batched with it advance as if it had not been there. When a batched forward raises,
+        its members are retried one by one, so only the culprit fails."""
         t0 = time.perf_counter()
         groups: dict[int, list[tuple[Sequence, ForwardPlan]]] = defaultdict(list)
-        for seq in self.running:
+        for seq in list(self.running):
             if not seq.finished:
-                plan = seq.plan()
+                try:
+                    plan = seq.plan()
+                except Exception as e:
+                    self._fail(seq, e)
+                    continue
                 groups[plan.end - plan.start].append((seq, plan))
         advanced = []
         for width, members in groups.items():
-            self._run_group(width, members)
-            advanced.extend(seq for seq, _ in members)
+            for group, (tokens, conf) in self._draw(width, members):
+                for i, (seq, plan) in enumerate(group):
+                    k = len(plan.logit_positions)
+                    try:
+                        seq.advance(plan, tokens[i, :k], conf[i, :k])
+                    except Exception as e:
+                        self._fail(seq, e)
+                        continue
+                    advanced.append(seq)
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self._release(seq)
@@ -108,7 +128,31 @@ class Engine:
         self.stats.seconds += time.perf_counter() - t0
         return advanced
 
-    def _run_group(self, width: int, members: list[tuple[Sequence, ForwardPlan]]) -> None:
+    def _draw(self, width: int, members: list[tuple[Sequence, ForwardPlan]]) -> list:
+        """[(members, (tokens, conf))]: the group's batched draw, or, when it raises, each
+        member's own (rerunning a plan rewrites the same cache positions, so a retry is safe);
+        a member that fails alone is failed."""
+        try:
+            return [(members, self._run_group(width, members))]
+        except Exception as e:
+            if len(members) == 1:
+                self._fail(members[0][0], e)
+                return []
+        out = []
+        for m in members:
+            try:
+                out.append(([m], self._run_group(width, [m])))
+            except Exception as e:
+                self._fail(m[0], e)
+        return out
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.error = error
+        self.abort(seq)
+
+    def _run_group(self, width: int, members: list[tuple[Sequence, ForwardPlan]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched forward and draw for `members`: (tokens, confidence), (n, K) each."""
         dev = self.device
         seqs = [s for s, _ in members]
         plans = [p for _, p in members]
@@ -132,9 +176,7 @@ class Engine:
             logits[..., self.mask_token_id] = float("-inf")  # a drawn token is never [MASK]
         tokens, conf = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                     [len(p.logit_positions) for p in plans])
-        for i, (seq, plan) in enumerate(members):
-            k = len(plan.logit_positions)
-            seq.advance(plan, tokens[i, :k], conf[i, :k])
+        return tokens, conf
 
 
 def _pad(xs: list[int], n: int) -> list[int]:

@@ -84,6 +84,7 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
         self._running: list[Job] = []  # only the scheduler thread changes it
         self._stopping = False
+        self.died: BaseException | None = None  # why the scheduler thread ended, if a bug
         self._thread = threading.Thread(target=self._loop, name="fastdllm-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ event-loop side
@@ -94,13 +95,17 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def submit(self, prompt_ids: list[int], params: DecodeConfig, stop: tuple[str, ...]) -> Job:
         job = Job(prompt_ids, params, TextStream(self.detokenize, stop), asyncio.get_running_loop())
         with self._cond:
+            if self.died is not None:
+                raise APIError("the server's scheduler has stopped; restart the server",
+                               status=503, type="server_error")
             if self._stopping:
-                raise APIError("the server is shutting down", status=503, type="server_error")
+                raise shutting_down()
             self._waiting.append(job)
             self._cond.notify()
         return job
@@ -123,24 +128,45 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def alive(self) -> bool:
+        """False once the scheduler thread has died (a bug): /health then answers 503."""
+        return self.died is None
+
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stopping or self._waiting or self._running):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                admitted = [self._waiting.popleft()
-                            for _ in range(min(len(self.engine.free_slots), len(self._waiting)))]
-            self._drop_cancelled()
-            for job in admitted:
-                self._admit(job)
-            if self._running:
-                self._step()
-        for job in [*self._running, *self._waiting]:
-            job.push(Event(error=APIError("the server is shutting down", status=503,
-                                          type="server_error")))
+        reason = shutting_down()
+        try:
+            while self._iteration():
+                pass
+        except BaseException as e:  # a bug in the scheduler itself: say so, never hang
+            self.died = e
+            log.critical("the scheduler thread died; every request now fails", exc_info=True)
+            reason = APIError(f"the server's scheduler stopped ({type(e).__name__}); restart the "
+                              "server", status=503, type="server_error")
+        with self._cond:
+            self._stopping = True
+            jobs = [*self._running, *self._waiting]
+            self._waiting.clear()
+        for job in jobs:
+            job.push(Event(error=reason))
+
+    def _iteration(self) -> bool:
+        """Admit, drop the cancelled, step, emit; False once shutting down. A failure that
+        belongs to one job fails that job alone."""
+        with self._cond:
+            while not (self._stopping or self._waiting or self._running):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            admitted = [self._waiting.popleft()
+                        for _ in range(min(len(self.engine.free_slots), len(self._waiting)))]
+        self._drop_cancelled()
+        for job in admitted:
+            self._admit(job)
+        if self._running:
+            self._step()
+        return True
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:  # cancelled between leaving the queue and now
@@ -150,6 +176,10 @@ class Scheduler:
             job.seq = self.engine.add(job.prompt_ids, job.params)
         except FastDLLMError as e:  # the handler validated the request; this is a last guard
             self._fail(job, APIError.from_user_error(e, {"max_new_tokens": "max_tokens"}))
+            return
+        except Exception as e:  # a bug that this request alone runs into
+            log.exception("admitting a request failed")
+            self._fail(job, _internal(e))
             return
         self.stats.admitted += 1
         self._running.append(job)
@@ -162,8 +192,8 @@ class Scheduler:
 
     def _step(self) -> None:
         try:
-            self.engine.step()
-        except Exception:  # a bug: fail the batch, keep serving
+            self.engine.step()  # a sequence that fails alone leaves with seq.error set
+        except Exception:  # a bug outside any one sequence: fail the batch, keep serving
             log.exception("engine step failed; failing %d running requests", len(self._running))
             for job in list(self._running):
                 self.engine.abort(job.seq)
@@ -172,10 +202,21 @@ class Scheduler:
                                          type="server_error"))
             return
         for job in list(self._running):
-            self._emit(job)
+            try:
+                self._emit(job)
+            except Exception as e:  # e.g. detokenizing this job's tokens
+                log.exception("streaming a request's text failed")
+                self.engine.abort(job.seq)
+                self._running.remove(job)
+                self._fail(job, _internal(e))
 
     def _emit(self, job: Job) -> None:
         seq = job.seq
+        if seq.error is not None:
+            log.error("a request failed while decoding", exc_info=seq.error)
+            self._running.remove(job)
+            self._fail(job, _internal(seq.error))
+            return
         delta = job.text.feed(seq)
         n_final = seq.final_len - seq.prompt_len
         if seq.finished or job.text.stopped:
@@ -190,3 +231,14 @@ class Scheduler:
     def _fail(self, job: Job, error: APIError) -> None:
         self.stats.failed += 1
         job.push(Event(error=error))
+
+
+def shutting_down() -> APIError:
+    return APIError("the server is shutting down and takes no new requests; retry on another "
+                    "instance or after it restarts", status=503, type="server_error")
+
+
+def _internal(e: BaseException) -> APIError:
+    """A bug that one request ran into: a 500 for it alone (the others keep being served)."""
+    return APIError(f"internal error while decoding this request ({type(e).__name__}); the "
+                    "other requests are unaffected", status=500, type="server_error")
