@@ -57,7 +57,8 @@ def confined(path: Path, model_dir: Path, what: str) -> Path:
     target = path.resolve()
     roots = confinement_roots(model_dir)
     if not any(target.is_relative_to(r) for r in roots):
-        raise FastDLLMError(f"{model_dir}: {what} {path.name!r} resolves to {target}, outside the "
+        shown = path.relative_to(model_dir) if path.is_relative_to(model_dir) else path
+        raise FastDLLMError(f"{model_dir}: {what} '{shown}' resolves to {target}, outside the "
                             "checkpoint directory; a checkpoint's files must live inside it")
     return path
 

@@ -88,7 +88,7 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # OpenAI's roles
     content: str | list[TextPart] | None = None
     name: str | None = None
 
