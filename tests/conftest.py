@@ -128,12 +128,12 @@ def hostile_template_ckpt(qwen2_ckpt, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def strict_server(hostile_template_ckpt):
     """One server for every bad-request test (tests/test_server_errors.py and
-    tests/test_fault_injection.py): default limits, a 3 s text timeout, 4 slots."""
+    tests/test_fault_injection.py): default limits, 4 slots."""
     from fastdllm import LLM
     from fastdllm.server import BackgroundServer, ServerConfig
 
     llm = LLM.load(hostile_template_ckpt, device="cpu")
     config = ServerConfig(served_model_name="tiny", defaults=llm.decode_config(max_new_tokens=16),
-                          max_batch=4, text_timeout=3.0)
+                          max_batch=4)
     with BackgroundServer(llm, config) as srv:
         yield srv

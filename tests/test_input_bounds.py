@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from fastdllm.chat_template import TemplateLimits, render_chat
 from fastdllm.cli import main as cli_main
 from fastdllm.engine.params import DecodeConfig
 from fastdllm.errors import FastDLLMError
@@ -62,6 +61,8 @@ def test_cli_refuses_with_exit_2(qwen2_ckpt, capsys, flag, value):
 
 def test_template_deadline_stops_work_the_budgets_allow():
     """No loop budget or size limit is hit here; only the deadline ends it."""
+    from fastdllm.chat_template import TemplateLimits, render_chat
+
     slow = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
     t0 = time.monotonic()
     with pytest.raises(FastDLLMError, match="time limit of 0.3 s"):
