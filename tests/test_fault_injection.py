@@ -121,9 +121,13 @@ def test_huge_prompts_are_refused_before_tokenizing(strict_server):
 
 
 def test_cli_fails_on_a_hostile_template_with_the_same_message(hostile_template_ckpt, capsys):
-    code = cli_main(["generate", "--model", str(hostile_template_ckpt), "--device", "cpu", "--chat",
-                     "--prompt", "HOSTILE-LOOP", "--max-new-tokens", "4"])
-    assert code == 2
+    out: dict = {}
+    argv = ["generate", "--model", str(hostile_template_ckpt), "--device", "cpu", "--chat",
+            "--prompt", "HOSTILE-LOOP", "--max-new-tokens", "4"]
+    t = threading.Thread(target=lambda: out.update(code=cli_main(argv)), daemon=True)
+    t.start()
+    t.join(timeout=TIMEOUT)  # issue 11: it used to run for ever
+    assert out.get("code") == 2, "the CLI did not fail within the time limit"
     err = capsys.readouterr().err
     assert "chat template" in err and "loops ran more than" in err and "Traceback" not in err
 
