@@ -138,15 +138,18 @@ def test_all_nan_weights_are_refused(qwen2_ckpt, ckpt_copy):
         LLM.load(ckpt, device="cpu")
 
 
-def test_auto_map_tokenizer_never_suggests_remote_code(qwen2_ckpt, ckpt_copy):
-    ckpt = ckpt_copy(qwen2_ckpt)
+def test_auto_map_tokenizer_never_suggests_remote_code(official_ckpt, ckpt_copy):
+    """Issue 11 defect 8: a custom tokenizer class named by auto_map (in a checkpoint whose
+    model_type transformers does not know) made transformers tell the user to pass
+    trust_remote_code=True, which fastdllm has no way (and no wish) to do."""
+    ckpt = ckpt_copy(official_ckpt)
     path = ckpt / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
     cfg.update(tokenizer_class="FancyTokenizer",
                auto_map={"AutoTokenizer": ["tokenization_fancy.FancyTokenizer", None]})
     path.write_text(json.dumps(cfg))
     tok = load_tokenizer(ckpt)  # the standard tokenizer.json, never the code
-    assert tok.encode("Once upon a time") == load_tokenizer(qwen2_ckpt).encode("Once upon a time")
+    assert tok.encode("Once upon a time") == load_tokenizer(official_ckpt).encode("Once upon a time")
     (ckpt / "tokenizer.json").unlink()
     with pytest.raises(FastDLLMError) as e:
         load_tokenizer(ckpt)
