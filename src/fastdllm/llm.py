@@ -17,7 +17,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from .checkpoint import (
+from .model.checkpoint import (
     SpecialTokens,
     load_model,
     load_tokenizer,
@@ -25,12 +25,12 @@ from .checkpoint import (
     resolve_model_dir,
     resolve_special_tokens,
 )
-from .config import ModelConfig
+from .model.config import ModelConfig
 from .engine.engine import Engine
 from .engine.params import DecodeConfig
 from .engine.sequence import Sequence
 from .errors import FastDLLMError
-from .model import Transformer
+from .model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -28,7 +28,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .atomic import atomic_dir
-from .checkpoint import MASK_TOKEN
+from .model.checkpoint import MASK_TOKEN
 from .errors import FastDLLMError
 
 ENDOFTEXT = "<|endoftext|>"

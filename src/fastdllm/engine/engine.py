@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FastDLLMError
-from ..kv_cache import CacheAccess, KVCache
-from ..model import Transformer
+from ..model.kv_cache import CacheAccess, KVCache
+from ..model.transformer import Transformer
 from .attention import attention_limits, limit_mask
 from .params import DecodeConfig
 from .sampling import sample_batch

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..checkpoint import load_tokenizer
+from ..model.checkpoint import load_tokenizer
 from ..engine.engine import Engine
 from ..engine.params import DecodeConfig, round_up
 from ..errors import FastDLLMError

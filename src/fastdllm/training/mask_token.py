@@ -16,10 +16,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..checkpoint import MASK_TOKEN
+from ..model.checkpoint import MASK_TOKEN
 from ..engine.params import round_up
 from ..errors import FastDLLMError
-from ..model import Transformer
+from ..model.transformer import Transformer
 
 
 def tokenizer_mask_id(tokenizer) -> int | None:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir
-from ..checkpoint import write_checkpoint_files
+from ..model.checkpoint import write_checkpoint_files
 from ..errors import FastDLLMError
 
 # in a subdirectory, so the model loader's *.safetensors glob never mistakes them for weights

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..model.checkpoint import save_checkpoint
 from ..errors import FastDLLMError
 from .base_model import initial_model, resumed_model
 from .config import TrainConfig

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .errors import FastDLLMError
+from ..errors import FastDLLMError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def decode_overrides(args: argparse.Namespace) -> dict:
 
 
 def load_llm(args: argparse.Namespace):
-    from .llm import LLM
+    from ..llm import LLM
 
     return LLM.load(args.model, device=args.device, dtype=args.dtype, mask_token_id=args.mask_token_id,
                     stop_token_ids=args.stop_token_id)
@@ -73,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         result = llm.generate(args.prompt, **opts)
     if args.visualize:
-        from .visualize import write_html
+        from ..visualize import write_html
 
         write_html(args.visualize, llm, result)
     if args.json:
@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import run_training
+    from ..training import run_training
 
     out = run_training(args.config, resume=args.resume)
     print(f"model written to {out}")
@@ -122,10 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         t.set_defaults(func=cmd_train)
 
-    from . import chat_cli, serve_cli  # each keeps its heavy imports inside its command
+    from . import chat, serve  # each keeps its heavy imports inside its command
 
-    chat_cli.add_parser(sub)
-    serve_cli.add_parser(sub)
+    chat.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

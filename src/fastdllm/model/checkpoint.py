@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
 from .config import ModelConfig
-from .errors import FastDLLMError
-from .model import Transformer
+from ..errors import FastDLLMError
+from .transformer import Transformer
 
 MASK_TOKEN = "|<MASK>|"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
