@@ -17,6 +17,10 @@ from typing import Sequence as Seq
 
 import torch
 
+from .engine.engine import Engine
+from .engine.params import DecodeConfig
+from .engine.sequence import Sequence
+from .errors import FastDLLMError
 from .model.checkpoint import (
     SpecialTokens,
     load_model,
@@ -26,10 +30,6 @@ from .model.checkpoint import (
     resolve_special_tokens,
 )
 from .model.config import ModelConfig
-from .engine.engine import Engine
-from .engine.params import DecodeConfig
-from .engine.sequence import Sequence
-from .errors import FastDLLMError
 from .model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -14,10 +14,10 @@ import argparse
 import sys
 from typing import TextIO
 
-from ..engine.params import round_up
 from ..errors import FastDLLMError
+from ..rounding import round_up
 from ..text_stream import TextStream
-from .main import add_decode_args, add_model_args, decode_overrides, load_llm
+from .args import add_decode_args, add_model_args, decode_overrides, load_llm
 
 PROMPT, ANSWER = "you> ", "assistant> "
 HELP = "commands: /reset new conversation · /stats toggle statistics · /help · /exit (or Ctrl-D)"

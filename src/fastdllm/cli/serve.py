@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import FastDLLMError
-from .main import add_decode_args, add_model_args, decode_overrides, load_llm
+from .args import add_decode_args, add_model_args, decode_overrides, load_llm
 
 
 def add_parser(subparsers) -> None:

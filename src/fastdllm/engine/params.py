@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FastDLLMError
+from ..rounding import round_up
 
 MODES = ("diffusion", "ar")
 
@@ -70,14 +71,6 @@ class DecodeConfig:
     def cache_len(self, prompt_len: int) -> int:
         """KV-cache positions one request occupies: prompt + max_new_tokens in whole blocks."""
         return round_up(prompt_len + self.max_new_tokens, self.block)
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def round_down(n: int, multiple: int) -> int:
-    return n // multiple * multiple
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:

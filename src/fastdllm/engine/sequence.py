@@ -26,7 +26,8 @@ from enum import Enum
 
 import torch
 
-from .params import DecodeConfig, round_down
+from ..rounding import round_down
+from .params import DecodeConfig
 from .selection import select_tokens
 
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
-from .config import ModelConfig
 from ..errors import FastDLLMError
+from .config import ModelConfig
 from .transformer import Transformer
 
 MASK_TOKEN = "|<MASK>|"

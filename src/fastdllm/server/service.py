@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..model.checkpoint import load_tokenizer
 from ..engine.engine import Engine
-from ..engine.params import DecodeConfig, round_up
+from ..engine.params import DecodeConfig
 from ..errors import FastDLLMError
 from ..llm import LLM
+from ..model.checkpoint import load_tokenizer
+from ..rounding import round_up
 from . import protocol as p
 from .protocol import APIError
 from .scheduler import Event, Job, Scheduler

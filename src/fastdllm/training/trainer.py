@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import save_checkpoint
 from ..errors import FastDLLMError
+from ..model.checkpoint import save_checkpoint
 from .base_model import initial_model, resumed_model
 from .config import TrainConfig
 from .config_file import load_train_config
