@@ -100,7 +100,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise FastDLLMError(f"{self.model_dir} has no tokenizer files; pass token ids "
-                                    "(--prompt-ids 1,2,3) instead of text", field="prompt")
+                                    "instead of text", field="prompt", fixes=[("prompt_ids", [1, 2, 3])])
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(i) for i in prompt]
@@ -207,8 +207,8 @@ def _resolve_device(device: str | None) -> torch.device:
     except RuntimeError:
         raise FastDLLMError(f"unknown device {device!r}; use cpu, cuda or cuda:N", field="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FastDLLMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu",
-                            field="device")
+        raise FastDLLMError("device cuda was asked for but no CUDA GPU is available", field="device",
+                            fixes=[("device", "cpu")])
     return dev
 
 

@@ -61,9 +61,9 @@ class Engine:
         if params.diffusion and self.mask_token_id is None:
             raise FastDLLMError(
                 "diffusion decoding needs a mask token, and this checkpoint has none "
-                "(no mask_token_id in config.json, no |<MASK>| in the tokenizer); pass "
-                "--mask-token-id, use --mode ar, or adapt the model with `fastdllm train`",
-                field="mode")
+                "(no mask_token_id in config.json, no |<MASK>| in the tokenizer): give its id, "
+                "decode autoregressively, or adapt the model with `fastdllm train`",
+                field="mode", fixes=[("mask_token_id", None), ("mode", "ar")])
         needed = params.cache_len(len(prompt_ids))
         if needed > self.max_len:  # checked before the sequence allocates its buffers
             raise FastDLLMError(

@@ -40,9 +40,9 @@ class DecodeConfig:
             raise FastDLLMError(f"block_size must be positive, got {self.block_size}", field="block_size")
         if self.sub_block_size <= 0 or self.block_size % self.sub_block_size:
             raise FastDLLMError(
-                f"sub_block_size ({self.sub_block_size}) must divide block_size ({self.block_size}); "
-                f"e.g. use --sub-block-size {_largest_divisor_at_most(self.block_size, 8)}",
-                field="sub_block_size")
+                f"sub_block_size ({self.sub_block_size}) must divide block_size ({self.block_size})",
+                field="sub_block_size",
+                fixes=[("sub_block_size", _largest_divisor_at_most(self.block_size, 8))])
         if not 0.0 < self.threshold <= 1.0:
             raise FastDLLMError(
                 f"threshold must be in (0, 1], got {self.threshold}; 1.0 unmasks one token per step, "

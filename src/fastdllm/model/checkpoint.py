@@ -39,7 +39,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         return path
     text = str(name_or_path)
     if path.exists():
-        raise FastDLLMError(f"--model {text!r} is a file; pass the checkpoint directory that holds config.json")
+        raise FastDLLMError(f"model {text!r} is a file; pass the checkpoint directory that holds config.json",
+                            field="model")
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise FastDLLMError(

@@ -149,7 +149,7 @@ class Scheduler:
         try:
             job.seq = self.engine.add(job.prompt_ids, job.params)
         except FastDLLMError as e:  # the handler validated the request; this is a last guard
-            self._fail(job, APIError.from_user_error(e, {"max_new_tokens": "max_tokens"}))
+            self._fail(job, APIError.from_user_error(e))
             return
         self.stats.admitted += 1
         self._running.append(job)
