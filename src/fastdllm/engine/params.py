@@ -73,5 +73,14 @@ class DecodeConfig:
         return round_up(prompt_len + self.max_new_tokens, self.block)
 
 
+def slot_len(needed: int, context: int, block: int) -> int:
+    """Positions an engine slot is allocated with, the one sizing rule of every front end:
+    `needed` grown to the next power of two (so a longer next prompt or a growing conversation
+    rarely reallocates), but not past the context, in whole blocks (a diffusion sequence's last
+    block may overhang the context)."""
+    n = max(needed, min(1 << (needed - 1).bit_length(), context))
+    return round_up(n, block)
+
+
 def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)

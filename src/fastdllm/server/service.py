@@ -15,12 +15,10 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..engine.engine import Engine
 from ..engine.params import DecodeConfig
 from ..errors import FastDLLMError
 from ..llm import LLM
 from ..model.checkpoint import load_tokenizer
-from ..rounding import round_up
 from . import protocol as p
 from .protocol import APIError
 from .scheduler import Event, Job, Scheduler
@@ -59,16 +57,15 @@ class Server:
         self.llm = llm
         self.config = config
         self.max_len = config.max_model_len or llm.context_length
-        block = config.defaults.block_size
-        # diffusion sequences occupy whole blocks: room for the last one to overhang max_len
-        self.engine = Engine(llm.model, max_slots=config.max_batch, max_len=round_up(self.max_len, block),
-                             mask_token_id=llm.special.mask_token_id,
-                             stop_token_ids=llm.special.stop_token_ids)
+        # every slot holds a whole max_len request (continuous batching cannot grow the cache),
+        # by the engine's one sizing rule: whole blocks, the last one may overhang max_len
+        engine = llm.new_engine(config.max_batch, self.max_len, config.defaults.block_size,
+                                context=self.max_len)
+        self.positions = engine.max_len
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
-        self.scheduler = Scheduler(self.engine,
-                                   lambda ids: detok.decode(ids, skip_special_tokens=True))
+        self.scheduler = Scheduler(engine, lambda ids: detok.decode(ids, skip_special_tokens=True))
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ request preparation
@@ -122,10 +119,10 @@ class Server:
             raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
                            f"exceeds the server's context of {self.max_len}; lower max_tokens to "
                            f"at most {self.max_len - prompt_len}", param="max_tokens")
-        if params.cache_len(prompt_len) > self.engine.max_len:
+        if params.cache_len(prompt_len) > self.positions:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
-                           f"{self.engine.max_len} positions; use a block size that divides "
-                           f"{self.engine.max_len} or lower max_tokens", param="block_size")
+                           f"{self.positions} positions; use a block size that divides "
+                           f"{self.positions} or lower max_tokens", param="block_size")
         if params.diffusion and self.llm.special.mask_token_id is None:
             raise APIError("diffusion decoding needs a mask token and this checkpoint has none; "
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
