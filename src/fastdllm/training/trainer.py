@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_checkpoint
 from ..errors import FastDLLMError
+from ..model.checkpoint import save_checkpoint
 from .base_model import initial_model, resumed_model
 from .config import TrainConfig
 from .config_file import load_train_config
@@ -85,10 +85,10 @@ class Trainer:
         self.step, self.tokens_seen, self.data_tokens_seen, self.elapsed = 0, 0, 0, 0.0
         if resume and latest is None:
             raise FastDLLMError(f"nothing to resume: {self.ckpt_root} holds no complete checkpoint; "
-                                "start the run without --resume")
+                                "start the run without resuming", field="resume")
         if not resume and latest is not None:
-            raise FastDLLMError(f"{self.run_dir} already holds checkpoints ({latest.name}); pass "
-                                "--resume to continue that run or choose a new output_dir")
+            raise FastDLLMError(f"{self.run_dir} already holds checkpoints ({latest.name}); resume "
+                                "that run or choose a new output_dir", field="resume", fixes=[("resume", True)])
         if resume:
             state, tensors = read_checkpoint(latest)
             check_same_run(state, cfg.to_dict(), world, latest)
