@@ -1,4 +1,4 @@
-"""The `fastdllm` command: generate, chat, serve, train.
+"""The `fastdllm` command: generate, chat, serve, train, eval.
 
 Every user error (FastDLLMError) is printed as one line on stderr with exit status 2; a
 traceback means a bug in fastdllm.
@@ -122,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         t.set_defaults(func=cmd_train)
 
-    from . import chat_cli, serve_cli  # each keeps its heavy imports inside its command
+    from . import chat_cli, eval_cli, serve_cli  # each keeps its heavy imports inside its command
 
     chat_cli.add_parser(sub)
     serve_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     return parser
 
 
