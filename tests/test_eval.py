@@ -103,7 +103,8 @@ def test_lm_eval_evaluator_equals_fastdllm_eval(problems_file, dif):
     cfg = EvalConfig(problems_file, limit=4, batch_size=2, progress=False)
     ours = evaluate(dif, cfg, model=str(DIFFUSION), threshold=1.0, max_new_tokens=MAX_NEW)["runs"][0]
     lm = FastDLLMLM(llm=dif, mode="diffusion", threshold=1.0, batch_size=2)
-    tm = TaskManager(include_path=str(TASKS_DIR), metadata={"data_file": str(problems_file)})
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,  # no index of 10k YAMLs
+                     metadata={"data_file": str(problems_file)})
     res = lm_eval.simple_evaluate(model=lm, tasks=["gsm8k_local"], task_manager=tm, limit=4,
                                   apply_chat_template=True, log_samples=True,
                                   gen_kwargs=f"max_gen_toks={MAX_NEW}")

@@ -143,6 +143,7 @@ class LoopConfig:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (sharding.py)
     compile: bool = False  # torch.compile the model (recommended on CUDA: compiles flex_attention)
     log_interval: int = 10
     eval_interval: int = 0  # 0: validate only at the end
