@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastdllm import LLM
-from fastdllm.checkpoint import load_model, load_tokenizer
+from fastdllm.model.checkpoint import load_model, load_tokenizer
 from fastdllm.errors import FastDLLMError
 from fixtures import read_config_json, update_config
 

@@ -196,10 +196,10 @@ def test_a_dead_scheduler_is_reported_by_health(own_server):
     with own_server() as srv:
         scheduler = srv.app.state.server.scheduler
 
-        def die():
+        def die(*args, **kwargs):
             raise SystemExit("injected: the scheduler thread dies")
 
-        scheduler._iteration = die  # the thread calls it on its next wake-up
+        scheduler._admit = die  # the thread calls it between its steps
         r = _post(srv, "completions", GOOD)
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
         health = httpx.get(f"{srv.url}/health", timeout=5)

@@ -14,7 +14,6 @@ away, or a request that outlives `request_timeout`, cancels its job, which frees
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -49,15 +48,11 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        s = server.scheduler
-        status = "ok" if s.alive and not server.draining else "draining" if s.alive else "error"
-        body = {"status": status, "model": config.served_model_name, "active": s.active,
-                "waiting": s.waiting, "max_batch": config.max_batch,
-                "requests": dataclasses.asdict(s.stats),
-                "engine": {"steps": server.engine.stats.steps,
-                           "forward_calls": server.engine.stats.forward_calls}}
-        if not s.alive:
-            body["error"] = f"the scheduler thread died ({type(s.died).__name__}); restart the server"
+        h = server.scheduler.health()
+        status = "error" if not h["alive"] else "draining" if server.draining else "ok"
+        body = {"status": status, "model": config.served_model_name, "max_batch": config.max_batch, **h}
+        if not h["alive"]:
+            body["error"] = "the scheduler thread died; restart the server"
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")

@@ -1,12 +1,13 @@
 """The batching loop: one thread owns the Engine and serves every request with it.
 
-HTTP handlers (on the asyncio event loop) `submit` a `Job` and read its `events` queue; they
-never touch the model. The scheduler thread repeats:
+HTTP handlers (on the asyncio event loop) use three calls: `submit` a `Job` and read its
+`events` queue, `cancel` it, read `health()`; they never touch the model. The scheduler thread
+waits for work, then drives the engine with `Engine.stream()`, the driver every front end uses,
+and between its steps:
 
-    admit waiting jobs while the engine has free slots (each joins at its own prefill)
+    admit waiting jobs while the engine has room (each joins at its own prefill)
     drop cancelled jobs (client gone, timed out): `engine.abort` frees their slot
-    engine.step()      -- one forward per width group serves every running sequence
-    for each job: decode its newly final tokens (`TextStream`), push the text delta;
+    for each step's Delta: decode its job's newly final tokens (`TextStream`), push the text;
                   a finished sequence or a matched stop string ends the job
 
 so concurrent requests share forwards, and each gets exactly what it would alone (the engine
@@ -20,10 +21,10 @@ import asyncio
 import collections
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
-from ..engine.engine import Engine
+from ..engine.engine import Engine, Step
 from ..engine.params import DecodeConfig
 from ..engine.sequence import Sequence
 from ..errors import FastDLLMError
@@ -82,7 +83,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
-        self._running: list[Job] = []  # only the scheduler thread changes it
+        self._running: dict[Sequence, Job] = {}  # only the scheduler thread changes it
         self._stopping = False
         self.died: BaseException | None = None  # why the scheduler thread ended, if a bug
         self._thread = threading.Thread(target=self._loop, name="fastdllm-scheduler", daemon=True)
@@ -121,24 +122,23 @@ class Scheduler:
             self._cond.notify()
 
     @property
-    def active(self) -> int:
-        return len(self._running)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
     def alive(self) -> bool:
         """False once the scheduler thread has died (a bug): /health then answers 503."""
         return self.died is None
+
+    def health(self) -> dict:
+        """Whether the thread is alive, requests decoding and waiting, request counts, and the
+        engine's work so far."""
+        return {"alive": self.alive, "active": len(self._running), "waiting": len(self._waiting),
+                "requests": asdict(self.stats),
+                "engine": {"steps": self.engine.stats.steps,
+                           "forward_calls": self.engine.stats.forward_calls}}
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
         reason = shutting_down()
         try:
-            while self._iteration():
-                pass
+            self._serve()
         except BaseException as e:  # a bug in the scheduler itself: say so, never hang
             self.died = e
             log.critical("the scheduler thread died; every request now fails", exc_info=True)
@@ -146,87 +146,88 @@ class Scheduler:
                               "server", status=503, type="server_error")
         with self._cond:
             self._stopping = True
-            jobs = [*self._running, *self._waiting]
+            jobs = [*self._running.values(), *self._waiting]
             self._waiting.clear()
         for job in jobs:
             job.push(Event(error=reason))
 
-    def _iteration(self) -> bool:
-        """Admit, drop the cancelled, step, emit; False once shutting down. A failure that
-        belongs to one job fails that job alone."""
+    def _serve(self) -> None:
+        while self._admit(wait=True):
+            try:
+                for step in self.engine.stream():
+                    self._emit(step)
+                    if not self._admit(wait=False):
+                        break
+            except Exception:  # a bug outside any one sequence: fail the batch, keep serving
+                log.exception("engine step failed; failing %d running requests", len(self._running))
+                for seq, job in list(self._running.items()):
+                    self.engine.abort(seq)
+                    del self._running[seq]
+                    self._fail(job, APIError("internal error while decoding", status=500,
+                                             type="server_error"))
+
+    def _admit(self, wait: bool) -> bool:
+        """Between steps: take waiting jobs into the engine's free slots and drop cancelled
+        ones; with `wait`, first sleep until there is work. False once shutting down."""
         with self._cond:
-            while not (self._stopping or self._waiting or self._running):
+            while wait and not (self._stopping or self._waiting or self._running):
                 self._cond.wait()
             if self._stopping:
                 return False
             admitted = [self._waiting.popleft()
-                        for _ in range(min(len(self.engine.free_slots), len(self._waiting)))]
+                        for _ in range(min(self.engine.room, len(self._waiting)))]
         self._drop_cancelled()
         for job in admitted:
-            self._admit(job)
-        if self._running:
-            self._step()
+            self._start(job)
         return True
 
-    def _admit(self, job: Job) -> None:
+    def _start(self, job: Job) -> None:
         if job.cancelled:  # cancelled between leaving the queue and now
             self.stats.cancelled += 1
             return
         try:
             job.seq = self.engine.add(job.prompt_ids, job.params)
         except FastDLLMError as e:  # the handler validated the request; this is a last guard
-            self._fail(job, APIError.from_user_error(e, {"max_new_tokens": "max_tokens"}))
+            self._fail(job, APIError.from_user_error(e))
             return
         except Exception as e:  # a bug that this request alone runs into
             log.exception("admitting a request failed")
             self._fail(job, _internal(e))
             return
         self.stats.admitted += 1
-        self._running.append(job)
+        self._running[job.seq] = job
 
     def _drop_cancelled(self) -> None:
-        for job in [j for j in self._running if j.cancelled]:
-            self.engine.abort(job.seq)
-            self._running.remove(job)
+        for seq, job in [(s, j) for s, j in self._running.items() if j.cancelled]:
+            self.engine.abort(seq)
+            del self._running[seq]
             self.stats.cancelled += 1
 
-    def _step(self) -> None:
-        try:
-            self.engine.step()  # a sequence that fails alone leaves with seq.error set
-        except Exception:  # a bug outside any one sequence: fail the batch, keep serving
-            log.exception("engine step failed; failing %d running requests", len(self._running))
-            for job in list(self._running):
-                self.engine.abort(job.seq)
-                self._running.remove(job)
-                self._fail(job, APIError("internal error while decoding", status=500,
-                                         type="server_error"))
-            return
-        for job in list(self._running):
+    def _emit(self, step: Step) -> None:
+        for d in step:
+            seq, job = d.seq, self._running[d.seq]
             try:
-                self._emit(job)
-            except Exception as e:  # e.g. detokenizing this job's tokens
-                log.exception("streaming a request's text failed")
-                self.engine.abort(job.seq)
-                self._running.remove(job)
+                if seq.error is not None:  # it failed alone inside the engine (a bug)
+                    raise seq.error
+                self._emit_one(d, job)
+            except Exception as e:  # e.g. detokenizing this job's tokens: this job alone
+                log.error("a request failed while decoding", exc_info=e)
+                self.engine.abort(seq)
+                self._running.pop(seq, None)
                 self._fail(job, _internal(e))
 
-    def _emit(self, job: Job) -> None:
-        seq = job.seq
-        if seq.error is not None:
-            log.error("a request failed while decoding", exc_info=seq.error)
-            self._running.remove(job)
-            self._fail(job, _internal(seq.error))
-            return
-        delta = job.text.feed(seq)
+    def _emit_one(self, d, job: Job) -> None:
+        seq = d.seq
+        text = job.text.feed(seq)
         n_final = seq.final_len - seq.prompt_len
-        if seq.finished or job.text.stopped:
+        if d.finished or job.text.stopped:
             self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
-            self._running.remove(job)
+            del self._running[seq]
             self.stats.finished += 1
             reason = "stop" if job.text.stopped else seq.finish_reason
-            job.push(Event(delta, n_final, finish_reason=reason))
-        elif delta:
-            job.push(Event(delta, n_final))
+            job.push(Event(text, n_final, finish_reason=reason))
+        elif text:
+            job.push(Event(text, n_final))
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.stats.failed += 1

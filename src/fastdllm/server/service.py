@@ -18,16 +18,13 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..chat_template import TemplateLimits
-from ..checkpoint import load_tokenizer
-from ..engine.engine import Engine
-from ..engine.params import DecodeConfig, round_up
+from ..engine.params import DecodeConfig
 from ..errors import FastDLLMError
 from ..llm import LLM
+from ..model.checkpoint import load_tokenizer
 from . import protocol as p
 from .protocol import APIError
 from .scheduler import Event, Job, Scheduler, shutting_down
-
-RENAMES = {"max_new_tokens": "max_tokens"}  # fastdllm field names -> OpenAI request fields
 
 
 @dataclass(frozen=True)
@@ -45,24 +42,25 @@ class ServerConfig:
 
     def __post_init__(self):
         if self.max_batch < 1:
-            raise FastDLLMError(f"--max-batch must be >= 1, got {self.max_batch}", field="max_batch")
+            raise FastDLLMError(f"max_batch must be >= 1, got {self.max_batch}", field="max_batch",
+                                fixes=[("max_batch", 1)])
         if self.request_timeout is not None and self.request_timeout <= 0:
-            raise FastDLLMError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}",
+            raise FastDLLMError(f"request_timeout must be > 0 seconds, got {self.request_timeout}",
                                 field="request_timeout")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise FastDLLMError(f"--max-model-len must be >= 2, got {self.max_model_len}",
+            raise FastDLLMError(f"max_model_len must be >= 2, got {self.max_model_len}",
                                 field="max_model_len")
         if self.max_body_bytes < 1024:
-            raise FastDLLMError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}",
+            raise FastDLLMError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}",
                                 field="max_body_bytes")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
-            raise FastDLLMError(f"--max-prompt-chars must be >= 1, got {self.max_prompt_chars}",
+            raise FastDLLMError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}",
                                 field="max_prompt_chars")
         if not 0 < self.text_timeout <= 3600:
-            raise FastDLLMError(f"--text-timeout must be in (0, 3600] seconds, got {self.text_timeout}",
+            raise FastDLLMError(f"text_timeout must be in (0, 3600] seconds, got {self.text_timeout}",
                                 field="text_timeout")
         if not 0 <= self.drain_timeout <= 86400:
-            raise FastDLLMError(f"--drain-timeout must be in [0, 86400] seconds, got "
+            raise FastDLLMError(f"drain_timeout must be in [0, 86400] seconds, got "
                                 f"{self.drain_timeout}", field="drain_timeout")
 
 
@@ -79,21 +77,21 @@ class Server:
             raise FastDLLMError(f"{llm.model_dir} has no tokenizer files; the server needs one to "
                                 "turn tokens into text", field="model")
         if config.max_model_len is not None and config.max_model_len > llm.context_length:
-            raise FastDLLMError(f"--max-model-len {config.max_model_len} exceeds the model's context "
-                                f"of {llm.context_length}", field="max_model_len")
+            raise FastDLLMError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                                f"of {llm.context_length}", field="max_model_len",
+                                fixes=[("max_model_len", llm.context_length)])
         self.llm = llm
         self.config = config
         self.max_len = config.max_model_len or llm.context_length
-        block = config.defaults.block_size
-        # diffusion sequences occupy whole blocks: room for the last one to overhang max_len
-        self.engine = Engine(llm.model, max_slots=config.max_batch, max_len=round_up(self.max_len, block),
-                             mask_token_id=llm.special.mask_token_id,
-                             stop_token_ids=llm.special.stop_token_ids)
+        # every slot holds a whole max_len request (continuous batching cannot grow the cache),
+        # by the engine's one sizing rule: whole blocks, the last one may overhang max_len
+        engine = llm.new_engine(config.max_batch, self.max_len, config.defaults.block_size,
+                                context=self.max_len)
+        self.positions = engine.max_len
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
-        self.scheduler = Scheduler(self.engine,
-                                   lambda ids: detok.decode(ids, skip_special_tokens=True))
+        self.scheduler = Scheduler(engine, lambda ids: detok.decode(ids, skip_special_tokens=True))
         self.text = TextWorkers(llm.model_dir)
         self.max_prompt_chars = config.max_prompt_chars or PROMPT_CHARS_PER_POSITION * self.max_len
         # the template's output is a prompt too, plus its markup
@@ -134,11 +132,11 @@ class Server:
                 raise APIError("send one prompt per request (concurrent requests are batched by "
                                "the server)", param="prompt")
             prompt = prompt[0]
-        if len(prompt) > (self.max_prompt_chars if isinstance(prompt, str) else self.max_len):
-            unit, limit = ("characters", self.max_prompt_chars) if isinstance(prompt, str) else \
-                ("token ids", self.max_len)
-            raise APIError(f"the prompt has {len(prompt):,} {unit}, more than this server accepts "
-                           f"({limit:,})", param="prompt")
+        text = isinstance(prompt, str)
+        limit = self.max_prompt_chars if text else self.max_len
+        if len(prompt) > limit:
+            raise APIError(f"the prompt has {len(prompt):,} {'characters' if text else 'token ids'}, "
+                           f"more than this server accepts ({limit:,})", param="prompt")
         return await self.text.run(lambda tok: self.llm.encode(prompt, tokenizer=tok),
                                    self.config.text_timeout, "prompt")
 
@@ -163,6 +161,8 @@ class Server:
         max_tokens = req.max_tokens
         if max_tokens is None and isinstance(req, p.ChatCompletionRequest):
             max_tokens = req.max_completion_tokens
+        if max_tokens is not None and max_tokens < 1:  # said here in the request's own words
+            raise APIError(f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
         if max_tokens is None:  # the default never overflows: it stops at the context's end
             max_tokens = min(self.config.defaults.max_new_tokens, self.max_len - prompt_len)
         try:
@@ -172,15 +172,15 @@ class Server:
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
                 threshold=req.threshold)
         except FastDLLMError as e:
-            raise APIError.from_user_error(e, RENAMES) from None
+            raise APIError.from_user_error(e) from None
         if prompt_len + params.max_new_tokens > self.max_len:
             raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
                            f"exceeds the server's context of {self.max_len}; lower max_tokens to "
                            f"at most {self.max_len - prompt_len}", param="max_tokens")
-        if params.cache_len(prompt_len) > self.engine.max_len:
+        if params.cache_len(prompt_len) > self.positions:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
-                           f"{self.engine.max_len} positions; use a block size that divides "
-                           f"{self.engine.max_len} or lower max_tokens", param="block_size")
+                           f"{self.positions} positions; use a block size that divides "
+                           f"{self.positions} or lower max_tokens", param="block_size")
         if params.diffusion and self.llm.special.mask_token_id is None:
             raise APIError("diffusion decoding needs a mask token and this checkpoint has none; "
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
@@ -241,8 +241,7 @@ class TextWorkers:
             raise APIError(f"preparing the {param} took longer than this server's limit of "
                            f"{seconds:g} s", param=param) from None
         except FastDLLMError as e:
-            renames = {**RENAMES, "prompt": param} if param == "messages" else RENAMES
-            raise APIError.from_user_error(e, renames) from None
+            raise APIError.from_user_error(e, {"prompt": param}) from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FastDLLMError
+from ..errors import FastDLLMError
 
 # safetensors dtype name -> bytes per element; weights are floating point
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
