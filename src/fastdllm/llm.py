@@ -29,6 +29,8 @@ from .config import ModelConfig
 from .engine.engine import Engine
 from .engine.params import DecodeConfig
 from .engine.sequence import Sequence
+from .engine.speculation import Speculation
+from .engine.speculative import SpeculativeEngine, check_pair
 from .errors import FastDLLMError
 from .model import Transformer
 
@@ -62,12 +64,21 @@ class LLM:
     model_dir: Path
     special: SpecialTokens
     default_block_size: int = 32
+    draft: "LLM | None" = None  # the block-diffusion draft model of speculative decoding
     _engine: Engine | None = field(default=None, repr=False)
+    _spec_engine: SpeculativeEngine | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
-             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None) -> "LLM":
+             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
+             draft_model: str | Path | None = None) -> "LLM":
+        """`draft_model`: a block-diffusion model (same tokenizer) whose drafts this model
+        verifies: decoding then defaults to mode "speculative" and gives this model's own output
+        at several tokens per forward. `mask_token_id` is the draft's when a draft is given."""
+        draft = None
+        if draft_model is not None:
+            draft = cls.load(draft_model, device=device, dtype=dtype, mask_token_id=mask_token_id)
         model_dir = resolve_model_dir(name_or_path)
         cfg, _ = read_config(model_dir)
         dev = _resolve_device(device)
@@ -77,6 +88,11 @@ class LLM:
         special = resolve_special_tokens(
             cfg, model_dir, tokenizer, mask_token_id,
             tuple(stop_token_ids) if stop_token_ids is not None else None)
+        if draft is not None:
+            check_pair(model, draft.model, draft.special.mask_token_id)
+            check_same_tokenizer(model_dir, tokenizer, draft.model_dir, draft.tokenizer)
+            return cls(model, tokenizer, model_dir, special, default_block_size=draft.default_block_size,
+                       draft=draft)
         return cls(model, tokenizer, model_dir, special, default_block_size=cfg.bd_size or 32)
 
     @property
@@ -91,7 +107,9 @@ class LLM:
         """Defaults from the checkpoint (block size = its bd_size), then `overrides`."""
         base = config or DecodeConfig(block_size=self.default_block_size,
                                       sub_block_size=min(8, self.default_block_size),
-                                      token_shift=self.config.token_shift)
+                                      token_shift=self.config.token_shift,
+                                      mode="speculative" if self.draft else "diffusion",
+                                      draft_length=min(8, self.default_block_size))
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(base, **overrides) if overrides else base
 
@@ -148,14 +166,27 @@ class LLM:
                 f"{self.context_length - prompt_len}", field="max_new_tokens")
 
     # ------------------------------------------------------------------ engine
-    def engine(self, slots: int, max_len: int) -> Engine:
-        """An engine with at least `slots` slots of `max_len` positions (reused across calls)."""
+    def engine(self, slots: int, max_len: int, *, speculative: bool = False) -> Engine | SpeculativeEngine:
+        """An engine with at least `slots` slots of `max_len` positions (reused across calls);
+        `speculative`: the speculative engine (drafts from `draft`, or from this model itself)."""
+        if speculative:
+            return self._speculative_engine(slots, max_len)
         e = self._engine
         if e is None or e.cache.slots < slots or e.max_len < max_len or e.running:
             e = Engine(self.model, max_slots=slots, max_len=max_len,
                        mask_token_id=self.special.mask_token_id,
                        stop_token_ids=self.special.stop_token_ids)
             self._engine = e
+        return e
+
+    def _speculative_engine(self, slots: int, max_len: int) -> SpeculativeEngine:
+        e = self._spec_engine
+        if e is None or e.cache.slots < slots or e.max_len < max_len or e.running:
+            draft = self.draft or self
+            e = SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
+                                  mask_token_id=draft.special.mask_token_id,
+                                  stop_token_ids=self.special.stop_token_ids)
+            self._spec_engine = e
         return e
 
     def generate(self, prompt: str | Seq[int] | None = None, *, messages: list[dict] | None = None,
@@ -178,7 +209,7 @@ class LLM:
         for x in ids:
             self.check_request(len(x), params)
         max_len = max(params.cache_len(len(x)) for x in ids)
-        engine = self.engine(len(ids), max_len)
+        engine = self.engine(len(ids), max_len, speculative=params.speculative)
         stops = tuple(stop_token_ids) if stop_token_ids is not None else None
         t0 = time.perf_counter()
         calls0 = engine.stats.forward_calls
@@ -189,7 +220,7 @@ class LLM:
         batch_calls = engine.stats.forward_calls - calls0
         return [self._result(s, batch_calls, batch_seconds) for s in seqs]
 
-    def _result(self, seq: Sequence, batch_calls: int, batch_seconds: float) -> GenerationResult:
+    def _result(self, seq: Sequence | Speculation, batch_calls: int, batch_seconds: float) -> GenerationResult:
         out = seq.output_ids()
         stats = seq.stats.as_dict()
         stats.update(batch_forward_calls=batch_calls, batch_seconds=round(batch_seconds, 6),
@@ -197,6 +228,18 @@ class LLM:
         return GenerationResult(out, self.decode(out), seq.finish_reason or "length",
                                 seq.prompt_len, stats, seq.trace, params=seq.params,
                                 prompt_ids=seq.tokens[: seq.prompt_len].tolist())
+
+
+def check_same_tokenizer(target_dir: Path, target_tok, draft_dir: Path, draft_tok) -> None:
+    """Speculative decoding compares token ids, so both models must mean the same thing by each."""
+    if target_tok is None or draft_tok is None:
+        return  # token-id prompts only; the engine still checks the vocabulary sizes
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise FastDLLMError(
+            f"the draft model {draft_dir} has another tokenizer than the target {target_dir} "
+            f"({len(draft_tok.get_vocab())} vs {len(target_tok.get_vocab())} tokens, or the same "
+            "tokens with other ids); speculative decoding needs both on the same tokenizer",
+            field="draft_model")
 
 
 def _resolve_device(device: str | None) -> torch.device:

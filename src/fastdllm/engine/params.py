@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import FastDLLMError
 
-MODES = ("diffusion", "ar")
+MODES = ("diffusion", "ar", "speculative")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,11 @@ class DecodeConfig:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     trace: bool = False  # record which positions each step unmasked, with confidences
+    # speculative mode (engine/speculative.py): tokens drafted per cycle by the block-diffusion
+    # draft, and the forwards spent drafting them (1 = one forward; more = refinement steps)
+    draft_length: int = 8
+    draft_steps: int = 1
+    merged: bool = False  # self-speculative only: verify and draft in one forward (merged.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -53,6 +58,21 @@ class DecodeConfig:
             raise FastDLLMError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
         if self.top_k < 0:
             raise FastDLLMError(f"top_k must be >= 0 (0 = off), got {self.top_k}", field="top_k")
+        if self.speculative:
+            self._check_speculation()
+
+    def _check_speculation(self) -> None:
+        if not isinstance(self.draft_length, int) or not 1 <= self.draft_length <= self.block_size:
+            raise FastDLLMError(
+                f"draft_length must be between 1 and the block size ({self.block_size}): a draft "
+                f"never crosses the end of its block; got {self.draft_length}", field="draft_length")
+        if not isinstance(self.draft_steps, int) or not 1 <= self.draft_steps <= self.draft_length:
+            raise FastDLLMError(
+                f"draft_steps must be between 1 and draft_length ({self.draft_length}); got "
+                f"{self.draft_steps}", field="draft_steps")
+        if self.merged and self.draft_steps != 1:
+            raise FastDLLMError("the merged form drafts inside the verifying forward, so it takes "
+                                f"draft_steps 1, got {self.draft_steps}", field="draft_steps")
 
     @property
     def greedy(self) -> bool:
@@ -63,9 +83,14 @@ class DecodeConfig:
         return self.mode == "diffusion"
 
     @property
+    def speculative(self) -> bool:
+        return self.mode == "speculative"
+
+    @property
     def block(self) -> int:
-        """The unit a sequence's positions are allocated in: whole blocks for diffusion, 1 for AR."""
-        return self.block_size if self.diffusion else 1
+        """The unit a sequence's positions are allocated in: whole blocks for diffusion and for
+        speculative decoding (its draft decodes in blocks), 1 for AR."""
+        return self.block_size if self.mode != "ar" else 1
 
     def cache_len(self, prompt_len: int) -> int:
         """KV-cache positions one request occupies: prompt + max_new_tokens in whole blocks."""
