@@ -63,7 +63,8 @@ class Chat:
                 f"{self.params.max_new_tokens}; type /reset to start a new conversation"
                 + (" (or lower --max-new-tokens)" if room > 0 else ""), field="messages")
         engine = self.llm.engine(1, _cache_len(len(ids) + self.params.max_new_tokens, self.params.block,
-                                              self.llm.context_length))
+                                              self.llm.context_length),
+                                 speculative=self.params.speculative)
         seq = engine.add(ids, self.params)
         stream = TextStream(lambda final: self.llm.decode(final) or "")
         self.out.write(ANSWER)
@@ -113,6 +114,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pass
     desc = (f"diffusion, block {params.block_size}, sub-block {params.sub_block_size}, "
             f"threshold {params.threshold}" if params.diffusion else "autoregressive")
+    if params.speculative:
+        drafter = llm.draft.model_dir.name if llm.draft else "itself (self-speculative)"
+        desc = f"speculative, drafts of {params.draft_length} by {drafter}"
     print(f"fastdllm chat · {llm.model_dir.name} · {desc}\n{HELP}", flush=True)
     while True:
         try:

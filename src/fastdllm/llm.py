@@ -167,27 +167,29 @@ class LLM:
 
     # ------------------------------------------------------------------ engine
     def engine(self, slots: int, max_len: int, *, speculative: bool = False) -> Engine | SpeculativeEngine:
-        """An engine with at least `slots` slots of `max_len` positions (reused across calls);
-        `speculative`: the speculative engine (drafts from `draft`, or from this model itself)."""
-        if speculative:
-            return self._speculative_engine(slots, max_len)
-        e = self._engine
+        """An engine with at least `slots` slots of `max_len` positions, reused across calls while
+        it is big enough and idle; `speculative`: the speculative engine (see `build_engine`)."""
+        e = self._spec_engine if speculative else self._engine
         if e is None or e.cache.slots < slots or e.max_len < max_len or e.running:
-            e = Engine(self.model, max_slots=slots, max_len=max_len,
-                       mask_token_id=self.special.mask_token_id,
-                       stop_token_ids=self.special.stop_token_ids)
-            self._engine = e
+            e = self.build_engine(slots, max_len, speculative=speculative)
+            if speculative:
+                self._spec_engine = e
+            else:
+                self._engine = e
         return e
 
-    def _speculative_engine(self, slots: int, max_len: int) -> SpeculativeEngine:
-        e = self._spec_engine
-        if e is None or e.cache.slots < slots or e.max_len < max_len or e.running:
-            draft = self.draft or self
-            e = SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
-                                  mask_token_id=draft.special.mask_token_id,
-                                  stop_token_ids=self.special.stop_token_ids)
-            self._spec_engine = e
-        return e
+    def build_engine(self, slots: int, max_len: int, *,
+                     speculative: bool = False) -> Engine | SpeculativeEngine:
+        """A new engine. Speculative: this model verifies drafts of `draft`, or of itself
+        (self-speculative) when it has no draft model; it also decodes mode "ar"."""
+        if not speculative:
+            return Engine(self.model, max_slots=slots, max_len=max_len,
+                          mask_token_id=self.special.mask_token_id,
+                          stop_token_ids=self.special.stop_token_ids)
+        draft = self.draft or self
+        return SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
+                                 mask_token_id=draft.special.mask_token_id,
+                                 stop_token_ids=self.special.stop_token_ids)
 
     def generate(self, prompt: str | Seq[int] | None = None, *, messages: list[dict] | None = None,
                  config: DecodeConfig | None = None, stop_token_ids: Seq[int] | None = None,

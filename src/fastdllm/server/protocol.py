@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from ..errors import FastDLLMError
 
 # the CLI flags a FastDLLMError may suggest, which are request fields over HTTP
-_FLAG = re.compile(r"--(block-size|sub-block-size|threshold|temperature|top-p|top-k|max-new-tokens|mode)\b")
+_FLAG = re.compile(r"--(block-size|sub-block-size|threshold|temperature|top-p|top-k|max-new-tokens|mode"
+                   r"|draft-length|draft-steps)\b")
 
 
 class APIError(Exception):
@@ -70,6 +71,10 @@ class _Sampling(_Strict):
     sub_block_size: int | None = None
     threshold: float | None = None
     top_k: int | None = None
+    # speculative decoding (a server started with --draft-model or --mode speculative);
+    # "mode": "ar" opts a request out (the target alone, same output, one token per forward)
+    draft_length: int | None = None
+    draft_steps: int | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..checkpoint import load_tokenizer
-from ..engine.engine import Engine
+from ..engine.speculative import SpeculativeEngine
 from ..engine.params import DecodeConfig, round_up
 from ..errors import FastDLLMError
 from ..llm import LLM
@@ -60,10 +60,11 @@ class Server:
         self.config = config
         self.max_len = config.max_model_len or llm.context_length
         block = config.defaults.block_size
-        # diffusion sequences occupy whole blocks: room for the last one to overhang max_len
-        self.engine = Engine(llm.model, max_slots=config.max_batch, max_len=round_up(self.max_len, block),
-                             mask_token_id=llm.special.mask_token_id,
-                             stop_token_ids=llm.special.stop_token_ids)
+        # diffusion sequences occupy whole blocks: room for the last one to overhang max_len;
+        # a server that decodes speculatively by default runs the speculative engine, which
+        # also serves mode "ar" (the per-request opt-out)
+        self.engine = llm.build_engine(config.max_batch, round_up(self.max_len, block),
+                                       speculative=config.defaults.speculative)
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
@@ -113,7 +114,8 @@ class Server:
                 self.config.defaults, max_new_tokens=max_tokens, temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, mode=req.mode,
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
-                threshold=req.threshold)
+                threshold=req.threshold, draft_length=req.draft_length,
+                draft_steps=req.draft_steps)
         except FastDLLMError as e:
             raise APIError.from_user_error(e, RENAMES) from None
         if prompt_len + params.max_new_tokens > self.max_len:
@@ -124,6 +126,14 @@ class Server:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
                            f"{self.engine.max_len} positions; use a block size that divides "
                            f"{self.engine.max_len} or lower max_tokens", param="block_size")
+        speculative_engine = isinstance(self.engine, SpeculativeEngine)
+        if params.speculative and not speculative_engine:
+            raise APIError("this server was not started for speculative decoding; start it with "
+                           "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
+                           param="mode")
+        if params.diffusion and speculative_engine:
+            raise APIError("this server decodes speculatively (the target model's own output); "
+                           "send \"mode\": \"speculative\" or \"ar\"", param="mode")
         if params.diffusion and self.llm.special.mask_token_id is None:
             raise APIError("diffusion decoding needs a mask token and this checkpoint has none; "
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
