@@ -86,6 +86,39 @@ def test_self_speculative_greedy_equals_own_ar(qwen2_ckpt):
         assert sp.token_ids == ar.token_ids
 
 
+@pytest.mark.parametrize("draft_length", [1, 4, 8])
+def test_merged_self_speculative_equals_own_ar(qwen2_ckpt, draft_length):
+    """One forward verifies the last draft and drafts the next for every outcome (merged.py);
+    batched rows at different positions, and the causal cache stays exact."""
+    llm = LLM.load(qwen2_ckpt, device="cpu")
+    prompts = _prompts([5, 16, 21])
+    ar = [llm.generate(p, mode="ar", max_new_tokens=25, stop_token_ids=[], **SMALL).token_ids
+          for p in prompts]
+    out = llm.generate_batch(prompts, mode="speculative", merged=True, draft_length=draft_length,
+                             max_new_tokens=25, stop_token_ids=[], **SMALL)
+    assert [r.token_ids for r in out] == ar
+    for r in out:
+        assert r.stats["forward_calls"] == r.stats["cycles"] == r.stats["target_forwards"]
+    engine = llm.build_engine(1, 64, speculative=True)
+    seq = engine.add(prompts[2], llm.decode_config(mode="speculative", merged=True, max_new_tokens=30,
+                                                   draft_length=draft_length, **SMALL), stop_token_ids=())
+    while engine.running:
+        engine.step()
+        t = seq.target_done
+        fresh = _fresh_kv(engine.target, seq.tokens[:t], 1)
+        for layer in range(engine.target.config.num_layers):
+            torch.testing.assert_close(engine.cache.k[layer, 0, :, :t], fresh.k[layer, 0], atol=2e-5, rtol=1e-4)
+
+
+def test_merged_shipped_model_equals_own_ar(tmp_path):
+    llm = LLM.load(SHIPPED_DIFFUSION, device="cpu")
+    ids = llm.encode_chat([{"role": "user", "content": "Mia buys 3 pens for 4 dollars each. How much does she pay?"}])
+    ar = llm.generate(ids, mode="ar", max_new_tokens=64)
+    merged = llm.generate(ids, mode="speculative", merged=True, draft_length=8, max_new_tokens=64)
+    assert merged.token_ids == ar.token_ids
+    assert merged.stats["tokens_per_forward"] > 2
+
+
 def test_max_new_tokens_and_stops_inside_a_draft(shipped):
     ids = shipped.encode_chat([{"role": "user", "content": "Tom has 5 apples and buys 7 more. "
                                 "How many apples does he have?"}])
@@ -104,14 +137,14 @@ def test_max_new_tokens_and_stops_inside_a_draft(shipped):
 def test_shipped_pair_greedy_equals_ar_batch_1_and_8(shipped):
     from fastdllm.tasks import SHIPPED_SPLIT, format_prompt, make_splits
 
-    problems = make_splits(*SHIPPED_SPLIT)[1][:8]
+    problems = make_splits(*SHIPPED_SPLIT)[1][:6]
     prompts = [shipped.encode_chat([{"role": "user", "content": format_prompt(p.question)}])
                for p in problems]
     prompts[1] = prompts[1][:32]  # a prompt of exactly one block, and one shorter than a block
     prompts[2] = prompts[2][:20]
-    ar = [r.token_ids for r in shipped.generate_batch(prompts, mode="ar", max_new_tokens=96)]
-    alone = [shipped.generate(p, max_new_tokens=96).token_ids for p in prompts[:3]]
-    batched = shipped.generate_batch(prompts, max_new_tokens=96, draft_length=8)
+    ar = [r.token_ids for r in shipped.generate_batch(prompts, mode="ar", max_new_tokens=64)]
+    alone = [shipped.generate(p, max_new_tokens=64).token_ids for p in prompts[:3]]
+    batched = shipped.generate_batch(prompts, max_new_tokens=64, draft_length=8)
     assert [r.token_ids for r in batched] == ar
     assert alone == ar[:3]
     cycles = sum(r.stats["cycles"] for r in batched)
@@ -183,7 +216,7 @@ def test_accept_rule_greedy_and_sampled_units():
     q = torch.tensor([[0.1, 0.1, 0.4, 0.4]])
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(4)
-    n = 20000
+    n = 6000
     for _ in range(n):
         d = torch.multinomial(q[0], 1, generator=g)
         acc, nxt = accept_sampled(d, q, p, g)
@@ -210,14 +243,20 @@ def _tiny_models(vocab: int):
     return models
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, top_p=0.9)])
-def test_speculative_sampling_matches_the_target_distribution(settings):
-    """Joint distribution of the first two sampled tokens (one drafted, one verified) over a
-    vocabulary of 6 (+ the mask) against the target's exact p(t1) p(t2 | t1)."""
+@pytest.mark.parametrize("settings,merged", [(dict(temperature=1.0), False),
+                                             (dict(temperature=0.7, top_k=4, top_p=0.9), False),
+                                             (dict(temperature=1.0), True)])
+def test_speculative_sampling_matches_the_target_distribution(settings, merged):
+    """Joint distribution of the first two sampled tokens over a vocabulary of 6 (+ the mask)
+    against the target's exact p(t1) p(t2 | t1). Two models: t2 is drafted in the first cycle
+    and verified. Merged (self-speculative): t1 comes from the prefill forward, which drafts t2
+    for the second forward to verify."""
     vocab, mask_id, prompt = 7, 6, [1, 2, 3]
     target, draft = _tiny_models(vocab)
-    params = DecodeConfig(mode="speculative", max_new_tokens=2, block_size=4, sub_block_size=4,
-                          draft_length=1, **settings)
+    if merged:
+        draft = target
+    params = DecodeConfig(mode="speculative", max_new_tokens=3 if merged else 2, block_size=4,
+                          sub_block_size=4, draft_length=1, merged=merged, **settings)
     with torch.inference_mode():
         logits0 = target(torch.tensor([prompt]), torch.arange(3)[None], None)[0, -1]
         p1 = distribution(logits0, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
@@ -235,7 +274,7 @@ def test_speculative_sampling_matches_the_target_distribution(settings):
         while engine.running:
             engine.step()
         for s in seqs:
-            a, b = s.output_ids()
+            a, b = s.output_ids()[:2]
             counts[a * vocab + b] += 1
             assert s.stats.drafted == 1
     assert counts[joint == 0].sum() == 0

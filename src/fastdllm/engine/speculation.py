@@ -36,6 +36,7 @@ from enum import Enum
 import torch
 
 from .params import DecodeConfig
+from .sampling import distribution
 
 
 class Stage(Enum):
@@ -118,6 +119,7 @@ class Speculation:
         self.fixed = 0  # draft tokens fixed so far this cycle
         self.draft_step = 0
         self.q: torch.Tensor | None = None  # (k, V) draft distributions when sampling
+        self.pending = 0  # merged form: drafts made by the last forward for the next cycle
         self.end: int | None = None
         self.finish_reason: str | None = None
         self.final_len = self.prompt_len
@@ -129,6 +131,9 @@ class Speculation:
     def begin_cycle(self) -> None:
         """Choose this cycle's draft length; a sequence in mode "ar" never drafts."""
         p, L = self.params, self.length
+        if p.merged:  # the drafts came with the previous forward (merged.py)
+            self.k, self.stage = self.pending, Stage.VERIFY
+            return
         block_end = (L // self.block + 1) * self.block
         self.k = max(0, min(p.draft_length, block_end - L, self.limit - 1 - L)) if p.speculative else 0
         self.fixed, self.draft_step = 0, 0
@@ -166,6 +171,12 @@ class Speculation:
         self.stats.draft_forwards += 1
         if self.fixed == self.k:
             self.stage = Stage.VERIFY
+
+    def set_pending(self, tokens: list[int], q: torch.Tensor | None) -> None:
+        """Merged form: the drafts for the next cycle, made by this cycle's forward."""
+        L, m = self.length, len(tokens)
+        self.tokens[L:L + m] = torch.tensor(tokens, dtype=torch.long, device=self.tokens.device)
+        self.q, self.pending = q, m
 
     # ------------------------------------------------------------------ verifying
     def verify_chunk(self) -> Chunk:
@@ -220,3 +231,10 @@ class Speculation:
 
     def final_ids(self) -> list[int]:
         return self.output_ids()
+
+
+def draft_or_target_distribution(logits: torch.Tensor, params: DecodeConfig) -> torch.Tensor:
+    """The distributions (K, V) a sampled draft is drawn from and the target is read as: the
+    same temperature, top-k and top-p on both sides, as speculative sampling requires."""
+    return distribution(logits, temperature=params.temperature, top_p=params.top_p,
+                        top_k=params.top_k)

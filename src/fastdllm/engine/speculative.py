@@ -29,9 +29,10 @@ from ..kv_cache import CacheAccess, KVCache
 from ..model import Transformer
 from .attention import attention_limits, limit_mask
 from .engine import EngineStats
+from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
 from .params import DecodeConfig
-from .sampling import distribution
 from .speculation import Chunk, Speculation, Stage
+from .speculation import draft_or_target_distribution as _distribution
 from .verification import accept_greedy, accept_sampled
 
 
@@ -70,8 +71,9 @@ class SpeculativeEngine:
         self.mask_token_id = mask_token_id
         self.stop_token_ids = stop_token_ids
         self._max_len = max_len
-        # + 1: the scratch position that right padding writes to once a row reaches the end
-        self.cache = _cache_for(target, max_slots, max_len + 1)
+        # + 1: the scratch position that right padding writes to once a row reaches the end;
+        # self-speculative: room for the merged form's draft groups after it (merged.py)
+        self.cache = _cache_for(target, max_slots, max_len + 1 + (merged_room() if draft is target else 0))
         self.draft_cache = _cache_for(draft, max_slots, max_len + 1)
         self.free_slots = list(range(max_slots))
         self.running: list[Speculation] = []
@@ -93,6 +95,9 @@ class SpeculativeEngine:
             raise FastDLLMError("the merged form verifies and drafts with the same weights in one "
                                 "forward: it is self-speculative only (no separate draft model)",
                                 field="merged")
+        if params.merged and params.draft_length > MAX_MERGED_DRAFT:
+            raise FastDLLMError(f"the merged form drafts at most {MAX_MERGED_DRAFT} tokens per "
+                                f"cycle, got draft_length {params.draft_length}", field="draft_length")
         needed = params.cache_len(len(prompt_ids))
         if needed > self.max_len:
             raise FastDLLMError(
@@ -121,8 +126,6 @@ class SpeculativeEngine:
             seq.begin_cycle()
         merged = [s for s in active if s.params.merged]
         if merged:
-            from .merged import merged_cycle  # self-speculative, one forward per cycle
-
             merged_cycle(self, merged)
         plain = [s for s in active if not s.params.merged]
         while drafting := [s for s in plain if s.stage is Stage.DRAFT]:
@@ -204,11 +207,6 @@ class SpeculativeEngine:
 def _cache_for(model: Transformer, slots: int, length: int) -> KVCache:
     cfg, p = model.config, next(model.parameters())
     return KVCache(cfg.num_layers, slots, length, cfg.num_kv_heads, cfg.head_dim, p.dtype, p.device)
-
-
-def _distribution(logits: torch.Tensor, params: DecodeConfig) -> torch.Tensor:
-    return distribution(logits, temperature=params.temperature, top_p=params.top_p,
-                        top_k=params.top_k)
 
 
 def _pad(xs: list[int], n: int) -> list[int]:
