@@ -137,7 +137,7 @@ class Speculation:
         block_end = (L // self.block + 1) * self.block
         self.k = max(0, min(p.draft_length, block_end - L, self.limit - 1 - L)) if p.speculative else 0
         self.fixed, self.draft_step = 0, 0
-        self.q = torch.empty(self.k, 0) if not p.greedy else None
+        self.q = None
         self.stage = Stage.DRAFT if self.k else Stage.VERIFY
 
     # ------------------------------------------------------------------ drafting

@@ -31,6 +31,8 @@ def accept_sampled(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     """draft (k,) drawn from q (k, V); p (k + 1, V) the target's distributions (float32, each
     row sums to 1). Returns (accepted drafts, the token emitted after them)."""
     k = draft.shape[0]
+    if k == 0:
+        return 0, _draw(p[0], generator)
     idx = torch.arange(k, device=draft.device)
     p_d, q_d = p[idx, draft], q[idx, draft]
     u = torch.rand(k, generator=generator, device=draft.device)
