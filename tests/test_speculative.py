@@ -332,3 +332,41 @@ def test_bad_pairs_and_settings_are_refused(qwen2_ckpt, checkpoint_factory, ckpt
     with pytest.raises(FastDLLMError, match="speculative engine"):
         Engine(pair.model, max_slots=1, max_len=64, mask_token_id=mask, stop_token_ids=()).add(
             [1, 2], pair.decode_config(**SMALL))
+
+
+# ---------------------------------------------------------------------------------- front ends
+def test_cli_generate_with_a_draft_model(qwen2_ckpt, twin, capsys):
+    from fastdllm.cli import main
+
+    draft = str(twin.draft.model_dir)
+    args = ["generate", "--model", str(qwen2_ckpt), "--prompt-ids", "5,6,7,8,9", "--device", "cpu",
+            "--json", "--max-new-tokens", "20", "--block-size", "8", "--sub-block-size", "4"]
+    outs = {}
+    for name, extra in (("spec", ["--draft-model", draft, "--draft-length", "4"]), ("ar", ["--mode", "ar"])):
+        assert main(args + extra) == 0
+        outs[name] = json.loads(capsys.readouterr().out)
+    assert outs["spec"]["token_ids"] == outs["ar"]["token_ids"]
+    assert outs["spec"]["cycles"] < len(outs["spec"]["token_ids"])
+    assert main(args + ["--draft-model", draft, "--draft-length", "9"]) == 2
+    assert "draft_length must be between 1 and the block size (8)" in capsys.readouterr().err
+
+
+def test_server_speculative_by_default_with_ar_opt_out(twin):
+    import httpx
+
+    from fastdllm.server import BackgroundServer, ServerConfig
+
+    config = ServerConfig(served_model_name="tiny", defaults=twin.decode_config(max_new_tokens=24, **SMALL),
+                          max_batch=4)
+    ref = twin.generate("The answer is", mode="ar", max_new_tokens=24, **SMALL)
+    with BackgroundServer(twin, config) as srv:
+        def post(**body):
+            return httpx.post(f"{srv.base_url}/completions",
+                              json={"model": "tiny", "prompt": "The answer is", **body}, timeout=60)
+        spec, ar = post(), post(mode="ar")
+        short = post(draft_length=2)
+        bad = post(mode="diffusion")
+    for r in (spec, ar, short):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref.text
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "mode"

@@ -40,7 +40,8 @@ MAX_MERGED_DRAFT = 32  # the scratch region holds (K + 1)^2 positions per slot
 
 
 def merged_room() -> int:
-    return (MAX_MERGED_DRAFT + 1) ** 2
+    """Scratch positions per slot: every group, plus one where padding rows write."""
+    return (MAX_MERGED_DRAFT + 1) ** 2 + 1
 
 
 def merged_layout(L: int, k: int, K: int, target_done: int, scratch: int):
