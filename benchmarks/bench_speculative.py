@@ -17,7 +17,8 @@ At each batch size, on the first `--limit` held-out problems, greedy:
 and, once, forward latencies of a larger random-weights model in the official layout (a CPU
 forward bound by reading the weights), with the speedup they imply at this run's acceptance.
 
-Identity: a speculative row's outputs must equal, token for token, the AR outputs of its target
+Configurations run round robin over each batch of problems (see `run_interleaved`), so the
+ratios hold on a loaded machine. Identity: a speculative row's outputs must equal, token for token, the AR outputs of its target
 in the same run (100% greedy). Tokens are output tokens up to and including the first stop
 token; tokens/s = tokens / wall seconds of the decode calls; forwards are model calls per
 sequence (target and draft counted apart); a cycle is one draft + verify round.
@@ -50,28 +51,46 @@ COLUMNS = ["batch", "config", "accuracy_%", "identical_%", "tokens_per_cycle", "
            "target_forwards", "draft_forwards", "tokens_per_s", "speedup_vs_ar"]
 
 
-def run(llm: LLM, prompts: list[list[int]], refs: list[str], batch: int, **decode) -> dict:
-    params = llm.decode_config(max_new_tokens=decode.pop("max_new_tokens"), **decode)
-    llm.engine(batch, max(params.cache_len(len(p)) for p in prompts), speculative=params.speculative)
-    for i in range(0, WARMUP, batch):
-        llm.generate_batch(prompts[i:i + batch][:WARMUP], config=params)
-    outs, texts, seconds = [], [], 0.0
-    sums = dict.fromkeys(("forward_calls", "target_forwards", "draft_forwards", "cycles"), 0)
+def run_interleaved(configs: list[tuple[str, LLM, dict]], prompts: list[list[int]], batch: int,
+                    max_new_tokens: int) -> dict[str, dict]:
+    """Decode `prompts` in consecutive batches with every configuration, round robin: each batch
+    of prompts goes through all configurations back to back, so a change of background load
+    hits every configuration alike and the ratios stay comparable on a shared machine."""
+    prepared = []
+    for name, llm, decode in configs:
+        params = llm.decode_config(max_new_tokens=max_new_tokens, **decode)
+        llm.engine(batch, max(params.cache_len(len(p)) for p in prompts), speculative=params.speculative)
+        llm.generate_batch(prompts[:min(batch, WARMUP)], config=params)  # warm-up
+        prepared.append((name, llm, params))
+    acc = {name: {"outputs": [], "texts": [], "seconds": 0.0, "forward_calls": 0, "target_forwards": 0,
+                  "draft_forwards": 0, "cycles": 0} for name, _, _ in configs}
     for i in range(0, len(prompts), batch):
-        t0 = time.perf_counter()
-        results = llm.generate_batch(prompts[i:i + batch], config=params)
-        seconds += time.perf_counter() - t0
-        for r in results:
-            outs.append(r.token_ids)
-            texts.append(r.text or "")
-            for key in sums:
-                sums[key] += r.stats.get(key, r.stats["forward_calls"] if key in ("target_forwards", "cycles") else 0)
-    tokens = sum(len(o) for o in outs)
-    sc = score(texts, refs)
-    return {"outputs": outs, "accuracy": sc["accuracy"], "new_tokens": tokens, "seconds": round(seconds, 4),
-            "tokens_per_s": round(tokens / seconds, 2), **sums,
-            "tokens_per_cycle": round(tokens / sums["cycles"], 3),
-            "tokens_per_forward": round(tokens / sums["forward_calls"], 3)}
+        chunk = prompts[i:i + batch]
+        for name, llm, params in prepared:
+            a = acc[name]
+            t0 = time.perf_counter()
+            results = llm.generate_batch(chunk, config=params)
+            a["seconds"] += time.perf_counter() - t0
+            for r in results:
+                a["outputs"].append(r.token_ids)
+                a["texts"].append(r.text or "")
+                st = r.stats
+                a["forward_calls"] += st["forward_calls"]
+                a["target_forwards"] += st.get("target_forwards", st["forward_calls"])
+                a["draft_forwards"] += st.get("draft_forwards", 0)
+                a["cycles"] += st.get("cycles", st["forward_calls"])
+        print(f"  batch {batch}: {min(i + batch, len(prompts))}/{len(prompts)} problems", flush=True)
+    return acc
+
+
+def _summary(a: dict, refs: list[str]) -> dict:
+    tokens = sum(len(o) for o in a["outputs"])
+    return {"accuracy": score(a["texts"], refs)["accuracy"], "new_tokens": tokens,
+            "seconds": round(a["seconds"], 4), "tokens_per_s": round(tokens / a["seconds"], 2),
+            "forward_calls": a["forward_calls"], "target_forwards": a["target_forwards"],
+            "draft_forwards": a["draft_forwards"], "cycles": a["cycles"],
+            "tokens_per_cycle": round(tokens / a["cycles"], 3),
+            "tokens_per_forward": round(tokens / a["forward_calls"], 3)}
 
 
 def benchmark(args, problems: list[dict]) -> list[dict]:
@@ -79,36 +98,33 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
     pair = LLM.load(args.target, device="cpu", draft_model=args.draft_model)
     adapted = LLM.load(args.draft_model, device="cpu")
     prompts = chat_prompts(pair, problems)
-    common = dict(max_new_tokens=args.max_new_tokens)
+    AR, OWN = "AR target", "adapted model, causal (mode ar)"
+    # (name, model, decoding, the AR row whose outputs it must reproduce)
+    configs = [(AR, pair, dict(mode="ar"), None),
+               ("diffusion t=0.9 (adapted model)", adapted, dict(mode="diffusion", threshold=0.9), None)]
+    configs += [(f"speculative k={k}", pair, dict(mode="speculative", draft_length=k), AR)
+                for k in args.draft_lengths]
+    configs += [(f"speculative k={k}, {args.refine_steps} draft forwards", pair,
+                 dict(mode="speculative", draft_length=k, draft_steps=args.refine_steps), AR)
+                for k in args.refine_lengths]
+    configs += [(OWN, adapted, dict(mode="ar"), None),
+                ("self-speculative k=8", adapted, dict(mode="speculative", draft_length=8), OWN)]
+    configs += [(f"self-speculative merged k={k}", adapted,
+                 dict(mode="speculative", merged=True, draft_length=k), OWN) for k in args.merged_lengths]
     rows = []
     for b in args.batch_sizes:
-        ar = run(pair, prompts, refs, b, mode="ar", **common)
-        own = run(adapted, prompts, refs, b, mode="ar", **common)
-        configs = [("AR target", pair, None, dict(mode="ar")),
-                   ("diffusion t=0.9 (adapted model)", adapted, None, dict(mode="diffusion", threshold=0.9))]
-        for k in args.draft_lengths:
-            configs.append((f"speculative k={k}", pair, ar, dict(mode="speculative", draft_length=k)))
-        for k in args.refine_lengths:
-            configs.append((f"speculative k={k}, {args.refine_steps} draft forwards", pair, ar,
-                            dict(mode="speculative", draft_length=k, draft_steps=args.refine_steps)))
-        configs += [("adapted model, causal (mode ar)", adapted, None, dict(mode="ar")),
-                    ("self-speculative k=8", adapted, own, dict(mode="speculative", draft_length=8))]
-        for k in args.merged_lengths:
-            configs.append((f"self-speculative merged k={k}", adapted, own,
-                            dict(mode="speculative", merged=True, draft_length=k)))
-        for name, llm, reference, decode in configs:
-            if decode == dict(mode="ar"):
-                m = ar if llm is pair else own
-            else:
-                m = run(llm, prompts, refs, b, **decode, **common)
-            same = (sum(o == r for o, r in zip(m["outputs"], reference["outputs"])) / len(prompts)
-                    if reference is not None else None)
-            row = {"batch": b, "config": name, **{k: v for k, v in m.items() if k != "outputs"},
-                   "accuracy_%": round(100 * m["accuracy"], 1),
-                   "identical_%": None if same is None else round(100 * same, 1),
-                   "speedup_vs_ar": round(m["tokens_per_s"] / ar["tokens_per_s"], 3)}
-            row["target_forwards"] = round(m["target_forwards"] / len(prompts), 2)  # per problem
-            row["draft_forwards"] = round(m["draft_forwards"] / len(prompts), 2)
+        acc = run_interleaved([(n, m, d) for n, m, d, _ in configs], prompts, b, args.max_new_tokens)
+        ar_speed = _summary(acc[AR], refs)["tokens_per_s"]
+        for name, _, _, reference in configs:
+            m = _summary(acc[name], refs)
+            same = None
+            if reference is not None:
+                pairs = zip(acc[name]["outputs"], acc[reference]["outputs"])
+                same = round(100 * sum(o == r for o, r in pairs) / len(prompts), 1)
+            row = {"batch": b, "config": name, **m, "accuracy_%": round(100 * m["accuracy"], 1),
+                   "identical_%": same, "speedup_vs_ar": round(m["tokens_per_s"] / ar_speed, 3),
+                   "target_forwards": round(m["target_forwards"] / len(prompts), 2),  # per problem
+                   "draft_forwards": round(m["draft_forwards"] / len(prompts), 2)}
             rows.append(row)
             print(f"b={b} {name}: acc {row['accuracy_%']}%, identical {row['identical_%']}, "
                   f"{row['tokens_per_cycle']} tok/cycle, {row['tokens_per_s']} tok/s "
