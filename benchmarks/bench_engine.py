@@ -24,12 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
-from fastdllm.checkpoint import SpecialTokens  # noqa: E402
-from fastdllm.config import ModelConfig  # noqa: E402
 from fastdllm.engine.attention import attention_limits, limit_mask  # noqa: E402
-from fastdllm.kv_cache import CacheAccess, KVCache  # noqa: E402
 from fastdllm.llm import LLM  # noqa: E402
-from fastdllm.model import Transformer  # noqa: E402
+from fastdllm.model.checkpoint import SpecialTokens  # noqa: E402
+from fastdllm.model.config import ModelConfig  # noqa: E402
+from fastdllm.model.kv_cache import CacheAccess, KVCache  # noqa: E402
+from fastdllm.model.transformer import Transformer  # noqa: E402
 
 SHAPES = {
     # Qwen2.5-0.5B-Instruct's published shape

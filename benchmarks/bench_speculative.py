@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gsm import chat_prompts, load_problems  # noqa: E402
 from common import machine_info, write_results  # noqa: E402
 
-from fastdllm.config import ModelConfig  # noqa: E402
+from fastdllm.model.config import ModelConfig  # noqa: E402
 from fastdllm.engine.attention import attention_limits, limit_mask  # noqa: E402
-from fastdllm.kv_cache import CacheAccess, KVCache  # noqa: E402
+from fastdllm.model.kv_cache import CacheAccess, KVCache  # noqa: E402
 from fastdllm.llm import LLM  # noqa: E402
-from fastdllm.model import Transformer  # noqa: E402
+from fastdllm.model.transformer import Transformer  # noqa: E402
 from fastdllm.tasks import score  # noqa: E402
 
 WARMUP = 2
@@ -59,7 +59,8 @@ def run_interleaved(configs: list[tuple[str, LLM, dict]], prompts: list[list[int
     prepared = []
     for name, llm, decode in configs:
         params = llm.decode_config(max_new_tokens=max_new_tokens, **decode)
-        llm.engine(batch, max(params.cache_len(len(p)) for p in prompts), speculative=params.speculative)
+        llm.engine(batch, max(params.cache_len(len(p)) for p in prompts), params.block,
+                   speculative=params.speculative)
         llm.generate_batch(prompts[:min(batch, WARMUP)], config=params)  # warm-up
         prepared.append((name, llm, params))
     acc = {name: {"outputs": [], "texts": [], "seconds": 0.0, "forward_calls": 0, "target_forwards": 0,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastdllm import LLM
-from fastdllm.config import ModelConfig
+from fastdllm.model.config import ModelConfig
 from fastdllm.engine.attention import attention_limits, limit_mask
 from fastdllm.engine.engine import Engine
 from fastdllm.engine.params import DecodeConfig
@@ -25,8 +25,8 @@ from fastdllm.engine.sampling import distribution
 from fastdllm.engine.speculative import SpeculativeEngine
 from fastdllm.engine.verification import accept_greedy, accept_sampled
 from fastdllm.errors import FastDLLMError
-from fastdllm.kv_cache import CacheAccess, KVCache
-from fastdllm.model import Transformer
+from fastdllm.model.kv_cache import CacheAccess, KVCache
+from fastdllm.model.transformer import Transformer
 from fixtures import REPO_ROOT, special_token_ids, update_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,7 +99,7 @@ def test_merged_self_speculative_equals_own_ar(qwen2_ckpt, draft_length):
     assert [r.token_ids for r in out] == ar
     for r in out:
         assert r.stats["forward_calls"] == r.stats["cycles"] == r.stats["target_forwards"]
-    engine = llm.build_engine(1, 64, speculative=True)
+    engine = llm.new_engine(1, 64, 8, speculative=True)
     seq = engine.add(prompts[2], llm.decode_config(mode="speculative", merged=True, max_new_tokens=30,
                                                    draft_length=draft_length, **SMALL), stop_token_ids=())
     while engine.running:
@@ -161,7 +161,7 @@ def test_mixed_batch_of_modes_and_settings(pair):
     for ids, o in zip(prompts, settings):
         params = pair.decode_config(max_new_tokens=20, **SMALL, **o)
         alone.append(pair.generate(ids, config=params, stop_token_ids=[]).token_ids)
-    engine = pair.build_engine(4, 64, speculative=True)
+    engine = pair.new_engine(4, 64, 8, speculative=True)
     seqs = [engine.add(ids, pair.decode_config(max_new_tokens=20, **SMALL, **o), stop_token_ids=())
             for ids, o in zip(prompts, settings)]
     while engine.running:
@@ -185,7 +185,7 @@ def _fresh_kv(model: Transformer, tokens: torch.Tensor, block: int):
 @pytest.mark.parametrize("two_models", [True, False])
 def test_cache_rollback_equals_fresh_computation(pair, qwen2_ckpt, two_models):
     llm = pair if two_models else LLM.load(qwen2_ckpt, device="cpu")  # self-speculative: some accepted
-    engine = llm.build_engine(1, 64, speculative=True)
+    engine = llm.new_engine(1, 64, 8, speculative=True)
     seq = engine.add(_prompts([11])[0], llm.decode_config(mode="speculative", max_new_tokens=40,
                                                           draft_length=6, **SMALL),
                      stop_token_ids=())

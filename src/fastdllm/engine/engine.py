@@ -1,5 +1,7 @@
 """The engine: a set of running sequences, one KV cache, and a `step()` that advances every
-sequence by one forward.
+sequence by one forward and says what it made final in each (`Step`, one `Delta` a sequence).
+`stream()` is the one driver loop that every front end decodes through: `LLM.stream` (and with
+it `generate`, `generate_batch` and the chat CLI) and the server's scheduler.
 
 Each sequence plans its own next forward (see `sequence.py`); plans of the same width are
 batched into one model call, each row at its own positions, with its own block size and its
@@ -15,16 +17,44 @@ import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from ..errors import FastDLLMError
-from ..kv_cache import CacheAccess, KVCache
-from ..model import Transformer
+from ..model.kv_cache import CacheAccess, KVCache
+from ..model.transformer import Transformer
 from .attention import attention_limits, limit_mask
 from .params import DecodeConfig
 from .sampling import sample_batch
 from .sequence import ForwardPlan, Sequence
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step made final in one sequence: its tokens at [start, end), none on most
+    refinement steps (final tokens never change, so they can be read at any later time)."""
+
+    seq: Sequence
+    start: int
+    end: int
+    finished: bool  # the sequence finished at this step or before it
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.tokens[self.start:self.end].tolist()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One engine step: a Delta for every sequence that was running, in the order they joined,
+    and the model forwards it took (one per group of plans of equal width)."""
+
+    deltas: tuple[Delta, ...]
+    forward_calls: int
+
+    def __iter__(self) -> Iterator[Delta]:
+        return iter(self.deltas)
 
 
 @dataclass
@@ -45,7 +75,7 @@ class Engine:
         self.stop_token_ids = stop_token_ids
         self.cache = KVCache(cfg.num_layers, max_slots, max_len, cfg.num_kv_heads, cfg.head_dim,
                              self.dtype, self.device)
-        self.free_slots = list(range(max_slots))
+        self._free_slots = list(range(max_slots))
         self.running: list[Sequence] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -54,9 +84,14 @@ class Engine:
     def max_len(self) -> int:
         return self.cache.max_len
 
+    @property
+    def room(self) -> int:
+        """Sequences that can be added now (free slots)."""
+        return len(self._free_slots)
+
     def add(self, prompt_ids: list[int], params: DecodeConfig, *,
             stop_token_ids: tuple[int, ...] | None = None) -> Sequence:
-        if not self.free_slots:
+        if not self._free_slots:
             raise FastDLLMError("the engine is full: every batch slot is in use")
         if params.speculative:
             raise FastDLLMError("speculative decoding needs the speculative engine "
@@ -65,9 +100,9 @@ class Engine:
         if params.diffusion and self.mask_token_id is None:
             raise FastDLLMError(
                 "diffusion decoding needs a mask token, and this checkpoint has none "
-                "(no mask_token_id in config.json, no |<MASK>| in the tokenizer); pass "
-                "--mask-token-id, use --mode ar, or adapt the model with `fastdllm train`",
-                field="mode")
+                "(no mask_token_id in config.json, no |<MASK>| in the tokenizer): give its id, "
+                "decode autoregressively, or adapt the model with `fastdllm train`",
+                field="mode", fixes=[("mask_token_id", None), ("mode", "ar")])
         needed = params.cache_len(len(prompt_ids))
         if needed > self.max_len:  # checked before the sequence allocates its buffers
             raise FastDLLMError(
@@ -77,7 +112,7 @@ class Engine:
         seq = Sequence(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                        stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                        device=self.device)
-        seq.slot = self.free_slots.pop(0)
+        seq.slot = self._free_slots.pop(0)
         seq.begin()
         self.running.append(seq)
         return seq
@@ -88,29 +123,39 @@ class Engine:
             self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.free_slots.append(seq.slot)
-        self.free_slots.sort()
+        self._free_slots.append(seq.slot)
+        self._free_slots.sort()
+
+    def stream(self) -> Iterator[Step]:
+        """Step until no sequence is left running. Sequences may join (`add`) or leave
+        (`abort`) between steps: `LLM.stream` adds its prompts first, the server's scheduler
+        admits requests as slots free up."""
+        while self.running:
+            yield self.step()
 
     @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        """One forward for every running sequence (batched by width). Returns the sequences
-        that advanced; finished ones have left `running`."""
+    def step(self) -> Step:
+        """One forward for every running sequence (batched by width); finished sequences leave
+        `running`."""
         t0 = time.perf_counter()
+        seqs = list(self.running)
+        final_before = [s.final_len for s in seqs]
+        calls_before = self.stats.forward_calls
         groups: dict[int, list[tuple[Sequence, ForwardPlan]]] = defaultdict(list)
-        for seq in self.running:
+        for seq in seqs:
             if not seq.finished:
                 plan = seq.plan()
                 groups[plan.end - plan.start].append((seq, plan))
-        advanced = []
         for width, members in groups.items():
             self._run_group(width, members)
-            advanced.extend(seq for seq, _ in members)
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self._release(seq)
         self.stats.steps += 1
         self.stats.seconds += time.perf_counter() - t0
-        return advanced
+        deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
+                       for s, start in zip(seqs, final_before))
+        return Step(deltas, self.stats.forward_calls - calls_before)
 
     def _run_group(self, width: int, members: list[tuple[Sequence, ForwardPlan]]) -> None:
         dev = self.device

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..kv_cache import CacheAccess
+from ..model.kv_cache import CacheAccess
 from .speculation import Speculation
 from .speculation import draft_or_target_distribution as _distribution
 from .verification import accept_greedy, accept_sampled

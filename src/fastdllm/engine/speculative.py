@@ -12,8 +12,8 @@ different widths share a forward: each is padded on the right, and the padding's
 the row's own positions (clamped into one scratch position at the end of the cache), where
 nothing is read before the next forward rewrites it.
 
-Same interface as `Engine` (add, abort, step, running, free_slots, stats, cache, max_len), so
-the Python API, the chat CLI and the server drive either one. Requests in mode "ar" run here as
+Same interface as `Engine` (add, abort, step -> `Step`, stream, room, running, stats, cache,
+max_len), so the one driver loop (`LLM.stream`, the server's scheduler) drives either one. Requests in mode "ar" run here as
 cycles without a draft (the server's per-request opt-out).
 """
 
@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Iterator
 
 import torch
 
 from ..errors import FastDLLMError
-from ..kv_cache import CacheAccess, KVCache
-from ..model import Transformer
+from ..model.kv_cache import CacheAccess, KVCache
+from ..model.transformer import Transformer
 from .attention import attention_limits, limit_mask
-from .engine import EngineStats
+from .engine import Delta, EngineStats, Step
 from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
 from .params import DecodeConfig
 from .speculation import Chunk, Speculation, Stage
@@ -75,7 +76,7 @@ class SpeculativeEngine:
         # self-speculative: room for the merged form's draft groups after it (merged.py)
         self.cache = _cache_for(target, max_slots, max_len + 1 + (merged_room() if draft is target else 0))
         self.draft_cache = _cache_for(draft, max_slots, max_len + 1)
-        self.free_slots = list(range(max_slots))
+        self._free_slots = list(range(max_slots))
         self.running: list[Speculation] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -84,9 +85,19 @@ class SpeculativeEngine:
     def max_len(self) -> int:
         return self._max_len
 
+    @property
+    def room(self) -> int:
+        """Sequences that can be added now (free slots)."""
+        return len(self._free_slots)
+
+    def stream(self) -> Iterator[Step]:
+        """Step until no sequence is left running (sequences may join or leave between steps)."""
+        while self.running:
+            yield self.step()
+
     def add(self, prompt_ids: list[int], params: DecodeConfig, *,
             stop_token_ids: tuple[int, ...] | None = None) -> Speculation:
-        if not self.free_slots:
+        if not self._free_slots:
             raise FastDLLMError("the engine is full: every batch slot is in use")
         if params.diffusion:
             raise FastDLLMError("this engine decodes speculatively (the target's own output); "
@@ -107,21 +118,24 @@ class SpeculativeEngine:
         seq = Speculation(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                           stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                           device=self.device)
-        seq.slot = self.free_slots.pop(0)
+        seq.slot = self._free_slots.pop(0)
         self.running.append(seq)
         return seq
 
     def abort(self, seq: Speculation) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
-            self.free_slots.sort()
+            self._free_slots.append(seq.slot)
+            self._free_slots.sort()
 
     @torch.inference_mode()
-    def step(self) -> list[Speculation]:
-        """One draft + verify cycle for every running sequence."""
+    def step(self) -> Step:
+        """One draft + verify cycle for every running sequence; finished ones leave `running`."""
         t0 = time.perf_counter()
-        active = [s for s in self.running if not s.finished]
+        seqs = list(self.running)
+        final_before = [s.final_len for s in seqs]
+        calls_before = self.stats.forward_calls
+        active = [s for s in seqs if not s.finished]
         for seq in active:
             seq.begin_cycle()
         merged = [s for s in active if s.params.merged]
@@ -136,7 +150,9 @@ class SpeculativeEngine:
             self.abort(seq)
         self.stats.steps += 1
         self.stats.seconds += time.perf_counter() - t0
-        return active
+        deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
+                       for s, start in zip(seqs, final_before))
+        return Step(deltas, self.stats.forward_calls - calls_before)
 
     # ------------------------------------------------------------------ the two forwards
     def _draft(self, seqs: list[Speculation]) -> None:

@@ -32,11 +32,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def move_slot(self, src: int, dst: int) -> None:
-        """Copy one sequence's KV to another slot (used to keep active slots contiguous)."""
-        self.k[:, dst].copy_(self.k[:, src])
-        self.v[:, dst].copy_(self.v[:, src])
-
 
 @dataclass
 class CacheAccess:
