@@ -24,17 +24,13 @@ forward can offer without a second cache.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from ..model.kv_cache import CacheAccess
+from ..model.kv_cache import CacheAccess, KVCache
+from ..model.transformer import Transformer
 from .speculation import Speculation
 from .speculation import draft_or_target_distribution as _distribution
 from .verification import accept_greedy, accept_sampled
-
-if TYPE_CHECKING:
-    from .speculative import SpeculativeEngine
 
 MAX_MERGED_DRAFT = 32  # the scratch region holds (K + 1)^2 positions per slot
 
@@ -68,11 +64,11 @@ def merged_layout(L: int, k: int, K: int, target_done: int, scratch: int):
     return rope, cache, prefix, lo, hi, torch.cat([v_logits, g_logits])
 
 
-def merged_cycle(engine: "SpeculativeEngine", seqs: list[Speculation]) -> None:
-    """One forward for every sequence in merged self-speculative mode."""
-    dev = engine.device
-    cache = engine.cache
-    scratch = engine.max_len + 1
+def merged_cycle(model: Transformer, cache: KVCache, scratch: int, mask_token_id: int,
+                 seqs: list[Speculation]) -> None:
+    """One forward of `model` for every sequence in merged self-speculative mode; the draft
+    groups' KV goes to cache positions from `scratch` on."""
+    dev = next(model.parameters()).device
     layouts = [merged_layout(s.length, s.k, s.params.draft_length, s.target_done, scratch) for s in seqs]
     width = max(lay[0].shape[0] for lay in layouts)
     key_len = cache.max_len
@@ -96,15 +92,14 @@ def merged_cycle(engine: "SpeculativeEngine", seqs: list[Speculation]) -> None:
     slots = [s.slot for s in seqs]
     access = CacheAccess(cache, torch.tensor(slots, device=dev), torch.stack(writes).to(dev), key_len)
     with torch.inference_mode():
-        logits = engine.target(torch.stack(ids).to(dev), torch.stack(rope).to(dev),
+        logits = model(torch.stack(ids).to(dev), torch.stack(rope).to(dev),
                                torch.stack(masks)[:, None].to(dev), access,
                                logits_slice=torch.stack(logit_idx).to(dev))
-    engine.stats.forward_calls += 1
     for i, s in enumerate(seqs):
-        _apply(engine, s, logits[i])
+        _apply(s, logits[i], mask_token_id)
 
 
-def _apply(engine: "SpeculativeEngine", s: Speculation, logits: torch.Tensor) -> None:
+def _apply(s: Speculation, logits: torch.Tensor, mask_token_id: int) -> None:
     L, k, K = s.length, s.k, s.params.draft_length
     verify = logits[: k + 1]
     draft = s.tokens[L:L + k]
@@ -116,7 +111,7 @@ def _apply(engine: "SpeculativeEngine", s: Speculation, logits: torch.Tensor) ->
     if s.finished:
         return
     group = logits[k + 1 + accepted * K: k + 1 + (accepted + 1) * K].clone()
-    group[:, engine.mask_token_id] = float("-inf")  # a draft is never [MASK]
+    group[:, mask_token_id] = float("-inf")  # a draft is never [MASK]
     m = max(0, min(K, s.limit - 1 - s.length))
     group = group[:m]
     if s.params.greedy:

@@ -140,7 +140,8 @@ class SpeculativeEngine:
             seq.begin_cycle()
         merged = [s for s in active if s.params.merged]
         if merged:
-            merged_cycle(self, merged)
+            merged_cycle(self.target, self.cache, self.max_len + 1, self.mask_token_id, merged)
+            self.stats.forward_calls += 1
         plain = [s for s in active if not s.params.merged]
         while drafting := [s for s in plain if s.stage is Stage.DRAFT]:
             self._draft(drafting)
