@@ -24,6 +24,8 @@ from .chat_template import TemplateLimits, render_chat
 from .engine.engine import Engine, Step
 from .engine.params import DecodeConfig, slot_len
 from .engine.sequence import Sequence
+from .engine.speculation import Speculation
+from .engine.speculative import SpeculativeEngine, check_pair
 from .errors import FastDLLMError
 from .model.checkpoint import (
     SpecialTokens,
@@ -66,12 +68,21 @@ class LLM:
     model_dir: Path
     special: SpecialTokens
     default_block_size: int = 32
+    draft: "LLM | None" = None  # the block-diffusion draft model of speculative decoding
     _engine: Engine | None = field(default=None, repr=False)
+    _spec_engine: SpeculativeEngine | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
-             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None) -> "LLM":
+             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
+             draft_model: str | Path | None = None) -> "LLM":
+        """`draft_model`: a block-diffusion model (same tokenizer) whose drafts this model
+        verifies: decoding then defaults to mode "speculative" and gives this model's own output
+        at several tokens per forward. `mask_token_id` is the draft's when a draft is given."""
+        draft = None
+        if draft_model is not None:
+            draft = cls.load(draft_model, device=device, dtype=dtype, mask_token_id=mask_token_id)
         model_dir = resolve_model_dir(name_or_path)
         cfg, _ = read_config(model_dir)
         dev = _resolve_device(device)
@@ -81,6 +92,11 @@ class LLM:
         special = resolve_special_tokens(
             cfg, model_dir, tokenizer, mask_token_id,
             tuple(stop_token_ids) if stop_token_ids is not None else None)
+        if draft is not None:
+            check_pair(model, draft.model, draft.special.mask_token_id)
+            check_same_tokenizer(model_dir, tokenizer, draft.model_dir, draft.tokenizer)
+            return cls(model, tokenizer, model_dir, special, default_block_size=draft.default_block_size,
+                       draft=draft)
         return cls(model, tokenizer, model_dir, special, default_block_size=cfg.bd_size or 32)
 
     @property
@@ -95,7 +111,9 @@ class LLM:
         """Defaults from the checkpoint (block size = its bd_size), then `overrides`."""
         base = config or DecodeConfig(block_size=self.default_block_size,
                                       sub_block_size=min(8, self.default_block_size),
-                                      token_shift=self.config.token_shift)
+                                      token_shift=self.config.token_shift,
+                                      mode="speculative" if self.draft else "diffusion",
+                                      draft_length=min(8, self.default_block_size))
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(base, **overrides) if overrides else base
 
@@ -164,20 +182,33 @@ class LLM:
                 f"{self.context_length - prompt_len}", field="max_new_tokens")
 
     # ------------------------------------------------------------------ engine
-    def new_engine(self, slots: int, needed: int, block: int = 1, context: int | None = None) -> Engine:
+    def new_engine(self, slots: int, needed: int, block: int = 1, context: int | None = None, *,
+                   speculative: bool = False) -> Engine | SpeculativeEngine:
         """A fresh engine of `slots` slots, each of `slot_len(needed, context, block)` positions
-        (`context`: the model's unless a front end serves less)."""
-        return Engine(self.model, max_slots=slots,
-                      max_len=slot_len(needed, context or self.context_length, block),
+        (`context`: the model's unless a front end serves less). `speculative`: this model
+        verifies drafts of `draft`, or of itself (self-speculative) when it has none; that
+        engine also decodes mode "ar"."""
+        max_len = slot_len(needed, context or self.context_length, block)
+        if speculative:
+            draft = self.draft or self
+            return SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
+                                     mask_token_id=draft.special.mask_token_id,
+                                     stop_token_ids=self.special.stop_token_ids)
+        return Engine(self.model, max_slots=slots, max_len=max_len,
                       mask_token_id=self.special.mask_token_id,
                       stop_token_ids=self.special.stop_token_ids)
 
-    def engine(self, slots: int, needed: int, block: int = 1) -> Engine:
+    def engine(self, slots: int, needed: int, block: int = 1, *,
+               speculative: bool = False) -> Engine | SpeculativeEngine:
         """The engine this LLM reuses across calls, with at least `slots` slots of `needed`
         positions; a new one (`new_engine`) only when it is too small or busy."""
-        e = self._engine
+        e = self._spec_engine if speculative else self._engine
         if e is None or e.cache.slots < slots or e.max_len < needed or e.running:
-            e = self._engine = self.new_engine(slots, needed, block)
+            e = self.new_engine(slots, needed, block, speculative=speculative)
+            if speculative:
+                self._spec_engine = e
+            else:
+                self._engine = e
         return e
 
     def generate(self, prompt: str | Seq[int] | None = None, *, messages: list[dict] | None = None,
@@ -214,12 +245,13 @@ class LLM:
         ids = [self.encode(p) for p in prompts]
         for x in ids:
             self.check_request(len(x), params)
-        engine = self.engine(len(ids), max(params.cache_len(len(x)) for x in ids), params.block)
+        engine = self.engine(len(ids), max(params.cache_len(len(x)) for x in ids), params.block,
+                             speculative=params.speculative)
         stops = tuple(stop_token_ids) if stop_token_ids is not None else None
         seqs = [engine.add(x, params, stop_token_ids=stops) for x in ids]
         return _drive(engine, seqs)
 
-    def _result(self, seq: Sequence, batch_calls: int, batch_seconds: float) -> GenerationResult:
+    def _result(self, seq: Sequence | Speculation, batch_calls: int, batch_seconds: float) -> GenerationResult:
         out = seq.output_ids()
         stats = seq.stats.as_dict()
         stats.update(batch_forward_calls=batch_calls, batch_seconds=round(batch_seconds, 6),
@@ -229,7 +261,19 @@ class LLM:
                                 prompt_ids=seq.tokens[: seq.prompt_len].tolist())
 
 
-def _drive(engine: Engine, seqs: list[Sequence]) -> Iterator[Step]:
+def check_same_tokenizer(target_dir: Path, target_tok, draft_dir: Path, draft_tok) -> None:
+    """Speculative decoding compares token ids, so both models must mean the same thing by each."""
+    if target_tok is None or draft_tok is None:
+        return  # token-id prompts only; check_pair still compares the vocabulary sizes
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise FastDLLMError(
+            f"the draft model {draft_dir} has another tokenizer than the target {target_dir} "
+            f"({len(draft_tok.get_vocab())} vs {len(target_tok.get_vocab())} tokens, or the same "
+            "tokens with other ids); speculative decoding needs both on the same tokenizer",
+            field="draft_model")
+
+
+def _drive(engine: Engine | SpeculativeEngine, seqs: list) -> Iterator[Step]:
     try:
         yield from engine.stream()
     finally:  # stopped early: the unfinished sequences give their slots back

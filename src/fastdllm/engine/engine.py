@@ -93,6 +93,10 @@ class Engine:
             stop_token_ids: tuple[int, ...] | None = None) -> Sequence:
         if not self._free_slots:
             raise FastDLLMError("the engine is full: every batch slot is in use")
+        if params.speculative:
+            raise FastDLLMError("speculative decoding needs the speculative engine "
+                                "(fastdllm.engine.speculative); this engine decodes one model",
+                                field="mode")
         if params.diffusion and self.mask_token_id is None:
             raise FastDLLMError(
                 "diffusion decoding needs a mask token, and this checkpoint has none "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..errors import FastDLLMError
 from ..rounding import round_up
 
-MODES = ("diffusion", "ar")
+MODES = ("diffusion", "ar", "speculative")
 # Bounds on what one request may ask for. Temperatures below 1e-3 divide logits into
 # overflow (inf - inf = NaN in the softmax) and above 100 the distribution is uniform noise;
 # seeds are what torch.Generator.manual_seed accepts (a signed 64-bit range, non-negative here).
@@ -38,6 +38,11 @@ class DecodeConfig:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     trace: bool = False  # record which positions each step unmasked, with confidences
+    # speculative mode (engine/speculative.py): tokens drafted per cycle by the block-diffusion
+    # draft, and the forwards spent drafting them (1 = one forward; more = refinement steps)
+    draft_length: int = 8
+    draft_steps: int = 1
+    merged: bool = False  # self-speculative only: verify and draft in one forward (merged.py)
 
     def __post_init__(self):
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -66,10 +71,25 @@ class DecodeConfig:
         _integer("top_k", self.top_k, 0, MAX_TOP_K, ">= 0 (0 = off)")
         if self.seed is not None:
             _integer("seed", self.seed, 0, MAX_SEED, "an integer in [0, 2**63)")
-        for name in ("block_cache", "sub_block_cache", "token_shift", "trace"):
+        for name in ("block_cache", "sub_block_cache", "token_shift", "trace", "merged"):
             if not isinstance(getattr(self, name), bool):
                 raise FastDLLMError(f"{name} must be true or false, got {getattr(self, name)!r}",
                                     field=name)
+        if self.speculative:
+            self._check_speculation()
+
+    def _check_speculation(self) -> None:
+        if not isinstance(self.draft_length, int) or not 1 <= self.draft_length <= self.block_size:
+            raise FastDLLMError(
+                f"draft_length must be between 1 and the block size ({self.block_size}): a draft "
+                f"never crosses the end of its block; got {self.draft_length}", field="draft_length")
+        if not isinstance(self.draft_steps, int) or not 1 <= self.draft_steps <= self.draft_length:
+            raise FastDLLMError(
+                f"draft_steps must be between 1 and draft_length ({self.draft_length}); got "
+                f"{self.draft_steps}", field="draft_steps")
+        if self.merged and self.draft_steps != 1:
+            raise FastDLLMError("the merged form drafts inside the verifying forward, so it takes "
+                                f"draft_steps 1, got {self.draft_steps}", field="draft_steps")
 
     @property
     def greedy(self) -> bool:
@@ -80,9 +100,14 @@ class DecodeConfig:
         return self.mode == "diffusion"
 
     @property
+    def speculative(self) -> bool:
+        return self.mode == "speculative"
+
+    @property
     def block(self) -> int:
-        """The unit a sequence's positions are allocated in: whole blocks for diffusion, 1 for AR."""
-        return self.block_size if self.diffusion else 1
+        """The unit a sequence's positions are allocated in: whole blocks for diffusion and for
+        speculative decoding (its draft decodes in blocks), 1 for AR."""
+        return self.block_size if self.mode != "ar" else 1
 
     def cache_len(self, prompt_len: int) -> int:
         """KV-cache positions one request occupies: prompt + max_new_tokens in whole blocks."""

@@ -73,6 +73,10 @@ class _Sampling(_Strict):
     sub_block_size: int | None = None
     threshold: float | None = None
     top_k: int | None = None
+    # speculative decoding (a server started with --draft-model or --mode speculative);
+    # "mode": "ar" opts a request out (the target alone, same output, one token per forward)
+    draft_length: int | None = None
+    draft_steps: int | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

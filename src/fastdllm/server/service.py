@@ -19,6 +19,7 @@ from fastapi import Request
 
 from ..chat_template import TemplateLimits
 from ..engine.params import DecodeConfig
+from ..engine.speculative import SpeculativeEngine
 from ..errors import FastDLLMError
 from ..llm import LLM
 from ..model.checkpoint import load_tokenizer
@@ -85,9 +86,12 @@ class Server:
         self.max_len = config.max_model_len or llm.context_length
         # every slot holds a whole max_len request (continuous batching cannot grow the cache),
         # by the engine's one sizing rule: whole blocks, the last one may overhang max_len
+        # a server that decodes speculatively by default runs the speculative engine, which
+        # also serves mode "ar" (the per-request opt-out)
         engine = llm.new_engine(config.max_batch, self.max_len, config.defaults.block_size,
-                                context=self.max_len)
+                                context=self.max_len, speculative=config.defaults.speculative)
         self.positions = engine.max_len
+        self.speculative = isinstance(engine, SpeculativeEngine)
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
@@ -170,7 +174,8 @@ class Server:
                 self.config.defaults, max_new_tokens=max_tokens, temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, mode=req.mode,
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
-                threshold=req.threshold)
+                threshold=req.threshold, draft_length=req.draft_length,
+                draft_steps=req.draft_steps)
         except FastDLLMError as e:
             raise APIError.from_user_error(e) from None
         if prompt_len + params.max_new_tokens > self.max_len:
@@ -181,6 +186,13 @@ class Server:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
                            f"{self.positions} positions; use a block size that divides "
                            f"{self.positions} or lower max_tokens", param="block_size")
+        if params.speculative and not self.speculative:
+            raise APIError("this server was not started for speculative decoding; start it with "
+                           "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
+                           param="mode")
+        if params.diffusion and self.speculative:
+            raise APIError("this server decodes speculatively (the target model's own output); "
+                           "send \"mode\": \"speculative\" or \"ar\"", param="mode")
         if params.diffusion and self.llm.special.mask_token_id is None:
             raise APIError("diffusion decoding needs a mask token and this checkpoint has none; "
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
