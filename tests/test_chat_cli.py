@@ -103,7 +103,7 @@ def test_two_turns_reset_and_exit(qwen2_ckpt):
 def test_too_long_conversation_and_eof(qwen2_ckpt):
     # 500 new tokens leave no room in the 512-token context after the first turn's prompt
     term = Terminal([sys.executable, "-m", "fastdllm.cli", "chat", "--model", str(qwen2_ckpt),
-                     "--max-new-tokens", "500"])
+                     "--max-new-tokens", "500", "--rule", "entropy_bounded"])
     try:
         term.expect(PROMPT, 1)
         term.send("Hello! " * 3)
@@ -116,6 +116,7 @@ def test_too_long_conversation_and_eof(qwen2_ckpt):
     out = term.output
     assert "Traceback" not in out
     assert re.search(r"error: the conversation has \d+ tokens .* type /reset", out)
+    assert "threshold 0.9 (entropy_bounded rule)" in out  # the banner names the decoding rule
 
 
 class Recorder:

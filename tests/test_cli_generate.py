@@ -46,6 +46,7 @@ def runs(qwen2_ckpt, no_tokenizer_ckpt) -> dict[str, Run]:
         "ar_ids": Run("--model", no_tokenizer_ckpt, "--prompt-ids", "5, 6,7,8", "--mode", "ar",
                       "--max-new-tokens", "12"),
         "bad_threshold": Run(*base, "--threshold", "1.5"),
+        "rule": Run(*base, *SMALL, "--rule", "left_anchored", "--threshold", "0.5", "--json"),
     }
     yield started
     for run in started.values():
@@ -86,6 +87,14 @@ def test_no_block_cache_gives_the_same_tokens(runs, qwen2):
                               threshold=0.7, sub_block_cache=False)
     assert reference["token_ids"] == expected.token_ids  # == the block-cached decode
     assert reference["forward_calls"] == expected.stats["forward_calls"]
+
+
+def test_rule_option_picks_the_decoding_rule(runs, qwen2):
+    out = parse_json(runs["rule"].result())
+    expected = qwen2.generate(PROMPT, block_size=8, sub_block_size=4, max_new_tokens=12,
+                              rule="left_anchored", threshold=0.5)
+    assert out["token_ids"] == expected.token_ids
+    assert out["forward_calls"] == expected.stats["forward_calls"]
 
 
 def test_ar_mode_with_prompt_ids_without_tokenizer(runs, qwen2):

@@ -22,6 +22,7 @@ BAD = [
     ("max_new_tokens", 0), ("max_new_tokens", 10**30), ("max_new_tokens", 2.0),
     ("top_k", -1), ("top_k", 2**40), ("block_size", 10**9), ("block_size", 0),
     ("sub_block_size", 3), ("mode", "turbo"), ("mode", None), ("block_cache", 1),
+    ("rule", "fast"), ("rule", None),
 ]
 
 

@@ -200,6 +200,18 @@ def test_concurrent_mixed_modes_equal_solo(server):
     _assert_batched_equals_solo(server, bodies)
 
 
+def test_concurrent_decoding_rules_equal_solo(server, llm):
+    """Requests with different parallel-decoding rules (the request field `rule`) in one batch,
+    each as the Python API decodes it alone."""
+    options = [{}, {"rule": "left_anchored", "threshold": 0.5}, {"rule": "entropy_bounded", "threshold": 0.5},
+               {"rule": "threshold", "threshold": 0.5}]
+    bodies = [{"prompt": p, "max_tokens": 30, **o} for p, o in zip(PROMPTS, options)]
+    _assert_batched_equals_solo(server, bodies)
+    for body in bodies[1:3]:
+        expected = llm.generate(body["prompt"], max_new_tokens=30, rule=body["rule"], threshold=0.5)
+        assert complete(server, **body)["choices"][0]["text"] == expected.text, body["rule"]
+
+
 def test_more_requests_than_slots_wait_their_turn(server):
     bodies = [{"prompt": PROMPTS[i % 8], "max_tokens": 8} for i in range(12)]  # 12 > 8 slots
     outs = _concurrent(server, bodies)

@@ -43,6 +43,7 @@ BAD = [  # (route, body, status, param)
     (C, {"prompt": "Hi", "top_p": 1.5}, 400, "top_p"),
     (C, {"prompt": "Hi", "threshold": 0.0}, 400, "threshold"),
     (CHAT, {"messages": USER, "threshold": 1.5}, 400, "threshold"),
+    (C, {"prompt": "Hi", "rule": "fast"}, 400, "rule"),
     (C, {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
     (C, {"prompt": "Hi", "max_tokens": -3}, 400, "max_tokens"),
     (C, {"prompt": "Hi", "max_tokens": 10_000}, 400, "max_tokens"),

@@ -119,6 +119,7 @@ def replay_data(llm: LLM, result: GenerationResult) -> dict[str, Any]:
         "block_size": block,
         "sub_block_size": p.sub_block_size if diffusion else 1,
         "threshold": p.threshold if diffusion else None,
+        "rule": p.rule if diffusion else None,
         "block_cache": p.block_cache if p is not None else None,
         "sub_block_cache": p.sub_block_cache if diffusion else None,
         "stats": {k: s[k] for k in ("forward_calls", "new_tokens", "tokens_per_forward",

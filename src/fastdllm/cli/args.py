@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..engine.selection import RULES
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (or Hugging Face hub id)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
@@ -27,6 +29,11 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's bd_size, else 32")
     g.add_argument("--sub-block-size", type=int, default=None, help="default: 8")
     g.add_argument("--threshold", type=float, default=None, help="confidence threshold in (0, 1], default 0.9")
+    g.add_argument("--rule", choices=RULES, default=None,
+                   help="parallel-decoding rule the threshold drives: threshold (official, default: "
+                        "every token above it plus the most confident), left_anchored (the run from "
+                        "the first mask while the confidence product stays >= it), entropy_bounded "
+                        "(EB-sampler: most confident first while the entropy stays <= -ln of it)")
     g.add_argument("--no-sub-block-cache", action="store_true", help="recompute the full block every step")
     g.add_argument("--no-block-cache", action="store_true",
                    help="slow reference: recompute the whole sequence every step")
@@ -46,7 +53,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 def decode_overrides(args: argparse.Namespace) -> dict:
     return dict(
         mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-        sub_block_size=args.sub_block_size, threshold=args.threshold,
+        sub_block_size=args.sub_block_size, threshold=args.threshold, rule=args.rule,
         sub_block_cache=False if args.no_sub_block_cache else None,
         block_cache=False if args.no_block_cache else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

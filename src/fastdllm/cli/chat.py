@@ -102,7 +102,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     desc = (f"diffusion, block {params.block_size}, sub-block {params.sub_block_size}, "
-            f"threshold {params.threshold}" if params.diffusion else "autoregressive")
+            f"threshold {params.threshold} ({params.rule} rule)" if params.diffusion else "autoregressive")
     if params.speculative:
         drafter = llm.draft.model_dir.name if llm.draft else "itself (self-speculative)"
         desc = f"speculative, drafts of {params.draft_length} by {drafter}"

@@ -26,7 +26,8 @@ from ..model.kv_cache import CacheAccess, KVCache
 from ..model.transformer import Transformer
 from .attention import attention_limits, limit_mask
 from .params import DecodeConfig
-from .sampling import sample_batch
+from .sampling import draw_entropy, sample_batch
+from .selection import needs_entropy
 from .sequence import ForwardPlan, Sequence
 
 
@@ -160,11 +161,12 @@ class Engine:
                     continue
                 groups[plan.end - plan.start].append((seq, plan))
         for width, members in groups.items():
-            for group, (tokens, conf) in self._draw(width, members):
+            for group, (tokens, conf, entropy) in self._draw(width, members):
                 for i, (seq, plan) in enumerate(group):
                     k = len(plan.logit_positions)
                     try:
-                        seq.advance(plan, tokens[i, :k], conf[i, :k])
+                        seq.advance(plan, tokens[i, :k], conf[i, :k],
+                                    None if entropy is None else entropy[i, :k])
                     except Exception as e:
                         self._fail(seq, e)
         for seq in [s for s in self.running if s.finished]:
@@ -177,7 +179,7 @@ class Engine:
         return Step(deltas, self.stats.forward_calls - calls_before)
 
     def _draw(self, width: int, members: list[tuple[Sequence, ForwardPlan]]) -> list:
-        """[(members, (tokens, conf))]: the group's batched draw, or, when it raises, each
+        """[(members, (tokens, conf, entropy))]: the group's batched draw, or, when it raises, each
         member's own (rerunning a plan rewrites the same cache positions, so a retry is safe);
         a member that fails alone is failed."""
         try:
@@ -199,8 +201,9 @@ class Engine:
         self.abort(seq)
 
     def _run_group(self, width: int, members: list[tuple[Sequence, ForwardPlan]]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched forward and draw for `members`: (tokens, confidence), (n, K) each."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One batched forward and draw for `members`: (tokens, confidence, entropy), (n, K)
+        each; entropy only when a member's decoding rule spends it (else None)."""
         dev = self.device
         seqs = [s for s, _ in members]
         plans = [p for _, p in members]
@@ -222,8 +225,12 @@ class Engine:
         self.stats.forward_calls += 1
         if self.mask_token_id is not None and any(s.params.diffusion for s in seqs):
             logits[..., self.mask_token_id] = float("-inf")  # a drawn token is never [MASK]
-        return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                            [len(p.logit_positions) for p in plans])
+        settings = [s.params for s in seqs]
+        tokens, conf = sample_batch(logits, settings, [s.generator for s in seqs],
+                                    [len(p.logit_positions) for p in plans])
+        entropy = (draw_entropy(logits, settings)
+                   if any(s.params.diffusion and needs_entropy(s.params.rule) for s in seqs) else None)
+        return tokens, conf, entropy
 
 
 def _pad(xs: list[int], n: int) -> list[int]:

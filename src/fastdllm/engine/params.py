@@ -1,7 +1,8 @@
 """Decoding parameters: one frozen dataclass, validated where it is built.
 
 Defaults follow Fast-dLLM v2 (paper §3.3 and the official `generate()`): block size 32,
-sub-block size 8, confidence threshold 0.9, both caches on, greedy.
+sub-block size 8, confidence threshold 0.9 with the official threshold rule, both caches on,
+greedy.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import FastDLLMError
 from ..rounding import round_up
+from .selection import RULES
 
 MODES = ("diffusion", "ar", "speculative")
 # Bounds on what one request may ask for. Temperatures below 1e-3 divide logits into
@@ -30,6 +32,9 @@ class DecodeConfig:
     block_size: int = 32
     sub_block_size: int = 8
     threshold: float = 0.9
+    # the parallel-decoding rule the threshold drives (engine/selection.py): "threshold" (the
+    # official rule), "left_anchored" (joint confidence) or "entropy_bounded" (EB-sampler)
+    rule: str = "threshold"
     block_cache: bool = True  # False: the slow reference that recomputes the sequence every step
     sub_block_cache: bool = True
     token_shift: bool = True  # token i is predicted from the output at i - 1 (paper §3.2)
@@ -60,6 +65,10 @@ class DecodeConfig:
             raise FastDLLMError(
                 f"threshold must be in (0, 1], got {self.threshold}; 1.0 unmasks one token per step, "
                 "lower values unmask more tokens in parallel", field="threshold")
+        if not isinstance(self.rule, str) or self.rule not in RULES:
+            raise FastDLLMError(
+                f"rule must be one of {', '.join(RULES)}, got {self.rule!r}; threshold is the "
+                "official Fast-dLLM v2 rule", field="rule", fixes=[("rule", "threshold")])
         _real("temperature", self.temperature)
         if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
             raise FastDLLMError(

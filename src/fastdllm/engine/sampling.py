@@ -59,3 +59,17 @@ def sample_batch(logits: torch.Tensor, settings: list, generators: list,
         out_t.append(torch.nn.functional.pad(t, (0, K - k)))
         out_c.append(torch.nn.functional.pad(c, (0, K - k)))
     return torch.stack(out_t), torch.stack(out_c)
+
+
+def draw_entropy(logits: torch.Tensor, settings: list) -> torch.Tensor:
+    """logits (n, K, V). The entropy in nats (n, K) float32 of the distribution each row's token
+    is drawn from (the plain softmax for greedy rows; temperature, top-k, top-p for sampled ones):
+    what the entropy-bounded rule (selection.py) spends. Zero-probability tokens cost nothing."""
+    if all(s.temperature == 0.0 for s in settings):
+        return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(dim=-1)
+    return torch.stack([
+        torch.special.entr(
+            torch.softmax(row.float(), dim=-1) if s.temperature == 0.0
+            else distribution(row, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        ).sum(dim=-1)
+        for row, s in zip(logits, settings)])

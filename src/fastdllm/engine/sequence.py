@@ -9,6 +9,7 @@ The state machine (paper §3.3, official `generate()` semantics), one transition
                 for each sub-block of size S: forward (the full block, or only the sub-block
                 against the block-local cache) and unmask every masked position of the
                 sub-block whose confidence exceeds the threshold, plus the most confident one
+                (the official rule; `DecodeConfig.rule` picks another, selection.py)
     COMMIT   -- the block has no mask left: one forward writes its exact KV into the block
                 cache and its last logit draws the first token of the next block
     FINISHED -- a stop token with no mask before it, or max_new_tokens reached
@@ -28,7 +29,7 @@ import torch
 
 from ..rounding import round_down
 from .params import DecodeConfig
-from .selection import select_tokens
+from .selection import select
 
 
 class Phase(Enum):
@@ -155,12 +156,14 @@ class Sequence:
         return a, a + s
 
     # ------------------------------------------------------------------ transitions
-    def advance(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+    def advance(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor,
+                entropy: torch.Tensor | None = None) -> None:
         """Apply one forward's drawn tokens (K,) and confidences (K,), ordered like
-        plan.logit_positions (each drawn token is for position logit_position + shift)."""
+        plan.logit_positions (each drawn token is for position logit_position + shift);
+        `entropy` (K,) of the draws when the decoding rule spends it (selection.py)."""
         self.stats.forward_calls += 1
         if plan.kind in (PlanKind.FULL_BLOCK, PlanKind.SUB_BLOCK):
-            self._refine(plan, tokens, conf)
+            self._refine(plan, tokens, conf, entropy)
             return
         if plan.kind is PlanKind.AR_STEP:
             self.stats.steps += 1
@@ -229,7 +232,8 @@ class Sequence:
         else:
             self.phase = Phase.COMMIT
 
-    def _refine(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+    def _refine(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor,
+                entropy: torch.Tensor | None) -> None:
         p = self.params
         self.stats.steps += 1
         if plan.kind is PlanKind.FULL_BLOCK:
@@ -237,7 +241,8 @@ class Sequence:
         shift = 1 if p.token_shift else 0
         targets = torch.tensor(plan.logit_positions, device=tokens.device) + shift
         candidates = self.masked[targets]
-        chosen = select_tokens(conf[None], candidates[None], p.threshold)[0]
+        chosen = select(p.rule, conf[None], candidates[None], p.threshold,
+                        None if entropy is None else entropy[None])[0]
         pos = targets[chosen]
         self.tokens[pos] = tokens[chosen]
         self.masked[pos] = False

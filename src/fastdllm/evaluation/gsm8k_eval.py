@@ -70,6 +70,7 @@ def run_model(llm, problems: list[dict], exemplars: list[dict], cfg: EvalConfig,
     lo, hi = wilson_interval(n_ok, total)
     return {
         "name": name, "model": model, "mode": params.mode, "threshold": params.threshold,
+        "rule": params.rule,
         "block_size": params.block_size, "sub_block_size": params.sub_block_size,
         "max_new_tokens": params.max_new_tokens,
         "accuracy": n_ok / total, "correct": n_ok, "total": total, "accuracy_ci95": [lo, hi],

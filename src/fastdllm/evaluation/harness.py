@@ -59,7 +59,7 @@ def _as_bool(name: str, value) -> bool:
 @register_model("fastdllm")
 class FastDLLMLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, *, llm: LLM | None = None,
-                 mode: str = "diffusion", threshold: float | None = None,
+                 mode: str = "diffusion", threshold: float | None = None, rule: str | None = None,
                  block_size: int | None = None, sub_block_size: int | None = None,
                  sub_block_cache=True, batch_size: int | str = 8, max_gen_toks: int = 256,
                  max_length: int | None = None, device: str | None = None, dtype: str | None = None,
@@ -76,7 +76,7 @@ class FastDLLMLM(TemplateLM):
             device = "cpu"
         self.llm = llm or LLM.load(pretrained, device=device, dtype=dtype)
         self.params = self.llm.decode_config(
-            mode=mode, threshold=None if threshold is None else float(threshold),
+            mode=mode, threshold=None if threshold is None else float(threshold), rule=rule,
             block_size=None if block_size is None else int(block_size),
             sub_block_size=None if sub_block_size is None else int(sub_block_size),
             sub_block_cache=_as_bool("sub_block_cache", sub_block_cache))
@@ -207,7 +207,7 @@ class FastDLLMLM(TemplateLM):
         log.info("fastdllm generate_until: %s (whole run so far: %s)", run.as_dict(), self.speed.as_dict())
         if self.speed_file:
             atomic_write_text(self.speed_file, json.dumps(
-                {"mode": self.params.mode, "threshold": self.params.threshold,
+                {"mode": self.params.mode, "threshold": self.params.threshold, "rule": self.params.rule,
                  "block_size": self.params.block_size, "sub_block_size": self.params.sub_block_size,
                  "batch_size": self.batch_size, **self.speed.as_dict()}, indent=2) + "\n")
         return results

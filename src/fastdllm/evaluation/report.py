@@ -32,6 +32,8 @@ def markdown_summary(result: dict) -> str:
         lo, hi = run["accuracy_ci95"]
         s = run["speed"]
         thr = run["threshold"] if run["mode"] == "diffusion" else "–"
+        if run["mode"] == "diffusion" and run.get("rule", "threshold") != "threshold":
+            thr = f"{thr} ({run['rule']})"
         lines.append(
             f"| {run['name']} | {run['model']} | {run['mode']} | {thr} | {100 * run['accuracy']:.1f}% "
             f"({run['correct']}/{run['total']}) | {100 * lo:.1f}–{100 * hi:.1f}% | "

@@ -30,6 +30,7 @@ const S = D.stats;
 stat("", D.mode, "mode");
 if (diffusion) {
   stat("threshold", D.threshold);
+  if (D.rule && D.rule !== "threshold") stat("rule", D.rule.replace("_", "-"));
   stat("block / sub-block", `${D.block_size} / ${D.sub_block_size}`);
   stat("caches", [D.block_cache ? "block" : null, D.sub_block_cache ? "sub-block" : null]
     .filter(Boolean).join(" + ") || "off");
@@ -201,7 +202,8 @@ function tokenTip(p, id, prompt) {  // the tooltip's HTML for the chip at positi
     return `<div class="t">[MASK]</div>${where}` + (d ? row("decoded at step", d.step + 1) : row("never decoded", ""));
   let rule = "";  // the threshold only decides refinement forwards
   if (diffusion && (d.kind === "full_block" || d.kind === "sub_block"))
-    rule = d.conf > D.threshold ? ` &gt; threshold ${D.threshold}` : ` ≤ threshold: the step's most confident`;
+    rule = D.rule && D.rule !== "threshold" ? ` (chosen by the ${D.rule.replace("_", "-")} rule)`
+      : d.conf > D.threshold ? ` &gt; threshold ${D.threshold}` : ` ≤ threshold: the step's most confident`;
   return `<div class="t">${esc(label(d.token))}</div>${where}` + row("token id", d.token) +
     row("decoded at step", `${d.step + 1} (${d.kind} forward)`) + row("confidence", d.conf.toFixed(4) + rule) +
     (D.finish_reason === "stop" && p === D.output_end - 1 ? row("the stop token", "") : "") +

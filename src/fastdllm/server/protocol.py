@@ -67,11 +67,13 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None  # accepted and ignored
-    # fastdllm's own fields (paper §3.3): decoding mode, block / sub-block size, threshold
+    # fastdllm's own fields (paper §3.3): decoding mode, block / sub-block size, threshold and
+    # the parallel-decoding rule it drives ("threshold", "left_anchored", "entropy_bounded")
     mode: str | None = None
     block_size: int | None = None
     sub_block_size: int | None = None
     threshold: float | None = None
+    rule: str | None = None
     top_k: int | None = None
     # speculative decoding (a server started with --draft-model or --mode speculative);
     # "mode": "ar" opts a request out (the target alone, same output, one token per forward)

@@ -174,7 +174,7 @@ class Server:
                 self.config.defaults, max_new_tokens=max_tokens, temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, mode=req.mode,
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
-                threshold=req.threshold, draft_length=req.draft_length,
+                threshold=req.threshold, rule=req.rule, draft_length=req.draft_length,
                 draft_steps=req.draft_steps)
         except FastDLLMError as e:
             raise APIError.from_user_error(e) from None
