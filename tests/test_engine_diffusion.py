@@ -181,8 +181,9 @@ def test_mask_token_is_never_drawn(qwen2_ckpt, qwen2):
     favourite = int(predicts_itself.argmax())
     assert predicts_itself[favourite] >= 1
     as_mask = LLM.load(qwen2_ckpt, device="cpu", mask_token_id=favourite)
-    result = as_mask.generate(ids, **SMALL, threshold=0.01, max_new_tokens=3, stop_token_ids=[],
-                              trace=True)
+    # the official rule: every position above the threshold in one step
+    result = as_mask.generate(ids, **SMALL, rule="threshold", threshold=0.01, max_new_tokens=3,
+                              stop_token_ids=[], trace=True)
     assert len(result.trace) == 1  # all three decoded by the first forward
     assert len(result.token_ids) == 3 and favourite not in result.token_ids
 
@@ -190,7 +191,8 @@ def test_mask_token_is_never_drawn(qwen2_ckpt, qwen2):
 # ---------------------------------------------------------------- stop and length
 def test_stop_token_ends_sequence_only_with_no_mask_before_it(qwen2):
     ids = prompt(5)
-    kw = dict(SMALL, threshold=0.9, max_new_tokens=40, trace=True)
+    # the official rule decodes out of order (the default left-anchored rule never does)
+    kw = dict(SMALL, rule="threshold", threshold=0.9, max_new_tokens=40, trace=True)
     free = qwen2.generate(ids, stop_token_ids=[], **kw)
     out = free.token_ids
     order = {p: i for i, s in enumerate(free.trace) for p in s["positions"]}  # position -> step

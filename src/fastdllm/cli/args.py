@@ -30,10 +30,11 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sub-block-size", type=int, default=None, help="default: 8")
     g.add_argument("--threshold", type=float, default=None, help="confidence threshold in (0, 1], default 0.9")
     g.add_argument("--rule", choices=RULES, default=None,
-                   help="parallel-decoding rule the threshold drives: threshold (official, default: "
-                        "every token above it plus the most confident), left_anchored (the run from "
-                        "the first mask while the confidence product stays >= it), entropy_bounded "
-                        "(EB-sampler: most confident first while the entropy stays <= -ln of it)")
+                   help="parallel-decoding rule the threshold drives: left_anchored (default: the "
+                        "run from the first mask while the confidence product stays >= it), "
+                        "threshold (the official rule: every token above it plus the most "
+                        "confident), entropy_bounded (EB-sampler: most confident first while the "
+                        "entropy stays <= -ln of it)")
     g.add_argument("--no-sub-block-cache", action="store_true", help="recompute the full block every step")
     g.add_argument("--no-block-cache", action="store_true",
                    help="slow reference: recompute the whole sequence every step")

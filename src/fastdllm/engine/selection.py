@@ -1,9 +1,9 @@
 """Parallel-decoding rules (paper §3.3): which masked positions of the active sub-block to unmask
 in one step. `DecodeConfig.rule` names one; the threshold is every rule's one knob.
 
-- "threshold" (the official Fast-dLLM v2 rule, the default): every candidate whose confidence
-  exceeds the threshold, plus always the single most confident one.
-- "left_anchored" (joint confidence): the run of candidates starting at the first masked
+- "threshold" (the official Fast-dLLM v2 rule): every candidate whose confidence exceeds the
+  threshold, plus always the single most confident one.
+- "left_anchored" (joint confidence; our default, measured in docs/design.md): the run of candidates starting at the first masked
   position, in position order, while the product of their confidences stays >= the threshold;
   always the first. The product of the marginals is what a parallel step bets on (Fast-dLLM
   v1's argument: the joint is close to it only when the marginals are confident), and anchoring
