@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .kv_cache import CacheAccess
 from .rope import apply_rope, rope_tables
+from .tile_attention import TileKeys, tile_attention
 
 
 class RMSNorm(nn.Module):
@@ -65,6 +66,8 @@ class Attention(nn.Module):
         gqa = self.num_kv_heads != self.num_heads
         if mask is None or isinstance(mask, torch.Tensor):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif isinstance(mask, TileKeys):  # block-sparse training attention (CPU path)
+            out = tile_attention(q, k, v, mask)
         else:  # a flex_attention BlockMask (CUDA training path)
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -136,7 +139,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,  # (n, T)
         positions: torch.Tensor,  # (n, T)
-        mask,  # (n or 1, 1, T, key_len) bool tensor (True = may attend), or a flex BlockMask
+        mask,  # (n or 1, 1, T, key_len) bool tensor (True = may attend), a flex BlockMask, or TileKeys
         cache: CacheAccess | None = None,
         logits_slice: slice | torch.Tensor | None = None,
     ) -> torch.Tensor:
