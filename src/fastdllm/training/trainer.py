@@ -28,7 +28,7 @@ from .config_file import load_train_config
 from .dataset import RowOrder, build_datasets, micro_batch_indices
 from .loss import target_loss_sum
 from .noise import row_seed
-from .objective import Batch, ar_batch, diffusion_batch
+from .objective import Batch, StepLayout, ar_batch, diffusion_batch
 from .packing import PackedRows
 from .schedule import ar_weight_at, lr_at, uses_ar_loss
 from .state import (
@@ -111,9 +111,14 @@ class Trainer:
         else:
             self.model, self.optimizer = self.acc.prepare(model, _optimizer(model, cfg))
         self.forward = torch.compile(self.model) if t.compile else self.model
-        # flex_attention pays only compiled; uncompiled, the dense masks are faster and tested
-        self.use_flex = t.attention == "flex" or (t.attention == "auto" and t.compile
-                                                   and self.acc.device.type == "cuda")
+        # flex_attention pays only compiled; uncompiled, block-sparse tiles (diffusion) and the
+        # dense masks (AR) are faster and tested
+        attention = t.attention
+        if attention == "auto":
+            attention = "flex" if t.compile and self.acc.device.type == "cuda" else "block_sparse"
+        self.use_flex = attention == "flex"
+        self.layout = StepLayout(shared_clean=t.layout == "shared_clean", skip_untargeted=t.skip_untargeted,
+                                 attention=attention)
         self.ar_term = cfg.objective == "diffusion" and uses_ar_loss(cfg.diffusion)
         self.order = RowOrder(len(self.train_rows), t.seed)
         self.last_loss: float | None = None
@@ -148,7 +153,7 @@ class Trainer:
         if self.cfg.objective == "ar":
             return ar_batch(rows, self.acc.device, self.use_flex)
         return diffusion_batch(rows, seeds, self.cfg.diffusion, self.mask_token_id, self.acc.device,
-                               self.use_flex)
+                               self.layout)
 
     def autocast(self):
         """bf16 autocast for forwards when configured; weights and optimizer stay float32."""
