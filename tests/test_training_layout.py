@@ -14,7 +14,7 @@ from fastdllm.model.config import ModelConfig
 from fastdllm.model.tile_attention import TileKeys, tile_attention
 from fastdllm.model.transformer import Transformer
 from fastdllm.training.attention_mask import (StreamLabels, block_diffusion_mask, stream_mask,
-                                              stream_tile_keys)
+                                              stream_mask_mod, stream_tile_keys)
 from fastdllm.training.config import DiffusionConfig
 from fastdllm.training.data import Example
 from fastdllm.training.loss import IGNORE, target_loss_sum
@@ -141,3 +141,53 @@ def test_tile_attention_equals_dense_sdpa_with_grouped_heads():
     grads = torch.autograd.grad(got.square().sum(), (q, k, v))
     for a, b in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_flex_mask_mod_is_the_dense_stream_mask():
+    """The CUDA path's predicate, evaluated on every (query, key) pair of a cheaper layout."""
+    rows = random_rows(1, "eos")
+    streams, _ = diffusion_streams(rows, list(range(len(rows))), DiffusionConfig(block_size=B), MASK,
+                                   StepLayout(True, True, "dense"))
+    dense = stream_mask(streams.labels)[:, 0]
+    n, length, _ = dense.shape
+    mod = stream_mask_mod(streams.labels)
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    for row in range(n):
+        assert torch.equal(mod(torch.tensor(row), 0, q, k), dense[row])
+
+
+# ---- packing ----
+
+def _examples(seed: int, n: int, block: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 5 * block, (n,), generator=g).tolist()
+    return [Example(tuple(range(3, 3 + k)), tuple([False] + [True] * (k - 1)), f"p:{i}")
+            for i, k in enumerate(lengths)]
+
+
+def _packed_examples(rows) -> list[tuple[int, ...]]:
+    """Every example of the packed rows (its tokens without block padding), in row order."""
+    found = []
+    for r in range(len(rows)):
+        for d in rows.doc_ids[r][rows.in_example[r]].unique().tolist():
+            sel = (rows.doc_ids[r] == d) & rows.in_example[r] & ~rows.block_pad[r]
+            assert int(rows.positions[r][sel][0]) == 0  # each example starts at position 0
+            found.append(tuple(rows.tokens[r][sel].tolist()))
+    return found
+
+
+@pytest.mark.parametrize("alignment", (1, 8))
+def test_first_fit_packs_every_example_once_in_fewer_rows(alignment):
+    examples = _examples(alignment, 300, 8)
+    kw = dict(seq_len=48, alignment=alignment, pad_id=EOS, pad_loss=True, row_pad_id=MASK, too_long="error")
+    next_fit = pack_examples(examples, packing="next_fit", **kw)
+    first_fit = pack_examples(examples, packing="first_fit", **kw)
+    want = sorted(ex.tokens for ex in examples)
+    assert sorted(_packed_examples(next_fit)) == want
+    assert sorted(_packed_examples(first_fit)) == want
+    assert len(first_fit) < len(next_fit)
+    again = pack_examples(examples, packing="first_fit", **kw)
+    assert again.fingerprint() == first_fit.fingerprint()  # deterministic: resume stays exact
+    for r in range(len(first_fit)):  # blocks stay aligned: every example starts on a multiple
+        starts = (first_fit.positions[r] == 0) & first_fit.in_example[r]
+        assert (starts.nonzero().squeeze(1) % alignment == 0).all()

@@ -107,16 +107,22 @@ def stream_mask(labels: StreamLabels) -> torch.Tensor:
                           s[:, None, :], b[:, None, :], d[:, None, :])[:, None]
 
 
-def stream_flex_block_mask(labels: StreamLabels):
-    """The rule as a flex_attention BlockMask (CUDA path)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def stream_mask_mod(labels: StreamLabels):
+    """The rule as a flex_attention mask_mod: labels looked up per batch row and index."""
     s, b, d = labels.stream, labels.block, labels.doc
 
     def stream_mod(n, h, q, k):
         return stream_allowed(s[n, q], b[n, q], d[n, q], s[n, k], b[n, k], d[n, k])
-    n, length = s.shape
-    return create_block_mask(stream_mod, B=n, H=None, Q_LEN=length, KV_LEN=length, device=s.device)
+    return stream_mod
+
+
+def stream_flex_block_mask(labels: StreamLabels):
+    """The rule as a flex_attention BlockMask (CUDA path)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, length = labels.stream.shape
+    return create_block_mask(stream_mask_mod(labels), B=n, H=None, Q_LEN=length, KV_LEN=length,
+                             device=labels.stream.device)
 
 
 def stream_tile_keys(labels: StreamLabels, tile: int) -> TileKeys:
