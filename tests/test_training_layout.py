@@ -191,3 +191,22 @@ def test_first_fit_packs_every_example_once_in_fewer_rows(alignment):
     for r in range(len(first_fit)):  # blocks stay aligned: every example starts on a multiple
         starts = (first_fit.positions[r] == 0) & first_fit.in_example[r]
         assert (starts.nonzero().squeeze(1) % alignment == 0).all()
+
+
+def test_checkpoints_from_before_the_new_keys_still_resume():
+    """A saved config without train.layout / skip_untargeted / data.packing equals a given config
+    holding their defaults, and differs from one that sets another value."""
+    from fastdllm.training.config import DataConfig, LoopConfig, TrainConfig, with_added_defaults
+    from fastdllm.training.state import check_same_run
+
+    cfg = TrainConfig(data=DataConfig(train_file="t.jsonl"), output_dir="o", train=LoopConfig(max_steps=1),
+                      base_model="b")
+    old = cfg.to_dict()
+    for section, key in (("train", "layout"), ("train", "skip_untargeted"), ("data", "packing")):
+        del old[section][key]
+    state = {"config": with_added_defaults(old, cfg.to_dict()), "world_size": 1}
+    check_same_run(state, cfg.to_dict(), 1, "ckpt")
+    other = TrainConfig(data=DataConfig(train_file="t.jsonl"), output_dir="o",
+                        train=LoopConfig(max_steps=1, layout="twins"), base_model="b").to_dict()
+    with pytest.raises(Exception, match="train.layout"):
+        check_same_run({"config": with_added_defaults(old, other), "world_size": 1}, other, 1, "ckpt")

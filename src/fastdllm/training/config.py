@@ -239,6 +239,26 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
 
+SECTIONS = {"data": DataConfig, "train": LoopConfig, "diffusion": DiffusionConfig,
+            "optimizer": OptimizerConfig}
+
+
+def with_added_defaults(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config with the keys added to the code since it was written, where
+    the given config holds their default (defaults of new keys keep the old behaviour), so a run
+    started before a key existed resumes under its defaults."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for section, cls in SECTIONS.items():
+        if not isinstance(out.get(section), dict) or not isinstance(given.get(section), dict):
+            continue
+        for f in dataclasses.fields(cls):
+            if f.name in out[section] or f.name not in given[section] or f.default is dataclasses.MISSING:
+                continue
+            if given[section][f.name] == _plain(f.default):
+                out[section][f.name] = given[section][f.name]
+    return out
+
+
 def _plain(value):
     """JSON-shaped copy (tuples become lists) so saved and fresh configs compare equal."""
     if isinstance(value, dict):

@@ -23,7 +23,7 @@ from ..errors import FastDLLMError
 from ..model.checkpoint import save_checkpoint
 from .sharding import clip_grad_norm, full_model, full_optimizer_state, load_full_optimizer_state, shard_model
 from .base_model import initial_model, resumed_model
-from .config import TrainConfig
+from .config import TrainConfig, with_added_defaults
 from .config_file import load_train_config
 from .dataset import RowOrder, build_datasets, micro_batch_indices
 from .loss import target_loss_sum
@@ -92,6 +92,7 @@ class Trainer:
                                 "that run or choose a new output_dir", field="resume", fixes=[("resume", True)])
         if resume:
             state, tensors = read_checkpoint(latest)
+            state["config"] = with_added_defaults(state["config"], cfg.to_dict())
             check_same_run(state, cfg.to_dict(), world, latest)
             model, self.tokenizer, self.generation_config = resumed_model(latest)
         else:
