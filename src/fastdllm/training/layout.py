@@ -46,11 +46,26 @@ def _segment(tokens, positions, stream: int, docs, keep: torch.Tensor, block_siz
     return cols, slot
 
 
+def clean_blocks_needed(block_doc: torch.Tensor, noisy_blocks: torch.Tensor,
+                        clean_reads: torch.Tensor) -> torch.Tensor:
+    """(blocks,) bool: the clean blocks some computed output depends on. Clean block c is read
+    directly by a target at c (a block's last position, shift_source: clean) and by kept noisy
+    blocks after it; clean blocks attend to earlier ones of their document, so c is needed
+    when any later block of its document is. An example's last clean block (no next block
+    in its document) and the row's tail are never needed."""
+    blocks = len(block_doc)
+    needed = clean_reads.clone()
+    for c in range(blocks - 2, -1, -1):
+        if block_doc[c + 1] == block_doc[c]:
+            needed[c] |= noisy_blocks[c + 1] | needed[c + 1]
+    return needed
+
+
 def lay_out_streams(tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
-                    in_example: torch.Tensor, groups: list[tuple[int, list[int]]], noisy: torch.Tensor,
+                    groups: list[tuple[int, list[int]]], noisy: torch.Tensor,
                     targets: torch.Tensor, weights: torch.Tensor | None, reads_clean: torch.Tensor,
                     block_size: int, skip_untargeted: bool, flatten: bool, filler_id: int) -> StreamBatch:
-    """tokens, positions, doc_ids, in_example: (n, L) packed rows; noisy, targets, weights: (m, L)
+    """tokens, positions, doc_ids: (n, L) packed rows; noisy, targets, weights: (m, L)
     per view; groups: per output row, (packed row, its views in stream order); reads_clean
     (L,) bool. `flatten` puts all output rows one after another in a single row (documents
     renumbered apart), for attention that pays only for allowed pairs: no filler needed."""
@@ -61,6 +76,8 @@ def lay_out_streams(tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torc
     for g, (r, views) in enumerate(groups):
         docs = doc_ids[r] + g * (length + 1) if flatten else doc_ids[r]
         parts, picks, offset = [], [], 0
+        noisy_blocks = torch.zeros(blocks, dtype=torch.bool)  # kept in some noisy stream
+        clean_reads = torch.zeros(blocks, dtype=torch.bool)  # holding a target read from clean
         for stream, v in enumerate(views, start=1):
             is_target = targets[v] != IGNORE
             keep = every
@@ -70,9 +87,12 @@ def lay_out_streams(tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torc
             parts.append(cols)
             picks.append((v, slot, is_target if skip_untargeted else every))
             offset += len(cols[0])
-        # the row's tail is its own document and holds no target: no query outside it sees it
-        cols, clean_slot = _segment(tokens[r], positions[r], 0, docs,
-                                    in_example[r] if skip_untargeted else every, block_size, offset)
+            noisy_blocks |= keep.view(blocks, block_size).any(1)
+            clean_reads |= (is_target & reads_clean).view(blocks, block_size).any(1)
+        keep = every
+        if skip_untargeted:
+            keep = clean_blocks_needed(doc_ids[r, ::block_size], noisy_blocks, clean_reads).repeat_interleave(block_size)
+        cols, clean_slot = _segment(tokens[r], positions[r], 0, docs, keep, block_size, offset)
         parts.append(cols)
         index, tgt, wts = [], [], []
         for v, slot, pick in picks:

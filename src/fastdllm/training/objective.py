@@ -91,7 +91,7 @@ def diffusion_streams(rows: PackedRows, seeds: list[int], cfg: DiffusionConfig, 
         groups = [(row, [v]) for v, row in enumerate(views)]
     # with attention that pays only for allowed pairs, one long row wastes nothing on fillers
     flatten = layout.attention != "dense"
-    streams = lay_out_streams(rows.tokens, rows.positions, rows.doc_ids, rows.in_example, groups, noisy,
+    streams = lay_out_streams(rows.tokens, rows.positions, rows.doc_ids, groups, noisy,
                               targets, weights, reads_clean, cfg.block_size, layout.skip_untargeted,
                               flatten, mask_token_id)
     return streams, denominator
