@@ -9,12 +9,16 @@ savings change only which tokens are computed, never what any target is predicte
   in both twins and one copy serves both.
 - `skip_untargeted`: a noisy block is attended only by its own queries, so a noisy block none
   of whose outputs is read for a target (a prompt block, the row's tail, or a block the view
-  left unmasked) changes nothing and is left out; logits are computed only where there is a
+  left unmasked) changes nothing and is left out; so is a clean block no kept output depends
+  on (each example's last block, the row's tail); logits are computed only where there is a
   target (the LM head runs on targets, not on all L positions of each view).
 
 Every target keeps its logits' source: noisy position j of view s is read from that view's copy
-of j's block, or (`output_index`, shift_source: clean) from clean position j. Rows of a batch
-are padded to the longest with filler tiles that attend only to themselves and are never read.
+of j's block, or (`output_index`, shift_source: clean) from clean position j. With block-sparse
+or flex attention the rows of a micro-batch are laid out one after another as a single row
+(documents renumbered apart; attention cost follows allowed pairs, so nothing is padded); with
+the dense mask they are padded to the longest with filler tiles that attend only to themselves
+and are never read.
 """
 
 from __future__ import annotations
