@@ -121,7 +121,7 @@ def main() -> None:
                 "s_per_micro_batch": round(run["seconds"] / args.steps, 3),
                 "computed_tokens_per_data_token": round(run["computed"] / run["data_tokens"], 3),
                 "data_share_of_rows": round(run["data_tokens"] / run["row_tokens"], 4),
-                "first_loss": round(run["first_loss"], 6),
+                "first_loss": f"{run['first_loss']:.6f}",  # a string: the table shows every digit
             })
             print(results[-1], flush=True)
     cols = ["variant", "ar_loss_weight", "data_tokens_per_s", "speedup", "s_per_micro_batch",
