@@ -97,8 +97,9 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def load_weights(model: Transformer, model_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Copy every tensor from the safetensors files into the model, checking names and shapes."""
-    expected = dict(model.named_parameters())
+    """Copy every tensor from the safetensors files into the model (by Hugging Face name, into
+    the rows of a fused matrix where the model fuses), checking names and shapes."""
+    expected = model.hf_targets()
     seen: set[str] = set()
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -110,14 +111,14 @@ def load_weights(model: Transformer, model_dir: Path, device: torch.device, dtyp
                         continue
                     raise FastDLLMError(f"{file.name}: unexpected tensor {name!r} for this config")
                 tensor = f.get_tensor(name)
-                param = expected[name]
-                if tuple(tensor.shape) != tuple(param.shape):
+                param, rows = expected[name]
+                target = param.data[rows]
+                if tuple(tensor.shape) != tuple(target.shape):
                     raise FastDLLMError(
                         f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"config.json implies {tuple(param.shape)}"
+                        f"config.json implies {tuple(target.shape)}"
                     )
-                with torch.no_grad():
-                    param.copy_(tensor.to(device=device, dtype=dtype))
+                target.copy_(tensor.to(device=device, dtype=dtype))
                 seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -222,11 +223,9 @@ def write_checkpoint_files(directory: Path, model: Transformer, *, tokenizer=Non
     add files of their own (training checkpoints) make it atomic with `atomic_dir`."""
     cfg = config or model.config
     state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t = tensor.detach().to("cpu")
-        state[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    # Hugging Face names; a copy each, as the row views of a fused matrix share its storage
+    for name, tensor in model.hf_tensors().items():
+        state[name] = tensor.to("cpu", dtype or tensor.dtype, copy=True).contiguous()
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.to_hf(official_layout=official_layout)
     hf["torch_dtype"] = hf["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")

@@ -1,8 +1,9 @@
 """The KV cache: one preallocated buffer per layer, written in place.
 
 Layout per layer: (slots, kv_heads, max_len, head_dim). A *slot* holds one sequence. Writing
-new keys at given positions is an in-place `index_put`; reading the first `key_len` positions of
-a set of contiguous slots is a view. Fast-dLLM v2's two caches are both this buffer:
+new keys at given (slot, position) pairs is an in-place `index_put`; reading the first
+`key_len` positions of a set of contiguous slots is a view. Fast-dLLM v2's two caches are both
+this buffer:
 
 - block-level cache: positions below a sequence's committed length hold exact KV of finished
   blocks; they are only ever written by the forward that commits the block;
@@ -14,7 +15,7 @@ The attention mask decides what each query may see, so nothing is ever copied or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,30 +40,67 @@ class KVCache:
 
 
 @dataclass
+class Packing:
+    """How the tokens of a step that packs rows of different widths, (1, T) in the forward,
+    map onto n query rows of the widest row's width W for attention (each row reads its own
+    slot of the cache). Per-token work (norms, projections, MLP) runs on the T real tokens only;
+    attention runs on (n, W) with the spare query places filled by copies whose output is
+    never read back."""
+
+    rows: int  # n
+    width: int  # W
+    gather: torch.Tensor  # (n * W,) packed index of each query place
+    scatter: torch.Tensor  # (T,) query place of each packed token
+
+
+@dataclass
 class CacheAccess:
-    """How one forward uses the cache: which slots (`rows`), where to write the new tokens' KV
-    (`positions`, (n, T)), and how many leading positions to attend over.
+    """How one forward uses the cache: which slots its n query rows read (`rows`), where the
+    chunk's tokens write their KV (`positions`, shaped like the chunk, in the slot of their row
+    or in `token_slots` when given), and how many leading positions to attend over.
 
     `rows` is a slice when the batch's slots are contiguous (the common case: reads are views);
-    a long tensor otherwise (a step where only some sequences run a forward of this width), in
-    which case reads gather just the first `key_len` positions of those slots."""
+    a long tensor otherwise, in which case reads gather just the first `key_len` positions of
+    those slots."""
 
     cache: KVCache
     rows: slice | torch.Tensor
-    positions: torch.Tensor  # (n, T) long
+    positions: torch.Tensor  # (N, T) long
     key_len: int
+    token_slots: torch.Tensor | None = None  # (N, T) long; default: row i writes to slot rows[i]
+    packing: Packing | None = None
+    _write_slots: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.token_slots is not None:
+            self._write_slots = self.token_slots
+        elif isinstance(self.rows, slice):
+            self._write_slots = torch.arange(self.rows.start or 0, self.rows.stop,
+                                             device=self.positions.device)[:, None]
+        else:
+            self._write_slots = self.rows[:, None]
 
     def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: (n, kv_heads, T, head_dim). Returns keys/values (n, kv_heads, key_len, head_dim)."""
+        """k, v: (N, T, kv_heads, head_dim), token-major. Returns keys/values
+        (n, kv_heads, key_len, head_dim) of the query rows' slots."""
         kl, vl = self.cache.k[layer], self.cache.v[layer]
+        # advanced indices split by a slice put their dims first: target is (N, T, kv_heads, hd)
+        kl[self._write_slots, :, self.positions] = k
+        vl[self._write_slots, :, self.positions] = v
         if isinstance(self.rows, slice):
-            kl, vl = kl[self.rows], vl[self.rows]
-            row_idx = torch.arange(k.shape[0], device=k.device)[:, None]
-        else:
-            row_idx = self.rows[:, None]
-        # advanced indices split by a slice put their dims first: target is (n, T, kv_heads, hd)
-        kl[row_idx, :, self.positions] = k.transpose(1, 2)
-        vl[row_idx, :, self.positions] = v.transpose(1, 2)
-        if isinstance(self.rows, slice):
-            return kl[:, :, : self.key_len], vl[:, :, : self.key_len]
-        return kl[self.rows, :, : self.key_len], vl[self.rows, :, : self.key_len]
+            return kl[self.rows, :, : self.key_len], vl[self.rows, :, : self.key_len]
+        return (kl[:, :, : self.key_len].index_select(0, self.rows),
+                vl[:, :, : self.key_len].index_select(0, self.rows))
+
+    def query_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, T, heads, hd) chunk -> (n, W, heads, hd) query rows."""
+        p = self.packing
+        if p is None:
+            return q
+        return q.reshape(-1, *q.shape[2:]).index_select(0, p.gather).view(p.rows, p.width, *q.shape[2:])
+
+    def token_rows(self, out: torch.Tensor, N: int, T: int) -> torch.Tensor:
+        """(n, W, D) attention output -> (N, T, D) chunk tokens."""
+        if self.packing is None:
+            return out
+        return out.reshape(-1, out.shape[-1]).index_select(0, self.packing.scatter).view(N, T, -1)

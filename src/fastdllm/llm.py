@@ -151,7 +151,7 @@ class LLM:
     def engine(self, slots: int, max_len: int) -> Engine:
         """An engine with at least `slots` slots of `max_len` positions (reused across calls)."""
         e = self._engine
-        if e is None or e.cache.slots < slots or e.max_len < max_len or e.running:
+        if e is None or e.max_slots < slots or e.max_len < max_len or e.running:
             e = Engine(self.model, max_slots=slots, max_len=max_len,
                        mask_token_id=self.special.mask_token_id,
                        stop_token_ids=self.special.stop_token_ids)
@@ -196,7 +196,7 @@ class LLM:
                      mode=seq.params.mode)
         return GenerationResult(out, self.decode(out), seq.finish_reason or "length",
                                 seq.prompt_len, stats, seq.trace, params=seq.params,
-                                prompt_ids=seq.tokens[: seq.prompt_len].tolist())
+                                prompt_ids=seq.tokens[: seq.prompt_len])
 
 
 def _resolve_device(device: str | None) -> torch.device:

@@ -1,30 +1,27 @@
-"""The engine: a set of running sequences, one KV cache, and a `step()` that advances every
-sequence by one forward.
+"""The engine: a set of running sequences, one model runner (model + KV cache), and a `step()`
+that advances every sequence by exactly one model forward.
 
-Each sequence plans its own next forward (see `sequence.py`); plans of the same width are
-batched into one model call, each row at its own positions, with its own block size and its
-own slot of the cache. A sequence's decisions depend only on its own logits, so its greedy
-output does not depend on what else is in the batch. Sequences can be added between steps
-(they join at their own prefill) and leave as soon as they finish, which is what the server's
-scheduler builds on.
+Each sequence plans its own next forward (see `sequence.py`); the runner turns all plans of a
+step, whatever their phases and widths, into one forward, one draw and one device-to-host
+transfer (see `runner.py`). Each row has its own positions, block size and slot of the cache,
+and a sequence's decisions depend only on its own logits, so its greedy output does not depend
+on what else is in the batch. Sequences can be added between steps (they join at their own
+prefill) and leave as soon as they finish, which is what the server's scheduler builds on.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import FastDLLMError
-from ..kv_cache import CacheAccess, KVCache
 from ..model import Transformer
-from .attention import attention_limits, limit_mask
-from .params import DecodeConfig
-from .sampling import sample_batch
-from .sequence import ForwardPlan, Sequence
+from .params import DecodeConfig, RunnerConfig
+from .runner import ModelRunner
+from .sequence import Sequence
 
 
 @dataclass
@@ -36,15 +33,16 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer, *, max_slots: int, max_len: int,
-                 mask_token_id: int | None, stop_token_ids: tuple[int, ...]):
-        cfg = model.config
-        p = next(model.parameters())
+                 mask_token_id: int | None, stop_token_ids: tuple[int, ...],
+                 runner: RunnerConfig | None = None):
+        self.runner = ModelRunner(model, max_slots=max_slots, max_len=max_len,
+                                  mask_token_id=mask_token_id, config=runner or RunnerConfig())
         self.model = model
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = self.runner.device, self.runner.dtype
+        self.cache = self.runner.cache
         self.mask_token_id = mask_token_id
         self.stop_token_ids = stop_token_ids
-        self.cache = KVCache(cfg.num_layers, max_slots, max_len, cfg.num_kv_heads, cfg.head_dim,
-                             self.dtype, self.device)
+        self.max_slots = max_slots
         self.free_slots = list(range(max_slots))
         self.running: list[Sequence] = []
         self.stats = EngineStats()
@@ -52,7 +50,11 @@ class Engine:
 
     @property
     def max_len(self) -> int:
-        return self.cache.max_len
+        return self.runner.max_len
+
+    def warm_up(self, log=None) -> None:
+        """Capture/compile the static steps now (CUDA graphs on the GPU), within the time cap."""
+        self.runner.warm_up(log)
 
     def add(self, prompt_ids: list[int], params: DecodeConfig, *,
             stop_token_ids: tuple[int, ...] | None = None) -> Sequence:
@@ -89,53 +91,18 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """One forward for every running sequence (batched by width). Returns the sequences
-        that advanced; finished ones have left `running`."""
+        """One forward for every running sequence. Returns the sequences that advanced;
+        finished ones have left `running`."""
         t0 = time.perf_counter()
-        groups: dict[int, list[tuple[Sequence, ForwardPlan]]] = defaultdict(list)
-        for seq in self.running:
-            if not seq.finished:
-                plan = seq.plan()
-                groups[plan.end - plan.start].append((seq, plan))
-        advanced = []
-        for width, members in groups.items():
-            self._run_group(width, members)
-            advanced.extend(seq for seq, _ in members)
+        rows = [(seq, seq.plan()) for seq in self.running if not seq.finished]
+        if rows:
+            tokens, conf, spans = self.runner.run(rows)
+            self.stats.forward_calls += 1
+            for (seq, plan), (a, b) in zip(rows, spans):
+                seq.advance(plan, tokens[a:b], conf[a:b])
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self._release(seq)
         self.stats.steps += 1
         self.stats.seconds += time.perf_counter() - t0
-        return advanced
-
-    def _run_group(self, width: int, members: list[tuple[Sequence, ForwardPlan]]) -> None:
-        dev = self.device
-        seqs = [s for s, _ in members]
-        plans = [p for _, p in members]
-        input_ids = torch.stack([s.tokens[p.start:p.end] for s, p in members])  # (n, W)
-        starts = torch.tensor([p.start for p in plans], device=dev)[:, None]
-        positions = starts + torch.arange(width, device=dev)[None, :]  # (n, W)
-        blocks = torch.tensor([s.block for s in seqs], device=dev)[:, None]
-        key_len = max(p.key_len for p in plans)
-        mask = limit_mask(attention_limits(positions, blocks), key_len)
-        k_max = max(len(p.logit_positions) for p in plans)
-        logit_idx = torch.tensor(
-            [_pad([x - p.start for x in p.logit_positions], k_max) for p in plans], device=dev)
-        slots = [s.slot for s in seqs]
-        rows = (slice(slots[0], slots[0] + len(slots))
-                if slots == list(range(slots[0], slots[0] + len(slots)))
-                else torch.tensor(slots, device=dev))
-        access = CacheAccess(self.cache, rows, positions, key_len)
-        logits = self.model(input_ids, positions, mask, access, logits_slice=logit_idx)  # (n, K, V)
-        self.stats.forward_calls += 1
-        if self.mask_token_id is not None and any(s.params.diffusion for s in seqs):
-            logits[..., self.mask_token_id] = float("-inf")  # a drawn token is never [MASK]
-        tokens, conf = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                    [len(p.logit_positions) for p in plans])
-        for i, (seq, plan) in enumerate(members):
-            k = len(plan.logit_positions)
-            seq.advance(plan, tokens[i, :k], conf[i, :k])
-
-
-def _pad(xs: list[int], n: int) -> list[int]:
-    return xs + [xs[-1] if xs else 0] * (n - len(xs))
+        return [seq for seq, _ in rows]
