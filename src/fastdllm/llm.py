@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig
 from .engine.engine import Engine
-from .engine.params import DecodeConfig
+from .engine.params import DecodeConfig, RunnerConfig
 from .engine.sequence import Sequence
 from .errors import FastDLLMError
 from .model import Transformer
@@ -62,12 +62,16 @@ class LLM:
     model_dir: Path
     special: SpecialTokens
     default_block_size: int = 32
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     _engine: Engine | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
-             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None) -> "LLM":
+             mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
+             enforce_eager: bool = False) -> "LLM":
+        """`enforce_eager`: no CUDA graphs (on the GPU, static decode steps are captured when the
+        first engine is built, with a progress line and a time cap; see RunnerConfig)."""
         model_dir = resolve_model_dir(name_or_path)
         cfg, _ = read_config(model_dir)
         dev = _resolve_device(device)
@@ -77,7 +81,9 @@ class LLM:
         special = resolve_special_tokens(
             cfg, model_dir, tokenizer, mask_token_id,
             tuple(stop_token_ids) if stop_token_ids is not None else None)
-        return cls(model, tokenizer, model_dir, special, default_block_size=cfg.bd_size or 32)
+        block = cfg.bd_size or 32
+        runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block))
+        return cls(model, tokenizer, model_dir, special, default_block_size=block, runner=runner)
 
     @property
     def config(self) -> ModelConfig:
@@ -154,7 +160,8 @@ class LLM:
         if e is None or e.max_slots < slots or e.max_len < max_len or e.running:
             e = Engine(self.model, max_slots=slots, max_len=max_len,
                        mask_token_id=self.special.mask_token_id,
-                       stop_token_ids=self.special.stop_token_ids)
+                       stop_token_ids=self.special.stop_token_ids, runner=self.runner)
+            e.warm_up()
             self._engine = e
         return e
 

@@ -63,7 +63,8 @@ class Server:
         # diffusion sequences occupy whole blocks: room for the last one to overhang max_len
         self.engine = Engine(llm.model, max_slots=config.max_batch, max_len=round_up(self.max_len, block),
                              mask_token_id=llm.special.mask_token_id,
-                             stop_token_ids=llm.special.stop_token_ids)
+                             stop_token_ids=llm.special.stop_token_ids, runner=llm.runner)
+        self.engine.warm_up()  # CUDA graphs at server start (no-op on the CPU by default)
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
