@@ -28,6 +28,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots = slots
         self.max_len = max_len
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +84,7 @@ class CacheAccess:
     def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v: (N, T, kv_heads, head_dim), token-major. Returns keys/values
         (n, kv_heads, key_len, head_dim) of the query rows' slots."""
-        kl, vl = self.cache.k[layer], self.cache.v[layer]
+        kl, vl = self.cache.layers[layer]
         # advanced indices split by a slice put their dims first: target is (N, T, kv_heads, hd)
         kl[self._write_slots, :, self.positions] = k
         vl[self._write_slots, :, self.positions] = v

@@ -62,11 +62,11 @@ class Attention(nn.Module):
         N, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).view(N, T, H + 2 * KV, hd)
-        qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV:]  # (N, T, heads, hd), token-major
+        qk, v = qkv.split((H + KV, KV), dim=2)  # (N, T, heads, hd), token-major
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
         qk = apply_rope(qk, cos, sin)  # q and k rotated together: one set of ops per layer
-        q, k = qk[:, :, :H], qk[:, :, H:]
+        q, k = qk.split((H, KV), dim=2)
         gqa = KV != H
         if cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (N, KV, T, hd)

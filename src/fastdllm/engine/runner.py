@@ -52,6 +52,10 @@ class ModelRunner:
                              self.dtype, self.device)
         self.scratch_slot = max_slots
         self.keys = torch.arange(max_len, device=self.device)  # key positions, for every mask
+        # the mask goes to attention additive (0 / -inf in the model dtype), built once per step
+        # for all layers: a boolean mask would be converted inside attention, once per layer
+        self._see = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._hide = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
         model.rope_tables(max_len)
         self.static = StaticSteps.for_runner(self) if StaticSteps.enabled(config, self.device) else None
 
@@ -78,6 +82,11 @@ class ModelRunner:
             tokens, conf = draw(logits, spans, [s.params for s, _ in rows], [s.generator for s, _ in rows])
         toks, confs = to_host(tokens, conf)
         return toks, confs, spans
+
+    def attention_mask(self, limits: torch.Tensor, key_len: int) -> torch.Tensor:
+        """(n, 1, W, key_len) additive mask from per-query limits (n, W): key j is seen iff
+        j < limit (the rule of engine/attention.py)."""
+        return torch.where(self.keys[:key_len] < limits[:, :, None], self._see, self._hide)[:, None]
 
     # ------------------------------------------------------------------ the eager step
     def _forward(self, rows: list[Row]) -> torch.Tensor:
@@ -113,7 +122,7 @@ class ModelRunner:
         flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
         ids_t, pos_t, lim_t, lidx_t, slots_t, gather_t, scatter_t, rows_t = \
             flat.to(self.device, non_blocking=True).split([len(x) for x in parts])
-        mask = (self.keys[:key_len] < lim_t.view(n, W, 1))[:, None]  # (n, 1, W, key_len)
+        mask = self.attention_mask(lim_t.view(n, W), key_len)
         read_rows = slice(slots[0], slots[0] + n) if contiguous else rows_t
         shape = (n, W) if uniform else (1, offset)
         packing = None if uniform else Packing(n, W, gather_t, scatter_t)

@@ -62,6 +62,7 @@ class SequenceStats:
     steps: int = 0  # refinement forwards (diffusion) or decode forwards (AR)
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
+    forwards_by_kind: dict[str, int] = field(default_factory=dict)  # prefill, full_block, ...
 
     @property
     def tokens_per_forward(self) -> float:
@@ -74,6 +75,7 @@ class SequenceStats:
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds else 0.0,
+            "forwards_by_kind": dict(self.forwards_by_kind),
         }
 
 
@@ -151,6 +153,8 @@ class Sequence:
         """Apply one forward's drawn tokens and confidences (host lists of K), ordered like
         plan.logit_positions (each drawn token is for position logit_position + shift)."""
         self.stats.forward_calls += 1
+        kinds = self.stats.forwards_by_kind
+        kinds[plan.kind] = kinds.get(plan.kind, 0) + 1
         if plan.kind == "prefill":
             self.committed = plan.end
             if self.prompt_len % self.block == 0:  # always in AR (block 1)

@@ -65,7 +65,7 @@ class StaticShape:
         """Greedy tokens and confidences (n * W,) of every place, from the input buffer."""
         r, W, n, K = self.runner, self.width, self.batch, self.key_len
         ids, pos, slots, limits, rows, suppress = self.buffer.split(self.sizes)
-        mask = (r.keys[:K] < limits.view(n, W, 1))[:, None]  # (n, 1, W, K)
+        mask = r.attention_mask(limits.view(n, W), K)  # (n, 1, W, K)
         access = CacheAccess(r.cache, rows, pos.view(n, W), K, token_slots=slots.view(n, W))
         logits = r.model(ids.view(n, W), pos.view(n, W), mask, access).flatten(0, 1)  # (n*W, V)
         if r.mask_token_id is not None:
