@@ -33,14 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
-from fastdllm.checkpoint import SpecialTokens  # noqa: E402
-from fastdllm.config import ModelConfig  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastdllm.engine.params import DecodeConfig, RunnerConfig  # noqa: E402
-from fastdllm.engine.sequence import ForwardPlan  # noqa: E402
+from fastdllm.engine.sequence import ForwardPlan, PlanKind  # noqa: E402
 from fastdllm.llm import LLM  # noqa: E402
-from fastdllm.model import Transformer  # noqa: E402
+from fastdllm.model.checkpoint import SpecialTokens  # noqa: E402
+from fastdllm.model.config import ModelConfig  # noqa: E402
+from fastdllm.model.transformer import Transformer  # noqa: E402
 
 SHAPES = {
     # Qwen2.5-0.5B-Instruct's published shape
@@ -92,7 +92,7 @@ def step_cost(llm: LLM, width: int, context: int, block: int, device: str, reps:
     (prompt of `context` tokens in the cache); every position's logit is drawn."""
     engine = llm.engine(1, context + block)
     seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
-    plan = ForwardPlan("bench", context, context + width, context + block,
+    plan = ForwardPlan(PlanKind.FULL_BLOCK, context, context + width, context + block,
                        tuple(range(context, context + width)))
     ms = _median_ms(lambda: engine.runner.run([(seq, plan)]), device, reps)
     engine.abort(seq)

@@ -80,7 +80,7 @@ def stage_train(name: str) -> None:
 def stage_export() -> None:
     import torch
 
-    from fastdllm.checkpoint import load_model, load_tokenizer, read_json, save_checkpoint
+    from fastdllm.model.checkpoint import load_model, load_tokenizer, read_json, save_checkpoint
 
     for run, dest in EXPORTS.items():
         src = WORK / run / "final"

@@ -75,7 +75,7 @@ def no_tokenizer_ckpt(checkpoint_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(qwen2_ckpt):
     """The test tokenizer as transformers loads it (ChatML template, eos <|im_end|>, |<MASK>|)."""
-    from fastdllm.checkpoint import load_tokenizer
+    from fastdllm.model.checkpoint import load_tokenizer
 
     return load_tokenizer(qwen2_ckpt)
 

@@ -130,7 +130,7 @@ class Recorder:
 
 
 def test_answers_stream_in_pieces(qwen2_ckpt):
-    from fastdllm.chat_cli import ANSWER, Chat
+    from fastdllm.cli.chat import ANSWER, Chat
 
     llm = LLM.load(qwen2_ckpt)
     params = llm.decode_config(max_new_tokens=24)

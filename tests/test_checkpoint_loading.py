@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import fastdllm.checkpoint as checkpoint_mod
-from fastdllm.checkpoint import (
+import fastdllm.model.checkpoint as checkpoint_mod
+from fastdllm.model.checkpoint import (
     load_model,
     load_tokenizer,
     read_config,

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdllm import LLM
-from fastdllm.checkpoint import save_checkpoint
+from fastdllm.model.checkpoint import save_checkpoint
 from fastdllm.engine.params import DecodeConfig, RunnerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,7 @@ def run_schedule(engine, schedule: dict[int, list[tuple[list[int], DecodeConfig]
     while engine.running or any(k >= step for k in schedule):
         for ids, p in schedule.get(step, []):
             seqs.append(engine.add(ids, p))
-        kinds_per_step.append({s.plan().kind for s in engine.running})
+        kinds_per_step.append({s.plan().kind.value for s in engine.running})
         engine.step()
         step += 1
     return seqs, kinds_per_step

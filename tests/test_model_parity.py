@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdllm.checkpoint import load_model, read_config
-from fastdllm.config import ModelConfig
-from fastdllm.kv_cache import CacheAccess, KVCache
+from fastdllm.model.checkpoint import load_model, read_config
+from fastdllm.model.config import ModelConfig
+from fastdllm.model.kv_cache import CacheAccess, KVCache
 from fixtures import LLAMA3_ROPE, load_hf_model, read_config_json
 
 ATOL = 1e-4

@@ -4,7 +4,7 @@ engine then decodes each position from its own output, a block's first position 
 import torch
 
 from fastdllm import LLM
-from fastdllm.config import ModelConfig
+from fastdllm.model.config import ModelConfig
 
 from fixtures import read_config_json, special_token_ids, update_config
 

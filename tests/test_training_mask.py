@@ -114,8 +114,8 @@ def test_flex_block_mask_path_gives_the_dense_paths_logits():
     """The CUDA training path (a flex_attention BlockMask) and the CPU path (a dense boolean
     mask through SDPA) compute the same logits; flex runs forward-only on CPU, which suffices."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    from fastdllm.config import ModelConfig
-    from fastdllm.model import Transformer
+    from fastdllm.model.config import ModelConfig
+    from fastdllm.model.transformer import Transformer
     from fastdllm.training.config import DiffusionConfig
     from fastdllm.training.data import Example
     from fastdllm.training.objective import ar_batch, diffusion_batch

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from fastdllm.config import ModelConfig
-from fastdllm.model import Transformer
+from fastdllm.model.config import ModelConfig
+from fastdllm.model.transformer import Transformer
 from fastdllm.training.config import DiffusionConfig, OptimizerConfig
 from fastdllm.training.data import Example, render_record
 from fastdllm.training.loss import (IGNORE, diffusion_targets, inverse_t_weights, output_index,
@@ -259,7 +259,7 @@ def test_messages_learn_every_assistant_turn_only(tiny_tokenizer):
 
 
 def test_plain_prompt_response_and_text_without_a_chat_template(stories260k_dir):
-    from fastdllm.checkpoint import load_tokenizer
+    from fastdllm.model.checkpoint import load_tokenizer
 
     tok = load_tokenizer(stories260k_dir)
     assert not tok.chat_template
@@ -296,7 +296,7 @@ def test_add_mask_token(stories260k_dir, vocab, tie, grown):
     """A tokenizer without |<MASK>| gets it at id len(tokenizer) (Qwen2.5: 151665); the
     embedding grows (to a multiple of 64) only when that id does not fit, e.g. not when the
     vocabulary already has spare rows, as Qwen's does. The mask row starts at the mean row."""
-    from fastdllm.checkpoint import MASK_TOKEN, load_tokenizer
+    from fastdllm.model.checkpoint import MASK_TOKEN, load_tokenizer
     from fastdllm.training.mask_token import add_mask_token
 
     tok = load_tokenizer(stories260k_dir)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fastdllm.checkpoint import load_model
+from fastdllm.model.checkpoint import load_model
 from fixtures import special_token_ids
 from fastdllm.errors import FastDLLMError
 from fastdllm.training import run_training

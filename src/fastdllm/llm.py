@@ -4,6 +4,9 @@
     llm = LLM.load("path/to/checkpoint")              # or a hub id
     out = llm.generate("What is 3 + 4?", max_new_tokens=64)
     print(out.text, out.stats["tokens_per_forward"])
+
+    for step in llm.stream(["What is 3 + 4?"]):        # the driver under generate and the chat:
+        print(llm.decode(step.deltas[0].token_ids))    # what each forward made final
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from typing import Sequence as Seq
 
 import torch
 
-from .checkpoint import (
+from .engine.engine import Engine, Step
+from .engine.params import DecodeConfig, RunnerConfig, slot_len
+from .engine.sequence import Sequence
+from .errors import FastDLLMError
+from .model.checkpoint import (
     SpecialTokens,
     load_model,
     load_tokenizer,
@@ -25,12 +32,8 @@ from .checkpoint import (
     resolve_model_dir,
     resolve_special_tokens,
 )
-from .config import ModelConfig
-from .engine.engine import Engine
-from .engine.params import DecodeConfig, RunnerConfig
-from .engine.sequence import Sequence
-from .errors import FastDLLMError
-from .model import Transformer
+from .model.config import ModelConfig
+from .model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -106,7 +109,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise FastDLLMError(f"{self.model_dir} has no tokenizer files; pass token ids "
-                                    "(--prompt-ids 1,2,3) instead of text", field="prompt")
+                                    "instead of text", field="prompt", fixes=[("prompt_ids", [1, 2, 3])])
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(i) for i in prompt]
@@ -154,15 +157,24 @@ class LLM:
                 f"{self.context_length - prompt_len}", field="max_new_tokens")
 
     # ------------------------------------------------------------------ engine
-    def engine(self, slots: int, max_len: int) -> Engine:
-        """An engine with at least `slots` slots of `max_len` positions (reused across calls)."""
+    def new_engine(self, slots: int, needed: int, block: int = 1, context: int | None = None) -> Engine:
+        """A fresh engine of `slots` slots, each of `slot_len(needed, context, block)` positions
+        (`context`: the model's unless a front end serves less). Its static steps are captured
+        here (CUDA graphs; a progress line and a time cap, see RunnerConfig), which is also when a
+        server warms up."""
+        engine = Engine(self.model, max_slots=slots,
+                        max_len=slot_len(needed, context or self.context_length, block),
+                        mask_token_id=self.special.mask_token_id,
+                        stop_token_ids=self.special.stop_token_ids, runner=self.runner)
+        engine.warm_up()
+        return engine
+
+    def engine(self, slots: int, needed: int, block: int = 1) -> Engine:
+        """The engine this LLM reuses across calls, with at least `slots` slots of `needed`
+        positions; a new one (`new_engine`) only when it is too small or busy."""
         e = self._engine
-        if e is None or e.max_slots < slots or e.max_len < max_len or e.running:
-            e = Engine(self.model, max_slots=slots, max_len=max_len,
-                       mask_token_id=self.special.mask_token_id,
-                       stop_token_ids=self.special.stop_token_ids, runner=self.runner)
-            e.warm_up()
-            self._engine = e
+        if e is None or e.max_slots < slots or e.max_len < needed or e.running:
+            e = self._engine = self.new_engine(slots, needed, block)
         return e
 
     def generate(self, prompt: str | Seq[int] | None = None, *, messages: list[dict] | None = None,
@@ -177,24 +189,32 @@ class LLM:
     def generate_batch(self, prompts: Seq[str | Seq[int]], *, config: DecodeConfig | None = None,
                        stop_token_ids: Seq[int] | None = None,
                        **overrides) -> list[GenerationResult]:
-        """Decode several prompts together; finished sequences leave the batch."""
+        """Decode several prompts together (`stream` to the end); finished sequences leave the batch."""
+        t0 = time.perf_counter()
+        seqs: list[Sequence] = []
+        batch_calls = 0
+        for step in self.stream(prompts, config=config, stop_token_ids=stop_token_ids, **overrides):
+            seqs = seqs or [d.seq for d in step]  # the first step holds every sequence
+            batch_calls += step.forward_calls
+        batch_seconds = time.perf_counter() - t0
+        return [self._result(s, batch_calls, batch_seconds) for s in seqs]
+
+    def stream(self, prompts: Seq[str | Seq[int]], *, config: DecodeConfig | None = None,
+               stop_token_ids: Seq[int] | None = None, **overrides) -> Iterator[Step]:
+        """Decode prompts together, yielding after every engine step what it made final in each
+        sequence (`Step`: a `Delta` per running sequence, in prompt order). The requests are
+        checked and their sequences added here, before the first step; iterate to the end, or
+        close the iterator (a `break` in a for loop, Ctrl-C) to free their slots."""
         if not prompts:
             raise FastDLLMError("no prompts given", field="prompt")
         params = self.decode_config(config, **overrides)
         ids = [self.encode(p) for p in prompts]
         for x in ids:
             self.check_request(len(x), params)
-        max_len = max(params.cache_len(len(x)) for x in ids)
-        engine = self.engine(len(ids), max_len)
+        engine = self.engine(len(ids), max(params.cache_len(len(x)) for x in ids), params.block)
         stops = tuple(stop_token_ids) if stop_token_ids is not None else None
-        t0 = time.perf_counter()
-        calls0 = engine.stats.forward_calls
         seqs = [engine.add(x, params, stop_token_ids=stops) for x in ids]
-        while engine.running:
-            engine.step()
-        batch_seconds = time.perf_counter() - t0
-        batch_calls = engine.stats.forward_calls - calls0
-        return [self._result(s, batch_calls, batch_seconds) for s in seqs]
+        return _drive(engine, seqs)
 
     def _result(self, seq: Sequence, batch_calls: int, batch_seconds: float) -> GenerationResult:
         out = seq.output_ids()
@@ -206,6 +226,14 @@ class LLM:
                                 prompt_ids=seq.tokens[: seq.prompt_len])
 
 
+def _drive(engine: Engine, seqs: list[Sequence]) -> Iterator[Step]:
+    try:
+        yield from engine.stream()
+    finally:  # stopped early: the unfinished sequences give their slots back
+        for seq in seqs:
+            engine.abort(seq)
+
+
 def _resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,8 +242,8 @@ def _resolve_device(device: str | None) -> torch.device:
     except RuntimeError:
         raise FastDLLMError(f"unknown device {device!r}; use cpu, cuda or cuda:N", field="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FastDLLMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu",
-                            field="device")
+        raise FastDLLMError("device cuda was asked for but no CUDA GPU is available", field="device",
+                            fixes=[("device", "cpu")])
     return dev
 
 

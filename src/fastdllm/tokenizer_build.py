@@ -28,8 +28,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .atomic import atomic_dir
-from .checkpoint import MASK_TOKEN
 from .errors import FastDLLMError
+from .model.checkpoint import MASK_TOKEN
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write_text
-from .engine.params import round_down
 from .errors import FastDLLMError
+from .rounding import round_down
 
 if TYPE_CHECKING:
     from .llm import LLM, GenerationResult

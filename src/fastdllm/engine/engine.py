@@ -1,12 +1,15 @@
-"""The engine: a set of running sequences, one model runner (model + KV cache), and a `step()`
-that advances every sequence by exactly one model forward.
+"""The engine: a set of running sequences, one KV cache, and a `step()` that advances every
+sequence by one forward and says what it made final in each (`Step`, one `Delta` a sequence).
+`stream()` is the one driver loop that every front end decodes through: `LLM.stream` (and with
+it `generate`, `generate_batch` and the chat CLI) and the server's scheduler.
 
-Each sequence plans its own next forward (see `sequence.py`); the runner turns all plans of a
-step, whatever their phases and widths, into one forward, one draw and one device-to-host
-transfer (see `runner.py`). Each row has its own positions, block size and slot of the cache,
-and a sequence's decisions depend only on its own logits, so its greedy output does not depend
-on what else is in the batch. Sequences can be added between steps (they join at their own
-prefill) and leave as soon as they finish, which is what the server's scheduler builds on.
+Each sequence plans its own next forward (see `sequence.py`); the model runner turns all plans
+of a step, whatever their phases and widths, into exactly one forward, one draw and one
+device-to-host transfer (see `runner.py`). Each row has its own positions, block size and slot
+of the cache, and a sequence's decisions depend only on its own logits, so its greedy output
+does not depend on what else is in the batch. Sequences can be added between steps (they join
+at their own prefill) and leave as soon as they finish, which is what the server's scheduler
+builds on.
 """
 
 from __future__ import annotations
@@ -14,14 +17,42 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from ..errors import FastDLLMError
-from ..model import Transformer
+from ..model.transformer import Transformer
 from .params import DecodeConfig, RunnerConfig
 from .runner import ModelRunner
 from .sequence import Sequence
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step made final in one sequence: its tokens at [start, end), none on most
+    refinement steps (final tokens never change, so they can be read at any later time)."""
+
+    seq: Sequence
+    start: int
+    end: int
+    finished: bool  # the sequence finished at this step or before it
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.tokens[self.start:self.end]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One engine step: a Delta for every sequence that was running, in the order they joined,
+    and the model forwards it took (one, or none when nothing was left to run)."""
+
+    deltas: tuple[Delta, ...]
+    forward_calls: int
+
+    def __iter__(self) -> Iterator[Delta]:
+        return iter(self.deltas)
 
 
 @dataclass
@@ -43,7 +74,7 @@ class Engine:
         self.mask_token_id = mask_token_id
         self.stop_token_ids = stop_token_ids
         self.max_slots = max_slots
-        self.free_slots = list(range(max_slots))
+        self._free_slots = list(range(max_slots))
         self.running: list[Sequence] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -56,16 +87,21 @@ class Engine:
         """Capture/compile the static steps now (CUDA graphs on the GPU), within the time cap."""
         self.runner.warm_up(log)
 
+    @property
+    def room(self) -> int:
+        """Sequences that can be added now (free slots)."""
+        return len(self._free_slots)
+
     def add(self, prompt_ids: list[int], params: DecodeConfig, *,
             stop_token_ids: tuple[int, ...] | None = None) -> Sequence:
-        if not self.free_slots:
+        if not self._free_slots:
             raise FastDLLMError("the engine is full: every batch slot is in use")
         if params.diffusion and self.mask_token_id is None:
             raise FastDLLMError(
                 "diffusion decoding needs a mask token, and this checkpoint has none "
-                "(no mask_token_id in config.json, no |<MASK>| in the tokenizer); pass "
-                "--mask-token-id, use --mode ar, or adapt the model with `fastdllm train`",
-                field="mode")
+                "(no mask_token_id in config.json, no |<MASK>| in the tokenizer): give its id, "
+                "decode autoregressively, or adapt the model with `fastdllm train`",
+                field="mode", fixes=[("mask_token_id", None), ("mode", "ar")])
         needed = params.cache_len(len(prompt_ids))
         if needed > self.max_len:  # checked before the sequence allocates its buffers
             raise FastDLLMError(
@@ -75,7 +111,7 @@ class Engine:
         seq = Sequence(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                        stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                        device=self.device)
-        seq.slot = self.free_slots.pop(0)
+        seq.slot = self._free_slots.pop(0)
         seq.begin()
         self.running.append(seq)
         return seq
@@ -86,15 +122,25 @@ class Engine:
             self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.free_slots.append(seq.slot)
-        self.free_slots.sort()
+        self._free_slots.append(seq.slot)
+        self._free_slots.sort()
+
+    def stream(self) -> Iterator[Step]:
+        """Step until no sequence is left running. Sequences may join (`add`) or leave
+        (`abort`) between steps: `LLM.stream` adds its prompts first, the server's scheduler
+        admits requests as slots free up."""
+        while self.running:
+            yield self.step()
 
     @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        """One forward for every running sequence. Returns the sequences that advanced;
-        finished ones have left `running`."""
+    def step(self) -> Step:
+        """One forward for every running sequence, whatever their phases; finished sequences
+        leave `running`."""
         t0 = time.perf_counter()
-        rows = [(seq, seq.plan()) for seq in self.running if not seq.finished]
+        seqs = list(self.running)
+        final_before = [s.final_len for s in seqs]
+        calls_before = self.stats.forward_calls
+        rows = [(seq, seq.plan()) for seq in seqs if not seq.finished]
         if rows:
             tokens, conf, spans = self.runner.run(rows)
             self.stats.forward_calls += 1
@@ -105,4 +151,6 @@ class Engine:
             self._release(seq)
         self.stats.steps += 1
         self.stats.seconds += time.perf_counter() - t0
-        return [seq for seq, _ in rows]
+        deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
+                       for s, start in zip(seqs, final_before))
+        return Step(deltas, self.stats.forward_calls - calls_before)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FastDLLMError
+from ..rounding import round_up
 
 MODES = ("diffusion", "ar")
 
@@ -39,9 +40,9 @@ class DecodeConfig:
             raise FastDLLMError(f"block_size must be positive, got {self.block_size}", field="block_size")
         if self.sub_block_size <= 0 or self.block_size % self.sub_block_size:
             raise FastDLLMError(
-                f"sub_block_size ({self.sub_block_size}) must divide block_size ({self.block_size}); "
-                f"e.g. use --sub-block-size {_largest_divisor_at_most(self.block_size, 8)}",
-                field="sub_block_size")
+                f"sub_block_size ({self.sub_block_size}) must divide block_size ({self.block_size})",
+                field="sub_block_size",
+                fixes=[("sub_block_size", _largest_divisor_at_most(self.block_size, 8))])
         if not 0.0 < self.threshold <= 1.0:
             raise FastDLLMError(
                 f"threshold must be in (0, 1], got {self.threshold}; 1.0 unmasks one token per step, "
@@ -72,12 +73,13 @@ class DecodeConfig:
         return round_up(prompt_len + self.max_new_tokens, self.block)
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def round_down(n: int, multiple: int) -> int:
-    return n // multiple * multiple
+def slot_len(needed: int, context: int, block: int) -> int:
+    """Positions an engine slot is allocated with, the one sizing rule of every front end:
+    `needed` grown to the next power of two (so a longer next prompt or a growing conversation
+    rarely reallocates), but not past the context, in whole blocks (a diffusion sequence's last
+    block may overhang the context)."""
+    n = max(needed, min(1 << (needed - 1).bit_length(), context))
+    return round_up(n, block)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:

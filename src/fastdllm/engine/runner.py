@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kv_cache import CacheAccess, KVCache, Packing
-from ..model import Transformer
+from ..model.kv_cache import CacheAccess, KVCache, Packing
+from ..model.transformer import Transformer
 from .params import RunnerConfig
 from .sampling import draw
 from .sequence import ForwardPlan, Sequence
@@ -46,10 +46,10 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.mask_token_id = mask_token_id
         self.max_slots = max_slots
-        # one slot more than sequences: the scratch slot where padded rows of a static step
-        # write their KV, so they never touch a sequence's cache
-        self.cache = KVCache(cfg.num_layers, max_slots + 1, max_len, cfg.num_kv_heads, cfg.head_dim,
-                             self.dtype, self.device)
+        # one scratch slot after the sequences' slots: padded places of a static step write
+        # their KV there, so they never touch a sequence's cache
+        self.cache = KVCache(cfg.num_layers, max_slots, max_len, cfg.num_kv_heads, cfg.head_dim,
+                             self.dtype, self.device, scratch_slots=1)
         self.scratch_slot = max_slots
         self.keys = torch.arange(max_len, device=self.device)  # key positions, for every mask
         # the mask goes to attention additive (0 / -inf in the model dtype), built once per step

@@ -30,7 +30,8 @@ from enum import Enum
 
 import torch
 
-from .params import DecodeConfig, round_down
+from ..rounding import round_down
+from .params import DecodeConfig
 from .selection import as_float32, select_positions
 
 
@@ -42,13 +43,23 @@ class Phase(Enum):
     FINISHED = "finished"
 
 
+class PlanKind(Enum):
+    """Which forward a plan asks for; its value is what the step trace records."""
+
+    PREFILL = "prefill"  # the prompt's whole blocks into the block cache
+    FULL_BLOCK = "full_block"  # the active block (or, without block cache, the whole sequence)
+    SUB_BLOCK = "sub_block"  # only the active sub-block, against the block-local cache
+    COMMIT = "commit"  # the finished block's exact KV into the block cache
+    AR_STEP = "ar_step"  # one AR token
+
+
 @dataclass(frozen=True)
 class ForwardPlan:
     """What one sequence needs from the next model forward: the tokens at absolute positions
     [start, end), how far into the cache its queries may look (`key_len`), and the absolute
     positions whose output logits it will read."""
 
-    kind: str  # prefill | full_block | sub_block | commit | ar_step
+    kind: PlanKind
     start: int
     end: int
     key_len: int
@@ -120,28 +131,28 @@ class Sequence:
         p = self.params
         if self.phase is Phase.PREFILL:
             end = round_down(self.prompt_len, self.block)  # AR (block 1): the whole prompt
-            return ForwardPlan("prefill", 0, end, end, (end - 1,))
+            return ForwardPlan(PlanKind.PREFILL, 0, end, end, (end - 1,))
         if self.phase is Phase.AR_STEP:
             pos = self.length - 1  # the last drawn token, whose KV is not cached yet
             start = pos if p.block_cache else 0
-            return ForwardPlan("ar_step", start, pos + 1, pos + 1, (pos,))
+            return ForwardPlan(PlanKind.AR_STEP, start, pos + 1, pos + 1, (pos,))
         bs, be = self.committed, self.committed + self.block
         if self.phase is Phase.COMMIT:
-            return ForwardPlan("commit", bs if p.block_cache else 0, be, be, (be - 1,))
+            return ForwardPlan(PlanKind.COMMIT, bs if p.block_cache else 0, be, be, (be - 1,))
         a, b = self._active_range()
         shift = 1 if p.token_shift else 0
         # a block's first position is never masked when shifting (it holds the prompt tail or
         # the token drawn from the previous forward), so its logit, outside the chunk, is skipped
         logit_pos = tuple(i - shift for i in range(a, b) if i - shift >= bs)
         if not p.block_cache:
-            return ForwardPlan("full_block", 0, be, be, logit_pos)
+            return ForwardPlan(PlanKind.FULL_BLOCK, 0, be, be, logit_pos)
         first_masked = self.masked[a]
         if p.sub_block_cache and self.block_fresh and not first_masked:
             # only the sub-block is recomputed; the rest of the block is read (stale) from the
             # block-local cache. Position a is final here, so its own logit is never needed.
             logit_pos = tuple(x for x in logit_pos if x >= a)
-            return ForwardPlan("sub_block", a, b, be, logit_pos)
-        return ForwardPlan("full_block", bs, be, be, logit_pos)
+            return ForwardPlan(PlanKind.SUB_BLOCK, a, b, be, logit_pos)
+        return ForwardPlan(PlanKind.FULL_BLOCK, bs, be, be, logit_pos)
 
     def _active_range(self) -> tuple[int, int]:
         s = self.params.sub_block_size
@@ -154,28 +165,25 @@ class Sequence:
         plan.logit_positions (each drawn token is for position logit_position + shift)."""
         self.stats.forward_calls += 1
         kinds = self.stats.forwards_by_kind
-        kinds[plan.kind] = kinds.get(plan.kind, 0) + 1
-        if plan.kind == "prefill":
-            self.committed = plan.end
-            if self.prompt_len % self.block == 0:  # always in AR (block 1)
-                self._append_drawn(tokens[-1:], conf[-1:], plan.kind)
-            if not self.finished:
-                self._enter_next_phase()
-        elif plan.kind == "ar_step":
-            self.committed = plan.end
-            self.stats.steps += 1
-            self._append_drawn(tokens, conf, plan.kind)
-            if not self.finished and self.length >= self.limit:
-                self._finish("length")
-        elif plan.kind == "commit":
-            self.committed = plan.end
-            self._append_drawn(tokens[-1:], conf[-1:], plan.kind)
-            if not self.finished:
-                self._enter_next_phase()
-        else:
+        kinds[plan.kind.value] = kinds.get(plan.kind.value, 0) + 1
+        if plan.kind in (PlanKind.FULL_BLOCK, PlanKind.SUB_BLOCK):
             self._refine(plan, tokens, conf)
+            return
+        if plan.kind is PlanKind.AR_STEP:
+            self.stats.steps += 1
+        self._commit(plan, tokens, conf)
 
-    def _append_drawn(self, tokens, conf, kind: str) -> None:
+    def _commit(self, plan: ForwardPlan, tokens: list[int], conf: list[float]) -> None:
+        """PREFILL, COMMIT and AR_STEP end alike: the KV below plan.end is now exact, and the
+        forward's last logit draws the token after it (after a prefill only when the prompt
+        fills its last block, which is always so in AR); then the next phase begins."""
+        self.committed = plan.end
+        if plan.kind is not PlanKind.PREFILL or self.prompt_len % self.block == 0:
+            self._append_drawn(tokens[-1:], conf[-1:], plan.kind)
+        if not self.finished:
+            self._enter_next_phase()
+
+    def _append_drawn(self, tokens, conf, kind: PlanKind) -> None:
         """A token drawn AR-style (after prefill/commit, or an AR step) at position `length`."""
         if not self.params.token_shift and self.params.diffusion:
             return  # without token shift the block's first position is decoded like the rest
@@ -231,7 +239,7 @@ class Sequence:
     def _refine(self, plan: ForwardPlan, tokens: list[int], conf: list[float]) -> None:
         p = self.params
         self.stats.steps += 1
-        if plan.kind == "full_block":
+        if plan.kind is PlanKind.FULL_BLOCK:
             self.block_fresh = True
         shift = 1 if p.token_shift else 0
         targets = [x + shift for x in plan.logit_positions]
@@ -272,12 +280,12 @@ class Sequence:
         self.stats.new_tokens = self.end - self.prompt_len
         self.stats.seconds = time.perf_counter() - self.stats.started
 
-    def _record(self, kind: str, positions: list[int], tokens, conf) -> None:
+    def _record(self, kind: PlanKind, positions: list[int], tokens, conf) -> None:
         if self.trace is None:
             return
         self.trace.append({
             "step": len(self.trace),
-            "kind": kind,
+            "kind": kind.value,
             "positions": positions,
             "tokens": list(tokens),
             "confidences": [round(c, 6) for c in conf],

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING
-
 import torch
 
-from ..kv_cache import CacheAccess
+from ..model.kv_cache import CacheAccess
 from .params import RunnerConfig
 
-if TYPE_CHECKING:
-    from .runner import ModelRunner, Row
+# `runner` below is the engine's ModelRunner (runner.py imports this module, not the reverse);
+# a row is one (Sequence, ForwardPlan) of the step
 
 
 def buckets(limit: int, first: int = 1) -> list[int]:
@@ -46,7 +44,7 @@ class StaticShape:
     """One (W, n, K) shape: its input buffer and the step function run on it (eagerly, compiled,
     or replayed from a CUDA graph)."""
 
-    def __init__(self, runner: ModelRunner, width: int, batch: int, key_len: int):
+    def __init__(self, runner, width: int, batch: int, key_len: int):
         self.runner, self.width, self.batch, self.key_len = runner, width, batch, key_len
         places = batch * width
         self.sizes = [places, places, places, places, batch, places]  # ids pos slots limits rows suppress
@@ -94,7 +92,7 @@ class StaticShape:
 
 
 class StaticSteps:
-    def __init__(self, runner: ModelRunner, mode: str, config: RunnerConfig):
+    def __init__(self, runner, mode: str, config: RunnerConfig):
         self.runner, self.mode, self.config = runner, mode, config
         top = min(config.max_batch or runner.max_slots, runner.max_slots)
         self.batches = buckets(top)
@@ -112,13 +110,13 @@ class StaticSteps:
         return device.type == "cuda" or config.cpu_static != "off"
 
     @classmethod
-    def for_runner(cls, runner: ModelRunner) -> StaticSteps:
+    def for_runner(cls, runner) -> "StaticSteps":
         cfg = runner.config
         mode = "graph" if runner.device.type == "cuda" else cfg.cpu_static
         return cls(runner, mode, cfg)
 
     # ------------------------------------------------------------------ choosing a shape
-    def shape_for(self, rows: list[Row]) -> tuple[int, int, int] | None:
+    def shape_for(self, rows: list[tuple]) -> tuple[int, int, int] | None:
         if any(not s.params.greedy for s, _ in rows):
             return None
         W = smallest_at_least(self.widths, max(p.end - p.start for _, p in rows))
@@ -129,7 +127,7 @@ class StaticSteps:
         key = (W, n, K)
         return key if self.mode == "eager" or key in self.ready else None
 
-    def fits(self, rows: list[Row]) -> bool:
+    def fits(self, rows: list[tuple]) -> bool:
         return self.shape_for(rows) is not None
 
     def shape(self, key: tuple[int, int, int]) -> StaticShape:
@@ -138,7 +136,7 @@ class StaticSteps:
         return self.shapes[key]
 
     # ------------------------------------------------------------------ running
-    def run(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy tokens and confidences (R,) of the rows' logit positions, in row order."""
         r = self.runner
         W, n, K = key = self.shape_for(rows)

@@ -3,8 +3,9 @@
     app.py         routes; streamed and non-streamed responses; error handlers
     service.py     ServerConfig; the served model and request preparation (all 4xx checks)
     protocol.py    request/response/error bodies (OpenAI's shapes)
-    scheduler.py   the thread that owns the Engine and batches every request into its steps
-    stream.py      final tokens -> text deltas (stop strings, split characters) -> SSE
+    scheduler.py   the thread that owns the Engine and batches every request into its steps;
+                   the routes use only submit, cancel and health
+    stream.py      text deltas (from fastdllm.text_stream) -> server-sent events
     background.py  uvicorn in the foreground or on a background thread
 """
 

@@ -14,7 +14,6 @@ away, or a request that outlives `request_timeout`, cancels its job, which frees
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -47,12 +46,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        s = server.scheduler
-        return {"status": "ok", "model": config.served_model_name, "active": s.active,
-                "waiting": s.waiting, "max_batch": config.max_batch,
-                "requests": dataclasses.asdict(s.stats),
-                "engine": {"steps": server.engine.stats.steps,
-                           "forward_calls": server.engine.stats.forward_calls}}
+        return {"status": "ok", "model": config.served_model_name, "max_batch": config.max_batch,
+                **server.scheduler.health()}
 
     @app.get("/v1/models")
     async def models() -> dict:

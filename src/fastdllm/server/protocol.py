@@ -3,22 +3,21 @@
 Requests are validated strictly (a string is not a number, unknown fields are refused, as the
 OpenAI API does) and every problem becomes an `APIError` whose body is OpenAI's
 `{"error": {"message", "type", "param", "code"}}` with `param` naming the offending field.
-Decoding parameters are checked once, by `DecodeConfig` itself; this module only maps the
-engine's field names back to the request's.
+Decoding parameters are checked once, by `DecodeConfig` itself; this module only names the
+engine's fields as the request's (`REQUEST_FIELDS`) when it words a `FastDLLMError`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 
 from ..errors import FastDLLMError
 
-# the CLI flags a FastDLLMError may suggest, which are request fields over HTTP
-_FLAG = re.compile(r"--(block-size|sub-block-size|threshold|temperature|top-p|top-k|max-new-tokens|mode)\b")
+# fastdllm field names -> the OpenAI request fields that carry them (the rest keep their name)
+REQUEST_FIELDS = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt"}
 
 
 class APIError(Exception):
@@ -34,12 +33,16 @@ class APIError(Exception):
                           "code": self.code}}
 
     @classmethod
-    def from_user_error(cls, e: FastDLLMError, renames: dict[str, str]) -> "APIError":
-        """A FastDLLMError raised by the engine or the tokenizer; `renames` maps fastdllm's
-        field names (max_new_tokens) to the request's (max_tokens)."""
-        param = renames.get(e.field, e.field) if e.field else None
-        message = _FLAG.sub(lambda m: m[1].replace("-", "_"), str(e))  # --top-p -> top_p
-        return cls(message.replace("max_new_tokens", "max_tokens"), param=param)
+    def from_user_error(cls, e: FastDLLMError, renames: dict[str, str] | None = None) -> "APIError":
+        """A FastDLLMError raised by the engine or the tokenizer, its field and fixes named as
+        request fields; `renames` names fields the other way for one route (prompt -> messages)."""
+        names = {**REQUEST_FIELDS, **(renames or {})}
+
+        def spell(field: str, value: Any) -> str:
+            name = names.get(field, field)
+            return f'"{name}"' if value is None else f'"{name}": {json.dumps(value)}'
+
+        return cls(e.describe(spell), param=names.get(e.field, e.field) if e.field else None)
 
 
 # ---------------------------------------------------------------------------------- requests

@@ -1,12 +1,13 @@
 """The batching loop: one thread owns the Engine and serves every request with it.
 
-HTTP handlers (on the asyncio event loop) `submit` a `Job` and read its `events` queue; they
-never touch the model. The scheduler thread repeats:
+HTTP handlers (on the asyncio event loop) use three calls: `submit` a `Job` and read its
+`events` queue, `cancel` it, read `health()`; they never touch the model. The scheduler thread
+waits for work, then drives the engine with `Engine.stream()`, the driver every front end uses,
+and between its steps:
 
-    admit waiting jobs while the engine has free slots (each joins at its own prefill)
+    admit waiting jobs while the engine has room (each joins at its own prefill)
     drop cancelled jobs (client gone, timed out): `engine.abort` frees their slot
-    engine.step()      -- one forward per width group serves every running sequence
-    for each job: decode its newly final tokens (`TextStream`), push the text delta;
+    for each step's Delta: decode its job's newly final tokens (`TextStream`), push the text;
                   a finished sequence or a matched stop string ends the job
 
 so concurrent requests share forwards, and each gets exactly what it would alone (the engine
@@ -20,10 +21,10 @@ import asyncio
 import collections
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
-from ..engine.engine import Engine
+from ..engine.engine import Engine, Step
 from ..engine.params import DecodeConfig
 from ..engine.sequence import Sequence
 from ..errors import FastDLLMError
@@ -82,7 +83,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
-        self._running: list[Job] = []  # only the scheduler thread changes it
+        self._running: dict[Sequence, Job] = {}  # only the scheduler thread changes it
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="fastdllm-scheduler", daemon=True)
 
@@ -115,77 +116,78 @@ class Scheduler:
                 self.stats.cancelled += 1
             self._cond.notify()
 
-    @property
-    def active(self) -> int:
-        return len(self._running)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
+    def health(self) -> dict:
+        """Requests decoding and waiting, request counts, and the engine's work so far."""
+        return {"active": len(self._running), "waiting": len(self._waiting),
+                "requests": asdict(self.stats),
+                "engine": {"steps": self.engine.stats.steps,
+                           "forward_calls": self.engine.stats.forward_calls}}
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stopping or self._waiting or self._running):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                admitted = [self._waiting.popleft()
-                            for _ in range(min(len(self.engine.free_slots), len(self._waiting)))]
-            self._drop_cancelled()
-            for job in admitted:
-                self._admit(job)
-            if self._running:
-                self._step()
-        for job in [*self._running, *self._waiting]:
+        while self._admit(wait=True):
+            try:
+                for step in self.engine.stream():
+                    self._emit(step)
+                    if not self._admit(wait=False):
+                        break
+            except Exception:  # a bug: fail the batch, keep serving
+                log.exception("engine step failed; failing %d running requests", len(self._running))
+                for seq, job in list(self._running.items()):
+                    self.engine.abort(seq)
+                    del self._running[seq]
+                    self._fail(job, APIError("internal error while decoding", status=500,
+                                             type="server_error"))
+        for job in [*self._running.values(), *self._waiting]:
             job.push(Event(error=APIError("the server is shutting down", status=503,
                                           type="server_error")))
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, wait: bool) -> bool:
+        """Between steps: take waiting jobs into the engine's free slots and drop cancelled
+        ones; with `wait`, first sleep until there is work. False once shutting down."""
+        with self._cond:
+            while wait and not (self._stopping or self._waiting or self._running):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            admitted = [self._waiting.popleft()
+                        for _ in range(min(self.engine.room, len(self._waiting)))]
+        self._drop_cancelled()
+        for job in admitted:
+            self._start(job)
+        return True
+
+    def _start(self, job: Job) -> None:
         if job.cancelled:  # cancelled between leaving the queue and now
             self.stats.cancelled += 1
             return
         try:
             job.seq = self.engine.add(job.prompt_ids, job.params)
         except FastDLLMError as e:  # the handler validated the request; this is a last guard
-            self._fail(job, APIError.from_user_error(e, {"max_new_tokens": "max_tokens"}))
+            self._fail(job, APIError.from_user_error(e))
             return
         self.stats.admitted += 1
-        self._running.append(job)
+        self._running[job.seq] = job
 
     def _drop_cancelled(self) -> None:
-        for job in [j for j in self._running if j.cancelled]:
-            self.engine.abort(job.seq)
-            self._running.remove(job)
+        for seq, job in [(s, j) for s, j in self._running.items() if j.cancelled]:
+            self.engine.abort(seq)
+            del self._running[seq]
             self.stats.cancelled += 1
 
-    def _step(self) -> None:
-        try:
-            self.engine.step()
-        except Exception:  # a bug: fail the batch, keep serving
-            log.exception("engine step failed; failing %d running requests", len(self._running))
-            for job in list(self._running):
-                self.engine.abort(job.seq)
-                self._running.remove(job)
-                self._fail(job, APIError("internal error while decoding", status=500,
-                                         type="server_error"))
-            return
-        for job in list(self._running):
-            self._emit(job)
-
-    def _emit(self, job: Job) -> None:
-        seq = job.seq
-        delta = job.text.feed(seq)
-        n_final = seq.final_len - seq.prompt_len
-        if seq.finished or job.text.stopped:
-            self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
-            self._running.remove(job)
-            self.stats.finished += 1
-            reason = "stop" if job.text.stopped else seq.finish_reason
-            job.push(Event(delta, n_final, finish_reason=reason))
-        elif delta:
-            job.push(Event(delta, n_final))
+    def _emit(self, step: Step) -> None:
+        for d in step:
+            seq, job = d.seq, self._running[d.seq]
+            text = job.text.feed(seq)
+            n_final = seq.final_len - seq.prompt_len
+            if d.finished or job.text.stopped:
+                self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
+                del self._running[seq]
+                self.stats.finished += 1
+                reason = "stop" if job.text.stopped else seq.finish_reason
+                job.push(Event(text, n_final, finish_reason=reason))
+            elif text:
+                job.push(Event(text, n_final))
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.stats.failed += 1

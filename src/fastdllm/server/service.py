@@ -15,17 +15,13 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..checkpoint import load_tokenizer
-from ..engine.engine import Engine
-from ..engine.params import DecodeConfig, round_up
+from ..engine.params import DecodeConfig
 from ..errors import FastDLLMError
 from ..llm import LLM
+from ..model.checkpoint import load_tokenizer
 from . import protocol as p
 from .protocol import APIError
 from .scheduler import Event, Job, Scheduler
-
-RENAMES = {"max_new_tokens": "max_tokens"}  # fastdllm field names -> OpenAI request fields
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -37,12 +33,13 @@ class ServerConfig:
 
     def __post_init__(self):
         if self.max_batch < 1:
-            raise FastDLLMError(f"--max-batch must be >= 1, got {self.max_batch}", field="max_batch")
+            raise FastDLLMError(f"max_batch must be >= 1, got {self.max_batch}", field="max_batch",
+                                fixes=[("max_batch", 1)])
         if self.request_timeout is not None and self.request_timeout <= 0:
-            raise FastDLLMError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}",
+            raise FastDLLMError(f"request_timeout must be > 0 seconds, got {self.request_timeout}",
                                 field="request_timeout")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise FastDLLMError(f"--max-model-len must be >= 2, got {self.max_model_len}",
+            raise FastDLLMError(f"max_model_len must be >= 2, got {self.max_model_len}",
                                 field="max_model_len")
 
 
@@ -54,22 +51,21 @@ class Server:
             raise FastDLLMError(f"{llm.model_dir} has no tokenizer files; the server needs one to "
                                 "turn tokens into text", field="model")
         if config.max_model_len is not None and config.max_model_len > llm.context_length:
-            raise FastDLLMError(f"--max-model-len {config.max_model_len} exceeds the model's context "
-                                f"of {llm.context_length}", field="max_model_len")
+            raise FastDLLMError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                                f"of {llm.context_length}", field="max_model_len",
+                                fixes=[("max_model_len", llm.context_length)])
         self.llm = llm
         self.config = config
         self.max_len = config.max_model_len or llm.context_length
-        block = config.defaults.block_size
-        # diffusion sequences occupy whole blocks: room for the last one to overhang max_len
-        self.engine = Engine(llm.model, max_slots=config.max_batch, max_len=round_up(self.max_len, block),
-                             mask_token_id=llm.special.mask_token_id,
-                             stop_token_ids=llm.special.stop_token_ids, runner=llm.runner)
-        self.engine.warm_up()  # CUDA graphs at server start (no-op on the CPU by default)
+        # every slot holds a whole max_len request (continuous batching cannot grow the cache),
+        # by the engine's one sizing rule: whole blocks, the last one may overhang max_len
+        engine = llm.new_engine(config.max_batch, self.max_len, config.defaults.block_size,
+                                context=self.max_len)
+        self.positions = engine.max_len
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
-        self.scheduler = Scheduler(self.engine,
-                                   lambda ids: detok.decode(ids, skip_special_tokens=True))
+        self.scheduler = Scheduler(engine, lambda ids: detok.decode(ids, skip_special_tokens=True))
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ request preparation
@@ -88,13 +84,13 @@ class Server:
         try:
             return self.llm.encode(prompt)
         except FastDLLMError as e:
-            raise APIError.from_user_error(e, RENAMES) from None
+            raise APIError.from_user_error(e) from None
 
     def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
         try:
             return self.llm.encode_chat([m.as_template_input() for m in req.messages])
         except FastDLLMError as e:
-            raise APIError.from_user_error(e, {**RENAMES, "prompt": "messages"}) from None
+            raise APIError.from_user_error(e, {"prompt": "messages"}) from None
 
     def decode_params(self, req: p.CompletionRequest | p.ChatCompletionRequest, prompt_len: int,
                       prompt_param: str) -> DecodeConfig:
@@ -107,6 +103,8 @@ class Server:
         max_tokens = req.max_tokens
         if max_tokens is None and isinstance(req, p.ChatCompletionRequest):
             max_tokens = req.max_completion_tokens
+        if max_tokens is not None and max_tokens < 1:  # said here in the request's own words
+            raise APIError(f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
         if max_tokens is None:  # the default never overflows: it stops at the context's end
             max_tokens = min(self.config.defaults.max_new_tokens, self.max_len - prompt_len)
         try:
@@ -116,15 +114,15 @@ class Server:
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
                 threshold=req.threshold)
         except FastDLLMError as e:
-            raise APIError.from_user_error(e, RENAMES) from None
+            raise APIError.from_user_error(e) from None
         if prompt_len + params.max_new_tokens > self.max_len:
             raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
                            f"exceeds the server's context of {self.max_len}; lower max_tokens to "
                            f"at most {self.max_len - prompt_len}", param="max_tokens")
-        if params.cache_len(prompt_len) > self.engine.max_len:
+        if params.cache_len(prompt_len) > self.positions:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
-                           f"{self.engine.max_len} positions; use a block size that divides "
-                           f"{self.engine.max_len} or lower max_tokens", param="block_size")
+                           f"{self.positions} positions; use a block size that divides "
+                           f"{self.positions} or lower max_tokens", param="block_size")
         if params.diffusion and self.llm.special.mask_token_id is None:
             raise APIError("diffusion decoding needs a mask token and this checkpoint has none; "
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",

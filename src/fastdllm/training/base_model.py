@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_model, load_tokenizer, read_json, resolve_model_dir
-from ..config import FAMILY_FLAGS, ModelConfig, RopeConfig
-from ..engine.params import round_up
 from ..errors import FastDLLMError
-from ..model import Transformer
+from ..model.checkpoint import load_model, load_tokenizer, read_json, resolve_model_dir
+from ..model.config import FAMILY_FLAGS, ModelConfig, RopeConfig
+from ..model.transformer import Transformer
+from ..rounding import round_up
 from .config import TrainConfig
 from .mask_token import add_mask_token, add_to_tokenizer
 

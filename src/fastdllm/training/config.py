@@ -72,9 +72,12 @@ class DataConfig:
     seq_len: int = 512  # packed row length (tokens); a multiple of diffusion.block_size
     too_long: str = "truncate"  # truncate | error
     padding: str = "eos"  # eos: pad blocks with loss-bearing EOS; mask: pad with [MASK], no loss
+    num_workers: int = 0  # processes that render and tokenize the files (0: this one)
+    cache_dir: str | None = None  # keep tokenized examples here, keyed by file content + tokenizer
 
     def __post_init__(self):
         _positive(self.seq_len, "data.seq_len")
+        _positive(self.num_workers, "data.num_workers", allow_zero=True)
         _choice(self.too_long, ("truncate", "error"), "data.too_long")
         _choice(self.padding, ("eos", "mask"), "data.padding")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -95,9 +98,18 @@ class DiffusionConfig:
     token_shift: bool = True
     shift_source: str = "clean"  # clean | noisy: which stream predicts a block's first token
     loss_weighting: str = "none"  # none | inverse_t
+    # weight of the causal next-token (AR) loss on the clean rows, added to the diffusion loss
+    # (paper §3.2: "a weighted combination of the block-diffusion loss and the AR loss"); 0 is
+    # the public official recipe. With ar_loss_weight_end the weight moves linearly from
+    # ar_loss_weight at the first step to ar_loss_weight_end at the last (schedule.ar_weight_at).
+    ar_loss_weight: float = 0.0
+    ar_loss_weight_end: float | None = None
 
     def __post_init__(self):
         _positive(self.block_size, "diffusion.block_size")
+        _positive(self.ar_loss_weight, "diffusion.ar_loss_weight", allow_zero=True)
+        if self.ar_loss_weight_end is not None:
+            _positive(self.ar_loss_weight_end, "diffusion.ar_loss_weight_end", allow_zero=True)
         if not 0.0 <= self.eps < 1.0:
             raise FastDLLMError(f"diffusion.eps must be in [0, 1), got {self.eps}", field="diffusion.eps")
         _choice(self.shift_source, ("clean", "noisy"), "diffusion.shift_source")
@@ -144,6 +156,7 @@ class LoopConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (recommended on CUDA: compiles flex_attention)
+    attention: str = "auto"  # auto | dense | flex: the training masks (auto: flex on CUDA when compiled)
     log_interval: int = 10
     eval_interval: int = 0  # 0: validate only at the end
     save_interval: int = 0  # 0: no intermediate checkpoints
@@ -155,6 +168,7 @@ class LoopConfig:
         for key in ("eval_interval", "save_interval"):
             _positive(getattr(self, key), f"train.{key}", allow_zero=True)
         _choice(self.precision, ("fp32", "bf16"), "train.precision")
+        _choice(self.attention, ("auto", "dense", "flex"), "train.attention")
         if (self.max_steps is None) == (self.max_tokens is None):
             raise FastDLLMError("set exactly one of train.max_steps and train.max_tokens",
                                 field="train.max_steps")

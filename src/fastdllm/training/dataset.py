@@ -21,13 +21,14 @@ from .packing import PackedRows, pack_examples
 def build_datasets(cfg: TrainConfig, tokenizer, mask_token_id: int | None) -> tuple[PackedRows, PackedRows | None]:
     eos = tokenizer.eos_token_id
     data = cfg.data
-    train, dropped = load_examples(data.train_file, tokenizer, eos)
+    load = dict(workers=data.num_workers, cache_dir=data.cache_dir)
+    train, dropped = load_examples(data.train_file, tokenizer, eos, **load)
     if not train:
         extra = f" ({dropped} records had no loss-bearing tokens)" if dropped else ""
         raise FastDLLMError(f"data.train_file {data.train_file!r} holds no usable examples{extra}; "
                             "it needs at least one messages, prompt/response or text record")
     if data.val_file is not None:
-        val, _ = load_examples(data.val_file, tokenizer, eos)
+        val, _ = load_examples(data.val_file, tokenizer, eos, **load)
         if not val:
             raise FastDLLMError(f"data.val_file {data.val_file!r} holds no usable examples")
     elif data.val_fraction > 0:

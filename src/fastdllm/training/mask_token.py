@@ -16,10 +16,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..checkpoint import MASK_TOKEN
-from ..engine.params import round_up
 from ..errors import FastDLLMError
-from ..model import Transformer
+from ..model.checkpoint import MASK_TOKEN
+from ..model.transformer import Transformer
+from ..rounding import round_up
 
 
 def tokenizer_mask_id(tokenizer) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .config import OptimizerConfig
+from .config import DiffusionConfig, OptimizerConfig
 
 
 def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
@@ -24,3 +24,16 @@ def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - min_lr) * progress
     return min_lr + (cfg.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ar_weight_at(step: int, cfg: DiffusionConfig, total_steps: int) -> float:
+    """Weight of the AR loss at optimizer step `step`: constant, or linear from
+    `ar_loss_weight` (first step) to `ar_loss_weight_end` (last step)."""
+    if cfg.ar_loss_weight_end is None:
+        return cfg.ar_loss_weight
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return cfg.ar_loss_weight + (cfg.ar_loss_weight_end - cfg.ar_loss_weight) * progress
+
+
+def uses_ar_loss(cfg: DiffusionConfig) -> bool:
+    return cfg.ar_loss_weight > 0 or bool(cfg.ar_loss_weight_end)

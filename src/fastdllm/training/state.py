@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir
-from ..checkpoint import write_checkpoint_files
 from ..errors import FastDLLMError
+from ..model.checkpoint import write_checkpoint_files
 
 # in a subdirectory, so the model loader's *.safetensors glob never mistakes them for weights
 STATE_DIR = "trainer_state"

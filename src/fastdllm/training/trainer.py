@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_checkpoint
 from ..errors import FastDLLMError
+from ..model.checkpoint import save_checkpoint
 from .base_model import initial_model, resumed_model
 from .config import TrainConfig
 from .config_file import load_train_config
@@ -29,7 +29,7 @@ from .loss import target_loss_sum
 from .noise import row_seed
 from .objective import Batch, ar_batch, diffusion_batch
 from .packing import PackedRows
-from .schedule import lr_at
+from .schedule import ar_weight_at, lr_at, uses_ar_loss
 from .state import (
     check_same_run,
     latest_checkpoint,
@@ -85,10 +85,10 @@ class Trainer:
         self.step, self.tokens_seen, self.data_tokens_seen, self.elapsed = 0, 0, 0, 0.0
         if resume and latest is None:
             raise FastDLLMError(f"nothing to resume: {self.ckpt_root} holds no complete checkpoint; "
-                                "start the run without --resume")
+                                "start the run without resuming", field="resume")
         if not resume and latest is not None:
-            raise FastDLLMError(f"{self.run_dir} already holds checkpoints ({latest.name}); pass "
-                                "--resume to continue that run or choose a new output_dir")
+            raise FastDLLMError(f"{self.run_dir} already holds checkpoints ({latest.name}); resume "
+                                "that run or choose a new output_dir", field="resume", fixes=[("resume", True)])
         if resume:
             state, tensors = read_checkpoint(latest)
             check_same_run(state, cfg.to_dict(), world, latest)
@@ -105,7 +105,10 @@ class Trainer:
         optimizer = _optimizer(model, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.forward = torch.compile(self.model) if t.compile else self.model
-        self.use_flex = self.acc.device.type == "cuda"
+        # flex_attention pays only compiled; uncompiled, the dense masks are faster and tested
+        self.use_flex = t.attention == "flex" or (t.attention == "auto" and t.compile
+                                                   and self.acc.device.type == "cuda")
+        self.ar_term = cfg.objective == "diffusion" and uses_ar_loss(cfg.diffusion)
         self.order = RowOrder(len(self.train_rows), t.seed)
         self.last_loss: float | None = None
         self.last_val: float | None = None
@@ -147,68 +150,92 @@ class Trainer:
         return self.acc.reduce(t, reduction="sum").tolist() if self.acc.num_processes > 1 else t.tolist()
 
     def train_step(self) -> dict:
+        """One optimizer step. With the AR term (diffusion.ar_loss_weight) each micro-batch's
+        packed rows also get a causal next-token forward of the clean rows; the step minimises
+        mean(diffusion CE) + w * mean(AR CE), each mean over its own targets of the global batch.
+        The AR forward gets its own backward (under no_sync): one DDP forward per backward."""
         t = self.cfg.train
         lr = lr_at(self.step, self.cfg.optimizer, self.total_steps)
+        ar_weight = ar_weight_at(self.step, self.cfg.diffusion, self.total_steps) if self.ar_term else 0.0
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = []
+        parts: list[tuple[str, Batch]] = []  # ("main" | "ar", batch), the last one syncs gradients
         for indices in micro_batch_indices(self.step, t.grad_accum_steps, t.micro_batch_size,
                                            self.acc.process_index, self.acc.num_processes):
             rows = self.train_rows.select([self.order(g) for g in indices])
-            batches.append(self.make_batch(rows, [row_seed(t.seed, "train", g) for g in indices]))
-        denominator, data_tokens = self._reduce(sum(b.denominator for b in batches),
-                                                sum(b.data_tokens for b in batches))
+            if ar_weight > 0:
+                parts.append(("ar", ar_batch(rows, self.acc.device, self.use_flex)))
+            parts.append(("main", self.make_batch(rows, [row_seed(t.seed, "train", g) for g in indices])))
+        main = [b for kind, b in parts if kind == "main"]
+        denominator, ar_denominator, data_tokens = self._reduce(
+            sum(b.denominator for b in main), sum(b.denominator for kind, b in parts if kind == "ar"),
+            sum(b.data_tokens for b in main))
         # DDP averages gradients over processes; scale so the step's gradient is that of one mean
         # over every target of the global batch
-        scale = self.acc.num_processes / max(denominator, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
+        scale = {"main": self.acc.num_processes / max(denominator, 1.0),
+                 "ar": ar_weight * self.acc.num_processes / max(ar_denominator, 1.0)}
+        sums = {kind: torch.zeros((), dtype=torch.float64, device=self.acc.device) for kind in scale}
+        for i, (kind, batch) in enumerate(parts):
+            last = i == len(parts) - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
                 with self.autocast():
                     logits = self.forward(batch.input_ids, batch.positions, batch.attn_mask,
                                           logits_slice=batch.logits_index)
                 loss = target_loss_sum(logits, batch.targets, batch.weights)
-                self.acc.backward(loss * scale)
-            loss_sum += loss.detach().double()  # no host sync per micro-batch
+                self.acc.backward(loss * scale[kind])
+            sums[kind] += loss.detach().double()  # no host sync per micro-batch
         grad_norm = None
         if self.cfg.optimizer.grad_clip > 0:
             grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        (loss_total,) = self._reduce(loss_sum.item())
+        main_total, ar_total = self._reduce(*torch.stack([sums["main"], sums["ar"]]).tolist())
         self.tokens_seen += self.global_rows * self.cfg.data.seq_len
         self.data_tokens_seen += int(data_tokens)
-        self.last_loss = loss_total / max(denominator, 1.0)
-        return {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm,
-                "data_tokens": int(data_tokens)}
+        main_loss = main_total / max(denominator, 1.0)
+        record = {"step": self.step, "loss": main_loss, "lr": lr, "grad_norm": grad_norm,
+                  "data_tokens": int(data_tokens)}
+        if self.ar_term:
+            ar_loss = ar_total / max(ar_denominator, 1.0) if ar_weight > 0 else None
+            record.update(diffusion_loss=main_loss, ar_loss=ar_loss, ar_weight=ar_weight,
+                          loss=main_loss + ar_weight * (ar_loss or 0.0))
+        self.last_loss = record["loss"]
+        return record
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss over the validation rows, with noise fixed per row so values compare
-        across evaluations. Runs the unwrapped model: processes may do unequal numbers of
-        forwards, which DDP's collectives must not see."""
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean validation loss of the objective (`val_loss`, noise fixed per row so values
+        compare across evaluations) and, for the diffusion objective, the causal next-token
+        loss of the same rows (`val_ar_loss`: the AR skill the adaptation must keep). Runs the
+        unwrapped model: processes may do unequal numbers of forwards, which DDP's collectives
+        must not see."""
         if self.val_rows is None:
             return None
         model = self.acc.unwrap_model(self.model)
         model.eval()
         mine = list(range(self.acc.process_index, len(self.val_rows), self.acc.num_processes))
-        total, count = 0.0, 0
+        totals = [0.0, 0.0, 0.0, 0.0]  # main loss, main count, AR loss, AR count
         micro = self.cfg.train.micro_batch_size
         for start in range(0, len(mine), micro):
             chunk = mine[start:start + micro]
-            batch = self.make_batch(self.val_rows.select(chunk),
-                                    [row_seed(self.cfg.train.seed, "val", i) for i in chunk])
-            with self.autocast():
-                logits = model(batch.input_ids, batch.positions, batch.attn_mask,
-                               logits_slice=batch.logits_index)
-            total += target_loss_sum(logits, batch.targets, batch.weights).item()
-            count += batch.denominator
+            rows = self.val_rows.select(chunk)
+            batches = [self.make_batch(rows, [row_seed(self.cfg.train.seed, "val", i) for i in chunk])]
+            if self.cfg.objective == "diffusion":
+                batches.append(ar_batch(rows, self.acc.device, self.use_flex))
+            for k, batch in enumerate(batches):
+                with self.autocast():
+                    logits = model(batch.input_ids, batch.positions, batch.attn_mask,
+                                   logits_slice=batch.logits_index)
+                totals[2 * k] += target_loss_sum(logits, batch.targets, batch.weights).item()
+                totals[2 * k + 1] += batch.denominator
         model.train()
-        total, count = self._reduce(total, count)
-        self.last_val = total / max(count, 1.0)
-        return self.last_val
+        main, count, ar, ar_count = self._reduce(*totals)
+        self.last_val = main / max(count, 1.0)
+        result = {"val_loss": self.last_val}
+        if self.cfg.objective == "diffusion":
+            result["val_ar_loss"] = ar / max(ar_count, 1.0)
+        return result
 
     # ---- the run ----
 
@@ -254,7 +281,7 @@ class Trainer:
     def _log_val(self) -> None:
         val = self.evaluate()
         if val is not None:
-            self._log({"step": self.step, "val_loss": val})
+            self._log({"step": self.step, **val})
 
     def _trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen,

@@ -22,8 +22,10 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, slots, kv_heads, max_len, head_dim)
+                 dtype: torch.dtype, device: torch.device | str, scratch_slots: int = 0):
+        """`scratch_slots` extra slots after the `slots` sequence slots, for writes that must land
+        somewhere harmless (the padded places of a static decode step)."""
+        shape = (num_layers, slots + scratch_slots, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots = slots
@@ -33,11 +35,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
-
-    def move_slot(self, src: int, dst: int) -> None:
-        """Copy one sequence's KV to another slot (used to keep active slots contiguous)."""
-        self.k[:, dst].copy_(self.k[:, src])
-        self.v[:, dst].copy_(self.v[:, src])
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`fastdllm chat`: a multi-turn chat in the terminal, streaming each answer as it becomes final.
 
 The conversation is rendered with the checkpoint's chat template every turn. The answer is
-decoded by driving the engine one forward at a time; after each forward, the tokens before the
+decoded with `LLM.stream`, one engine step at a time; after each step, the tokens before the
 first [MASK] can no longer change (`Sequence.final_ids`), so that prefix is printed. With block
 diffusion the text therefore arrives a few tokens at a time, as blocks and sub-blocks resolve.
 
@@ -14,10 +14,9 @@ import argparse
 import sys
 from typing import TextIO
 
-from .cli import add_decode_args, add_model_args, decode_overrides, load_llm
-from .engine.params import round_up
-from .errors import FastDLLMError
-from .text_stream import TextStream
+from ..errors import FastDLLMError
+from ..text_stream import TextStream
+from .args import add_decode_args, add_model_args, decode_overrides, load_llm
 
 PROMPT, ANSWER = "you> ", "assistant> "
 HELP = "commands: /reset new conversation · /stats toggle statistics · /help · /exit (or Ctrl-D)"
@@ -62,17 +61,15 @@ class Chat:
                 f"{self.llm.context_length}, leaving {max(room, 0)} for an answer of up to "
                 f"{self.params.max_new_tokens}; type /reset to start a new conversation"
                 + (" (or lower --max-new-tokens)" if room > 0 else ""), field="messages")
-        engine = self.llm.engine(1, _cache_len(len(ids) + self.params.max_new_tokens, self.params.block,
-                                              self.llm.context_length))
-        seq = engine.add(ids, self.params)
+        steps = self.llm.stream([ids], config=self.params)
         stream = TextStream(lambda final: self.llm.decode(final) or "")
         self.out.write(ANSWER)
         try:
-            while not seq.finished:
-                engine.step()
+            for step in steps:
+                seq = step.deltas[0].seq
                 self._emit(stream.feed(seq))
         except KeyboardInterrupt:
-            engine.abort(seq)
+            steps.close()  # frees the sequence's slot
             self.out.write(" [interrupted]\n")
             return None
         text = self.llm.decode(seq.output_ids()) or ""
@@ -91,13 +88,6 @@ class Chat:
         if delta:
             self.out.write(delta)
             self.out.flush()
-
-
-def _cache_len(needed: int, block: int, context: int) -> int:
-    """Cache positions for a turn: the next power of two (so a growing conversation rarely
-    reallocates), at most the context, whole blocks."""
-    n = max(needed, min(1 << (needed - 1).bit_length(), context))
-    return round_up(n, block)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

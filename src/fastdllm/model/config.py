@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import FastDLLMError
+from ..errors import FastDLLMError
 
 # model_type -> (q/k/v bias default, per-head q/k RMSNorm)
 FAMILY_FLAGS: dict[str, tuple[bool, bool]] = {

@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
+from ..errors import FastDLLMError
 from .config import ModelConfig
-from .errors import FastDLLMError
-from .model import Transformer
+from .transformer import Transformer
 
 MASK_TOKEN = "|<MASK>|"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -39,7 +39,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         return path
     text = str(name_or_path)
     if path.exists():
-        raise FastDLLMError(f"--model {text!r} is a file; pass the checkpoint directory that holds config.json")
+        raise FastDLLMError(f"model {text!r} is a file; pass the checkpoint directory that holds config.json",
+                            field="model")
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise FastDLLMError(

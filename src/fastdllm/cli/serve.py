@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_decode_args, add_model_args, decode_overrides, load_llm
-from .errors import FastDLLMError
+from ..errors import FastDLLMError
+from .args import add_decode_args, add_model_args, decode_overrides, load_llm
 
 
 def add_parser(subparsers) -> None:
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import ServerConfig, serve
+        from ..server import ServerConfig, serve
     except ImportError as e:
         raise FastDLLMError(f"the server needs extra packages ({e.name} is missing); "
                             "install them with: pip install 'fastdllm[serve]'") from None

@@ -1,0 +1,49 @@
+"""The flags every model command shares (--model, --device, decoding options), and loading the
+model they name. Commands import this module; it imports no command."""
+
+from __future__ import annotations
+
+import argparse
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (or Hugging Face hub id)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--mask-token-id", type=int, default=None, help="override the mask token id")
+    p.add_argument("--stop-token-id", type=int, action="append", default=None,
+                   help="stop token id (repeatable); default: the checkpoint's eos ids")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly (no CUDA graphs / compiled static steps)")
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--mode", choices=("diffusion", "ar"), default=None, help="default: diffusion")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: 256")
+    g.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's bd_size, else 32")
+    g.add_argument("--sub-block-size", type=int, default=None, help="default: 8")
+    g.add_argument("--threshold", type=float, default=None, help="confidence threshold in (0, 1], default 0.9")
+    g.add_argument("--no-sub-block-cache", action="store_true", help="recompute the full block every step")
+    g.add_argument("--no-block-cache", action="store_true",
+                   help="slow reference: recompute the whole sequence every step")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def decode_overrides(args: argparse.Namespace) -> dict:
+    return dict(
+        mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+        sub_block_size=args.sub_block_size, threshold=args.threshold,
+        sub_block_cache=False if args.no_sub_block_cache else None,
+        block_cache=False if args.no_block_cache else None,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+    )
+
+
+def load_llm(args: argparse.Namespace):
+    from ..llm import LLM
+
+    return LLM.load(args.model, device=args.device, dtype=args.dtype, mask_token_id=args.mask_token_id,
+                    stop_token_ids=args.stop_token_id, enforce_eager=args.enforce_eager)
