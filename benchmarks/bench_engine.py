@@ -99,6 +99,39 @@ def step_cost(llm: LLM, width: int, context: int, block: int, device: str, reps:
     return ms
 
 
+MIXES = {  # rows of a step by width: diffusion at batch 8 (3 full blocks / commits, 5 sub-blocks),
+           # and AR rows beside diffusion rows
+    "8 rows: 3x32 + 5x8": (32, 32, 32, 8, 8, 8, 8, 8),
+    "8 rows: 4x32 + 4x1": (32, 32, 32, 32, 1, 1, 1, 1),
+    "8 rows: 8x8": (8,) * 8,
+}
+
+
+@torch.inference_mode()
+def mixed_step_cost(model: Transformer, widths: tuple[int, ...], context: int, block: int, device: str,
+                    reps: int) -> dict:
+    """Median ms of one step whose rows have the given widths, three ways: packed into one
+    forward (the engine's eager step), padded to the widest width (the static step's layout,
+    run eagerly), and one forward per width (what the engine did before)."""
+    out = {}
+    for name, runner in (("packed", RunnerConfig(enforce_eager=True)),
+                         ("padded", RunnerConfig(cpu_static="eager", widths=(1, 8, block)))):
+        llm = _llm(model, runner)
+        engine = llm.engine(len(widths), context + block)
+        rows = []
+        for w in widths:
+            seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
+            rows.append((seq, ForwardPlan(PlanKind.FULL_BLOCK, context, context + w, context + block,
+                                          tuple(range(context, context + w)))))
+        out[name] = _median_ms(lambda: engine.runner.run(rows), device, reps)
+        if name == "packed":
+            groups = {}
+            for r in rows:
+                groups.setdefault(r[1].end - r[1].start, []).append(r)
+            out["per_width"] = _median_ms(lambda: [engine.runner.run(g) for g in groups.values()], device, reps)
+    return out
+
+
 @torch.inference_mode()
 def matmul_floor(model: Transformer, width: int, device: str, reps: int) -> float:
     """Median ms of the same forward's matrix products alone, at the same shapes."""
@@ -176,7 +209,7 @@ def main() -> None:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     dtype = dtypes[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
 
-    cost_rows, speed_rows = [], []
+    cost_rows, speed_rows, mixed_rows = [], [], []
     for shape in args.models:
         mdtype = dtype if shape == "tiny" else dtypes[args.big_dtype]
         model = build(shape, args.device, mdtype)
@@ -195,6 +228,12 @@ def main() -> None:
                               "ms_per_token": round(ms / width, 3), "matmul_floor_ms": round(floor, 3),
                               "overhead_%": round(100 * (1 - floor / ms), 1)})
             print(cost_rows[-1], flush=True)
+        if not big:
+            for mix, widths in MIXES.items():
+                m = mixed_step_cost(model, widths, args.context, args.block_size, args.device, reps)
+                mixed_rows.append({"model": shape, "rows": mix, "tokens": sum(widths),
+                                   **{f"{k}_ms": round(v, 3) for k, v in m.items()}})
+                print(mixed_rows[-1], flush=True)
         new_tokens = min(args.new_tokens, 32) if big else args.new_tokens
         rows = decode_speed(model, args.device, args.prompt_len, new_tokens, 1 if big else args.runs,
                             BIG_SETTINGS if big else SETTINGS)
@@ -216,10 +255,12 @@ def main() -> None:
         [("Cost of one engine step against a warm cache, and the matrix-product floor", cost_rows,
           ["model", "dtype", "params_M", "width", "context", "ms_per_step", "ms_per_token",
            "matmul_floor_ms", "overhead_%"]),
+         ("One step over rows of different widths: packed, padded, or one forward per width",
+          mixed_rows, ["model", "rows", "tokens", "packed_ms", "padded_ms", "per_width_ms"]),
          ("AR vs diffusion decoding on the same engine", speed_rows,
           ["model", "setting", "new_tokens", "forward_calls", "tokens_per_forward", "forwards_by_kind",
            "tokens_per_s", "speedup_vs_ar", "bound_tpf_x_cost1_over_costS"])],
-        {"step_cost": cost_rows, "decode": speed_rows, "args": vars(args)},
+        {"step_cost": cost_rows, "mixed_step": mixed_rows, "decode": speed_rows, "args": vars(args)},
         notes=("Random weights: at threshold 0.9 diffusion unmasks about one token per step, so it is "
                "slower than AR; the threshold 1e-6 rows show the mechanism's upper bound. "
                "`bound_tpf_x_cost1_over_costS` = tokens per forward x cost(1) / cost(S): the diffusion/AR "

@@ -6,9 +6,9 @@ and, whatever the mix of phases (prefill, full block, sub-block, commit, AR step
 
 1. builds the step's inputs on the host as Python lists and ships them in one tensor;
 2. runs one forward: rows of equal width as an (n, W) batch; rows of different widths packed
-   into one (1, T) chunk whose attention is laid out per row (`kv_cache.Packing`), so per-token
-   work is spent on real tokens only (docs/design.md, "One forward per step", says why packing
-   beat padding on the CPU);
+   into one (1, T) chunk, ordered by width, whose attention runs per group of equal width
+   (`kv_cache.RowGroup`), so no token is padded (docs/design.md, "One forward per step", says
+   why packing beat padding on the CPU);
 3. draws every needed position's token and confidence;
 4. brings tokens and confidences of the whole batch back in one transfer.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.kv_cache import CacheAccess, KVCache, Packing
+from ..model.kv_cache import CacheAccess, KVCache, RowGroup
 from ..model.transformer import Transformer
 from .params import RunnerConfig
 from .sampling import draw
@@ -91,50 +91,74 @@ class ModelRunner:
     # ------------------------------------------------------------------ the eager step
     def _forward(self, rows: list[Row]) -> torch.Tensor:
         """Logits (R, vocab) of every row's logit positions, concatenated in row order."""
-        n = len(rows)
         widths = [p.end - p.start for _, p in rows]
-        W = max(widths)
-        uniform = all(w == W for w in widths)
+        if all(w == widths[0] for w in widths):
+            return self._forward_uniform(rows, widths[0])
+        # packed: rows ordered by width, so each width's rows are one contiguous range of tokens
+        order = sorted(range(len(rows)), key=lambda r: widths[r])
+        ids, pos, limits, token_slots, offsets = [], [], [], [], [0] * len(rows)
+        groups: list[list[int]] = []  # row indices per width
+        for r in order:
+            seq, plan = rows[r]
+            if not groups or widths[groups[-1][0]] != widths[r]:
+                groups.append([])
+            groups[-1].append(r)
+            offsets[r] = len(ids)
+            ids += seq.tokens[plan.start:plan.end]
+            pos += range(plan.start, plan.end)
+            limits += _limits(plan.start, plan.end, seq.block)
+            token_slots += [seq.slot] * widths[r]
+        logit_idx = [offsets[r] + x - plan.start for r, (_, plan) in enumerate(rows) for x in plan.logit_positions]
+        group_slots = [[rows[r][0].slot for r in g] for g in groups]
+        gather = [sl for sl in group_slots if not _contiguous(sl)]
+        parts = [ids, pos, limits, token_slots, logit_idx, *gather]
+        tensors = self._ship(parts)
+        ids_t, pos_t, lim_t, slots_t, lidx_t = tensors[:5]
+        gathered = iter(tensors[5:])
+        row_groups = []
+        for g, sl in zip(groups, group_slots):
+            n, W = len(g), widths[g[0]]
+            start = offsets[g[0]]
+            key_len = max(rows[r][1].key_len for r in g)
+            read = slice(sl[0], sl[0] + n) if _contiguous(sl) else next(gathered)
+            mask = self.attention_mask(lim_t[start:start + n * W].view(n, W), key_len)
+            row_groups.append(RowGroup(start, n, W, read, key_len, mask))
+        T = len(ids)
+        access = CacheAccess(self.cache, None, pos_t.view(1, T), 0, token_slots=slots_t.view(1, T),
+                             groups=tuple(row_groups))
+        return self.model(ids_t.view(1, T), pos_t.view(1, T), None, access,
+                          logits_slice=lidx_t.view(1, -1)).flatten(0, 1)
+
+    def _forward_uniform(self, rows: list[Row], W: int) -> torch.Tensor:
+        """Rows of one width: an (n, W) batch."""
+        n = len(rows)
         key_len = max(p.key_len for _, p in rows)
         slots = [s.slot for s, _ in rows]
-        contiguous = slots == list(range(slots[0], slots[0] + n))
-        ids, pos, limits, logit_idx, token_slots, gather, scatter = [], [], [], [], [], [], []
-        offset = 0
         k_max = max(len(p.logit_positions) for _, p in rows)
-        for r, ((seq, plan), w) in enumerate(zip(rows, widths)):
-            block = seq.block
+        ids, pos, limits, logit_idx = [], [], [], []
+        for seq, plan in rows:
             ids += seq.tokens[plan.start:plan.end]
-            row_pos = range(plan.start, plan.end)
-            pos += row_pos
-            # the attention rule (engine/attention.py): query p sees keys j < limit(p)
-            row_limits = [(q // block + 1) * block for q in row_pos]
-            limits += row_limits + [row_limits[-1]] * (W - w)  # spare query places: any row
-            if uniform:
-                idx = [x - plan.start for x in plan.logit_positions]
-                logit_idx += idx + [idx[-1]] * (k_max - len(idx))
-            else:
-                logit_idx += [offset + x - plan.start for x in plan.logit_positions]
-                token_slots += [seq.slot] * w
-                gather += list(range(offset, offset + w)) + [offset] * (W - w)
-                scatter += range(r * W, r * W + w)
-            offset += w
-        parts = [ids, pos, limits, logit_idx, token_slots, gather, scatter, [] if contiguous else slots]
-        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
-        ids_t, pos_t, lim_t, lidx_t, slots_t, gather_t, scatter_t, rows_t = \
-            flat.to(self.device, non_blocking=True).split([len(x) for x in parts])
+            pos += range(plan.start, plan.end)
+            limits += _limits(plan.start, plan.end, seq.block)
+            idx = [x - plan.start for x in plan.logit_positions]
+            logit_idx += idx + [idx[-1]] * (k_max - len(idx))
+        contiguous = _contiguous(slots)
+        tensors = self._ship([ids, pos, limits, logit_idx] + ([] if contiguous else [slots]))
+        ids_t, pos_t, lim_t, lidx_t = tensors[:4]
+        read = slice(slots[0], slots[0] + n) if contiguous else tensors[4]
         mask = self.attention_mask(lim_t.view(n, W), key_len)
-        read_rows = slice(slots[0], slots[0] + n) if contiguous else rows_t
-        shape = (n, W) if uniform else (1, offset)
-        packing = None if uniform else Packing(n, W, gather_t, scatter_t)
-        access = CacheAccess(self.cache, read_rows, pos_t.view(shape), key_len,
-                             token_slots=None if uniform else slots_t.view(shape), packing=packing)
-        logits = self.model(ids_t.view(shape), pos_t.view(shape), mask, access,
-                            logits_slice=lidx_t.view(n, k_max) if uniform else lidx_t.view(1, -1))
-        logits = logits.flatten(0, 1)
-        if uniform and any(len(p.logit_positions) < k_max for _, p in rows):
+        access = CacheAccess(self.cache, read, pos_t.view(n, W), key_len)
+        logits = self.model(ids_t.view(n, W), pos_t.view(n, W), mask, access,
+                            logits_slice=lidx_t.view(n, k_max)).flatten(0, 1)
+        if any(len(p.logit_positions) < k_max for _, p in rows):
             keep = [r * k_max + j for r, (_, p) in enumerate(rows) for j in range(len(p.logit_positions))]
             logits = logits[torch.tensor(keep, device=self.device)]
         return logits
+
+    def _ship(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """Host lists -> device tensors, as one tensor and one copy."""
+        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        return list(flat.to(self.device, non_blocking=True).split([len(x) for x in parts]))
 
     def _suppress_mask(self, logits: torch.Tensor, rows: list[Row], spans) -> None:
         """A drawn token is never [MASK] (diffusion rows only)."""
@@ -147,3 +171,13 @@ class ModelRunner:
             for (a, b), d in zip(spans, diffusion):
                 if d:
                     logits[a:b, self.mask_token_id] = float("-inf")
+
+
+def _limits(start: int, end: int, block: int) -> list[int]:
+    """The attention rule (engine/attention.py) for queries at [start, end): query p sees keys
+    j < (p // block + 1) * block."""
+    return [(q // block + 1) * block for q in range(start, end)]
+
+
+def _contiguous(slots: list[int]) -> bool:
+    return slots == list(range(slots[0], slots[0] + len(slots)))

@@ -38,35 +38,38 @@ class KVCache:
 
 
 @dataclass
-class Packing:
-    """How the tokens of a step that packs rows of different widths, (1, T) in the forward,
-    map onto n query rows of the widest row's width W for attention (each row reads its own
-    slot of the cache). Per-token work (norms, projections, MLP) runs on the T real tokens only;
-    attention runs on (n, W) with the spare query places filled by copies whose output is
-    never read back."""
+class RowGroup:
+    """Rows of one width in a step that packs rows of different widths into one (1, T) chunk:
+    their tokens are the contiguous packed range [start, start + rows * width), row after row.
+    Per-token work (norms, projections, MLP) runs once over the whole chunk; attention runs per
+    group, each row reading its own slot, so no query is padded and nothing is gathered."""
 
+    start: int
     rows: int  # n
     width: int  # W
-    gather: torch.Tensor  # (n * W,) packed index of each query place
-    scatter: torch.Tensor  # (T,) query place of each packed token
+    slots: slice | torch.Tensor  # the slot each row reads
+    key_len: int
+    mask: torch.Tensor  # (n, 1, W, key_len), bool or additive
 
 
 @dataclass
 class CacheAccess:
-    """How one forward uses the cache: which slots its n query rows read (`rows`), where the
-    chunk's tokens write their KV (`positions`, shaped like the chunk, in the slot of their row
-    or in `token_slots` when given), and how many leading positions to attend over.
+    """How one forward uses the cache: where the chunk's tokens write their KV (`positions`,
+    shaped like the chunk, in the slot of their row or in `token_slots` when given), which slots
+    the query rows read (`rows`) and how many leading positions they attend over (`key_len`).
+    A packed step of several widths gives `groups` instead (then `rows`/`key_len` are unused and
+    the forward's mask is ignored: each group carries its own).
 
     `rows` is a slice when the batch's slots are contiguous (the common case: reads are views);
     a long tensor otherwise, in which case reads gather just the first `key_len` positions of
     those slots."""
 
     cache: KVCache
-    rows: slice | torch.Tensor
+    rows: slice | torch.Tensor | None
     positions: torch.Tensor  # (N, T) long
     key_len: int
     token_slots: torch.Tensor | None = None  # (N, T) long; default: row i writes to slot rows[i]
-    packing: Packing | None = None
+    groups: tuple[RowGroup, ...] | None = None
     _write_slots: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -78,27 +81,16 @@ class CacheAccess:
         else:
             self._write_slots = self.rows[:, None]
 
-    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: (N, T, kv_heads, head_dim), token-major. Returns keys/values
-        (n, kv_heads, key_len, head_dim) of the query rows' slots."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (N, T, kv_heads, head_dim), token-major, written at (slot, position)."""
         kl, vl = self.cache.layers[layer]
         # advanced indices split by a slice put their dims first: target is (N, T, kv_heads, hd)
         kl[self._write_slots, :, self.positions] = k
         vl[self._write_slots, :, self.positions] = v
-        if isinstance(self.rows, slice):
-            return kl[self.rows, :, : self.key_len], vl[self.rows, :, : self.key_len]
-        return (kl[:, :, : self.key_len].index_select(0, self.rows),
-                vl[:, :, : self.key_len].index_select(0, self.rows))
 
-    def query_rows(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, T, heads, hd) chunk -> (n, W, heads, hd) query rows."""
-        p = self.packing
-        if p is None:
-            return q
-        return q.reshape(-1, *q.shape[2:]).index_select(0, p.gather).view(p.rows, p.width, *q.shape[2:])
-
-    def token_rows(self, out: torch.Tensor, N: int, T: int) -> torch.Tensor:
-        """(n, W, D) attention output -> (N, T, D) chunk tokens."""
-        if self.packing is None:
-            return out
-        return out.reshape(-1, out.shape[-1]).index_select(0, self.packing.scatter).view(N, T, -1)
+    def read(self, layer: int, rows: slice | torch.Tensor, key_len: int):
+        """Keys/values (n, kv_heads, key_len, head_dim) of the slots `rows`."""
+        kl, vl = self.cache.layers[layer]
+        if isinstance(rows, slice):
+            return kl[rows, :, :key_len], vl[rows, :, :key_len]
+        return kl[:, :, :key_len].index_select(0, rows), vl[:, :, :key_len].index_select(0, rows)

@@ -67,23 +67,35 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
         qk = apply_rope(qk, cos, sin)  # q and k rotated together: one set of ops per layer
         q, k = qk.split((H, KV), dim=2)
-        gqa = KV != H
         if cache is None:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (N, KV, T, hd)
-        else:
-            k, v = cache.write_and_read(self.layer, k, v)  # (n, KV, key_len, hd)
-            q = cache.query_rows(q)  # (n, W, H, hd): packed tokens laid out per row
-        q = q.transpose(1, 2)  # (n, H, W, hd)
-        if mask is None or isinstance(mask, torch.Tensor):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        else:  # a flex_attention BlockMask (CUDA training path)
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], H * hd)  # (n, W, H*hd)
-        if cache is not None:
-            out = cache.token_rows(out, N, T)
+            out = _attention(q, k.transpose(1, 2), v.transpose(1, 2), mask)
+        elif cache.groups is None:
+            cache.write(self.layer, k, v)
+            out = _attention(q, *cache.read(self.layer, cache.rows, cache.key_len), mask)
+        else:  # a packed step: x is (1, T); each group of equal-width rows attends on its own
+            cache.write(self.layer, k, v)
+            q = q.view(N * T, H, hd)
+            outs = [_attention(q[g.start:g.start + g.rows * g.width].view(g.rows, g.width, H, hd),
+                               *cache.read(self.layer, g.slots, g.key_len), g.mask)
+                    for g in cache.groups]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        out = out.view(N, T, H * hd)
         return F.linear(out, self.o_proj.weight, self.o_proj.bias)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """q (n, W, H, hd) token-major; k, v (n, KV, key_len, hd). Returns (n * W, H * hd),
+    token-major."""
+    n, W, H, hd = q.shape
+    q = q.transpose(1, 2)  # (n, H, W, hd)
+    gqa = k.shape[1] != H
+    if mask is None or isinstance(mask, torch.Tensor):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    else:  # a flex_attention BlockMask (CUDA training path)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(n * W, H * hd)
 
 
 class MLP(nn.Module):
