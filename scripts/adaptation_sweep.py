@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
 
 def apply_overrides(cfg: dict, overrides: str) -> dict:
@@ -49,6 +50,23 @@ def variant_config(base: Path, name: str, overrides: str, common: list[str], out
     return path
 
 
+def prepare_data(config: Path) -> None:
+    """Tokenize the data once (data.cache_dir, data.num_workers) before the runs start, so the
+    runs read the cache instead of each rendering the same files."""
+    from fastdllm.training.base_model import initial_model
+    from fastdllm.training.config_file import load_train_config
+    from fastdllm.training.dataset import build_datasets
+
+    cfg = load_train_config(config)
+    if cfg.data.cache_dir is None:
+        return
+    t0 = time.perf_counter()
+    model, tokenizer, _ = initial_model(cfg)
+    train, val = build_datasets(cfg, tokenizer, model.config.mask_token_id)
+    print(f"data: {len(train)} train rows, {len(val) if val else 0} val rows, cached in "
+          f"{cfg.data.cache_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, required=True)
@@ -67,6 +85,8 @@ def main() -> None:
             print(f"{name}: finished already", flush=True)
             continue
         pending.append((name, config))
+    if pending:
+        prepare_data(pending[0][1])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     running: dict[str, subprocess.Popen] = {}

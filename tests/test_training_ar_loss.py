@@ -47,7 +47,8 @@ def test_ar_term_equals_transformers_causal_lm_loss(tmp_path, qwen2_ckpt, one_th
         for doc in rows.doc_ids[r].unique():
             sel = (rows.doc_ids[r] == doc) & rows.in_example[r]
             ids = rows.tokens[r][sel][None]
-            labels = torch.where(rows.loss_mask[r][sel], ids[0], torch.full_like(ids[0], IGNORE))[None]
+            learn = rows.loss_mask[r][sel] & ~rows.block_pad[r][sel]  # block padding is no AR target
+            labels = torch.where(learn, ids[0], torch.full_like(ids[0], IGNORE))[None]
             n = int((labels[0, 1:] != IGNORE).sum())
             if n == 0:
                 continue

@@ -1,4 +1,4 @@
-"""The `fastdllm` command: generate, chat, serve, train.
+"""The `fastdllm` command: generate, chat, serve, train, eval.
 
 Every user error (FastDLLMError) is printed as one line on stderr with exit status 2; a
 traceback means a bug in fastdllm.
@@ -10,13 +10,13 @@ import argparse
 import sys
 
 from ..errors import FastDLLMError
-from . import chat, generate, serve, train
+from . import chat, evaluate, generate, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, train, chat, serve):  # each keeps its heavy imports inside its command
+    for command in (generate, train, chat, serve, evaluate):  # each keeps its heavy imports inside its command
         command.add_parser(sub)
     return parser
 

@@ -155,6 +155,7 @@ class LoopConfig:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (sharding.py)
     compile: bool = False  # torch.compile the model (recommended on CUDA: compiles flex_attention)
     attention: str = "auto"  # auto | dense | flex: the training masks (auto: flex on CUDA when compiled)
     log_interval: int = 10

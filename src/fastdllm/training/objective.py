@@ -6,7 +6,9 @@ masking each row yields two views (first view, then its twin) in the same batch.
 are computed per view: `logits_index` picks, for each noisy position, the noisy output or (for
 the position before a block start, `shift_source: clean`) the clean output (see loss.py).
 
-AR: the row itself with a causal mask per document; targets are the next loss-bearing token.
+AR: the row itself with a causal mask per document; targets are the next loss-bearing token
+(block padding excluded). The same batch of diffusion rows is the AR term of the adaptation
+objective (diffusion.ar_loss_weight).
 
 `Batch.denominator` is this batch's share of the optimizer step's loss normaliser (number of
 targets, or of possible targets for `inverse_t`); the trainer sums it over micro-batches and
@@ -82,7 +84,9 @@ def diffusion_batch(rows: PackedRows, seeds: list[int], cfg: DiffusionConfig, ma
 
 
 def ar_batch(rows: PackedRows, device: torch.device, use_flex: bool) -> Batch:
-    targets = ar_targets(rows.tokens, rows.loss_mask, rows.doc_ids)
+    """Next-token batch. Block padding (diffusion rows) is no AR target: after the example's
+    last token a causal model has nothing to predict; the diffusion loss keeps learning it."""
+    targets = ar_targets(rows.tokens, rows.loss_mask & ~rows.block_pad, rows.doc_ids)
     doc_ids = rows.doc_ids.to(device)
     return Batch(
         input_ids=rows.tokens.to(device),

@@ -34,6 +34,7 @@ class PackedRows:
     doc_ids: torch.Tensor  # (N, L) long, distinct per example within a row
     positions: torch.Tensor  # (N, L) long, restarting at 0 for each example
     in_example: torch.Tensor  # (N, L) bool, False on a row's tail padding
+    block_pad: torch.Tensor  # (N, L) bool, True on the padding that ends an example's last block
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -41,7 +42,7 @@ class PackedRows:
     def select(self, rows: torch.Tensor | list[int]) -> "PackedRows":
         idx = torch.as_tensor(rows, dtype=torch.long)
         return PackedRows(self.tokens[idx], self.loss_mask[idx], self.doc_ids[idx],
-                          self.positions[idx], self.in_example[idx])
+                          self.positions[idx], self.in_example[idx], self.block_pad[idx])
 
     def fingerprint(self) -> str:
         """Digest of the packed data, saved with checkpoints so a resume on changed data fails."""
@@ -60,7 +61,7 @@ def pad_to_block(tokens: list[int], loss: list[bool], block_size: int, pad_id: i
 def pack_examples(examples: list[Example], *, seq_len: int, alignment: int, pad_id: int,
                   pad_loss: bool, row_pad_id: int, too_long: str) -> PackedRows:
     """Block-pad, truncate (or reject) and pack examples into rows of `seq_len` tokens."""
-    rows: list[list[tuple[list[int], list[bool]]]] = []
+    rows: list[list[tuple[list[int], list[bool], int]]] = []
     used = seq_len  # forces a new row for the first example
     truncated = 0
     for ex in examples:
@@ -72,11 +73,12 @@ def pack_examples(examples: list[Example], *, seq_len: int, alignment: int, pad_
                     "raise data.seq_len, shorten the example, or set data.too_long: truncate")
             tokens, loss = tokens[:seq_len], loss[:seq_len]
             truncated += 1
+        length = len(tokens)
         tokens, loss = pad_to_block(tokens, loss, alignment, pad_id, pad_loss)
         if used + len(tokens) > seq_len:
             rows.append([])
             used = 0
-        rows[-1].append((tokens, loss))
+        rows[-1].append((tokens, loss, length))
         used += len(tokens)
     if truncated:
         warnings.warn(f"truncated {truncated} of {len(examples)} examples longer than "
@@ -89,11 +91,13 @@ def pack_examples(examples: list[Example], *, seq_len: int, alignment: int, pad_
         "doc_ids": torch.zeros((n, seq_len), dtype=torch.long),
         "positions": torch.zeros((n, seq_len), dtype=torch.long),
         "in_example": torch.zeros((n, seq_len), dtype=torch.bool),
+        "block_pad": torch.zeros((n, seq_len), dtype=torch.bool),
     }
     for r, row in enumerate(rows):
         start = 0
-        for doc, (tokens, loss) in enumerate(row):
+        for doc, (tokens, loss, length) in enumerate(row):
             end = start + len(tokens)
+            out["block_pad"][r, start + length:end] = True
             out["tokens"][r, start:end] = torch.tensor(tokens)
             out["loss_mask"][r, start:end] = torch.tensor(loss)
             out["doc_ids"][r, start:end] = doc

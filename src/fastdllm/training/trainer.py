@@ -21,6 +21,7 @@ import torch
 
 from ..errors import FastDLLMError
 from ..model.checkpoint import save_checkpoint
+from .sharding import clip_grad_norm, full_model, full_optimizer_state, load_full_optimizer_state, shard_model
 from .base_model import initial_model, resumed_model
 from .config import TrainConfig
 from .config_file import load_train_config
@@ -102,8 +103,13 @@ class Trainer:
         self.global_rows = t.micro_batch_size * t.grad_accum_steps * world
         self.total_steps = t.max_steps or math.ceil(t.max_tokens / (self.global_rows * cfg.data.seq_len))
         model.gradient_checkpointing = t.gradient_checkpointing
-        optimizer = _optimizer(model, cfg)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # FSDP with one process has nothing to shard: it runs as a plain single-process run
+        self.sharded = t.fsdp and world > 1
+        if self.sharded:
+            shard_model(model.to(self.acc.device))  # before the optimizer: params become shards
+            self.model, self.optimizer = model, _optimizer(model, cfg)
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, _optimizer(model, cfg))
         self.forward = torch.compile(self.model) if t.compile else self.model
         # flex_attention pays only compiled; uncompiled, the dense masks are faster and tested
         self.use_flex = t.attention == "flex" or (t.attention == "auto" and t.compile
@@ -116,7 +122,11 @@ class Trainer:
             if state["data_fingerprint"] != self.fingerprint:
                 raise FastDLLMError(f"the training data changed since {latest} was written; resume "
                                     "needs the same data files (or start a new run)")
-            self.optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+            saved = optimizer_from_flat(tensors, state["optimizer"])
+            if self.sharded:
+                load_full_optimizer_state(self.model, self.optimizer, saved)
+            else:
+                self.optimizer.load_state_dict(saved)
             restore_rng(rng_for_rank(tensors, state["rng"], self.acc.process_index))
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.data_tokens_seen, self.elapsed = state["data_tokens_seen"], state["elapsed_s"]
@@ -186,7 +196,10 @@ class Trainer:
             sums[kind] += loss.detach().double()  # no host sync per micro-batch
         grad_norm = None
         if self.cfg.optimizer.grad_clip > 0:
-            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip))
+            if self.sharded:
+                grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optimizer.grad_clip)
+            else:
+                grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -214,7 +227,9 @@ class Trainer:
             return None
         model = self.acc.unwrap_model(self.model)
         model.eval()
-        mine = list(range(self.acc.process_index, len(self.val_rows), self.acc.num_processes))
+        # sharded: every forward is collective, so every process runs all rows (same count)
+        first, stride = (0, 1) if self.sharded else (self.acc.process_index, self.acc.num_processes)
+        mine = list(range(first, len(self.val_rows), stride))
         totals = [0.0, 0.0, 0.0, 0.0]  # main loss, main count, AR loss, AR count
         micro = self.cfg.train.micro_batch_size
         for start in range(0, len(mine), micro):
@@ -230,7 +245,7 @@ class Trainer:
                 totals[2 * k] += target_loss_sum(logits, batch.targets, batch.weights).item()
                 totals[2 * k + 1] += batch.denominator
         model.train()
-        main, count, ar, ar_count = self._reduce(*totals)
+        main, count, ar, ar_count = self._reduce(*totals) if not self.sharded else totals
         self.last_val = main / max(count, 1.0)
         result = {"val_loss": self.last_val}
         if self.cfg.objective == "diffusion":
@@ -294,16 +309,27 @@ class Trainer:
         from accelerate.utils import gather_object
 
         snapshots = gather_object([rng_snapshot()])  # every process's RNG, for an exact resume
+        model, optimizer_state = self._full_state(optimizer=True)
         if self.acc.is_main_process:
-            write_checkpoint(self.ckpt_root, self.step, model=self.acc.unwrap_model(self.model),
+            write_checkpoint(self.ckpt_root, self.step, model=model,
                              tokenizer=self.tokenizer, generation_config=self.generation_config,
                              official_layout=self.cfg.official_layout,
-                             optimizer_state=self.optimizer.state_dict(), rng_snapshots=snapshots,
+                             optimizer_state=optimizer_state, rng_snapshots=snapshots,
                              trainer_state=self._trainer_state(), keep_last_k=self.cfg.train.keep_last_k)
         self.acc.wait_for_everyone()
 
+    def _full_state(self, optimizer: bool):
+        """(plain model, optimizer state) with full weights for the main process to write;
+        gathered from the shards when sharded (collective: every process calls it)."""
+        if not self.sharded:
+            return (self.acc.unwrap_model(self.model),
+                    self.optimizer.state_dict() if optimizer else None)
+        model = full_model(self.model)
+        return model, full_optimizer_state(self.model, self.optimizer) if optimizer else None
+
     def write_final(self) -> Path:
         final = self.run_dir / "final"
+        model, _ = self._full_state(optimizer=False)
         if self.acc.is_main_process:
             summary = {"steps": self.step, "tokens_seen": self.tokens_seen,
                        "data_tokens_seen": self.data_tokens_seen,
@@ -312,7 +338,7 @@ class Trainer:
                        "data_tokens_per_s": round(self.data_tokens_seen / max(self.elapsed, 1e-9), 1),
                        "world_size": self.acc.num_processes, "global_batch_rows": self.global_rows,
                        "config": self.cfg.to_dict()}
-            save_checkpoint(final, self.acc.unwrap_model(self.model), tokenizer=self.tokenizer,
+            save_checkpoint(final, model, tokenizer=self.tokenizer,
                             generation_config=self.generation_config,
                             official_layout=self.cfg.official_layout,
                             extra_files={"training_summary.json": json.dumps(summary, indent=2) + "\n"})

@@ -1,0 +1,74 @@
+"""Sharded training (FSDP2) with 2 CPU processes over gloo: the same losses and weights as one
+process running the same global batch, consolidated (single-process format) checkpoints, and a
+save / kill / resume cycle that reproduces the uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from fastdllm.training import run_training
+from test_training_distributed import _config, _free_port, _metrics
+
+pytest.importorskip("accelerate")
+
+
+def _fsdp_config(tmp_path: Path, base: Path, name: str, **train) -> str:
+    path = Path(_config(tmp_path, base, name, micro=1))
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"].update(fsdp=True, **train)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _launch(config: str, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "fastdllm.training", "--config", config, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _max_gap(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, qwen2_ckpt):
+    run_training(_config(tmp_path, qwen2_ckpt, "single", micro=2))
+    # gradient checkpointing under FSDP too: recomputation must not change a number
+    _launch(_fsdp_config(tmp_path, qwen2_ckpt, "fsdp", gradient_checkpointing=True))
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    a, b = _metrics(single), _metrics(fsdp)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        key = "loss" if "loss" in ra else "val_loss"
+        assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra, rb)
+    # same bound as the DDP test: float summation order only (reduce-scatter vs local sums)
+    assert _max_gap(single / "final" / "model.safetensors", fsdp / "final" / "model.safetensors") < 1e-4
+    # checkpoints are consolidated: the single-process layout, full tensors
+    for name in ("model.safetensors", "trainer_state/tensors.safetensors"):
+        ours = load_file(str(fsdp / "checkpoints" / "step-000002" / name))
+        ref = load_file(str(single / "checkpoints" / "step-000002" / name))
+        assert {k: v.shape for k, v in ours.items() if not k.startswith("rng")} == \
+            {k: v.shape for k, v in ref.items() if not k.startswith("rng")}
+
+    # kill after the step-2 checkpoint: drop what the run wrote after it, resume with 2 processes
+    uninterrupted = shutil.copytree(fsdp, tmp_path / "uninterrupted")
+    shutil.rmtree(fsdp / "checkpoints" / "step-000004")
+    shutil.rmtree(fsdp / "final")
+    _launch(str(tmp_path / "fsdp.yaml"), "--resume")
+    again = _metrics(fsdp)
+    assert [r["step"] for r in again] == [r["step"] for r in b]
+    for ra, rb in zip(again, b):
+        key = "loss" if "loss" in ra else "val_loss"
+        assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra, rb)
+    assert _max_gap(fsdp / "final" / "model.safetensors", uninterrupted / "final" / "model.safetensors") < 1e-6
