@@ -107,7 +107,7 @@ def _metrics(texts: list[str], outputs: list[list[int]], refs: list[str], second
             "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
             "forward_calls": forward_calls,
             "tokens_per_forward": round(tokens / forward_calls, 4) if forward_calls else None,
-            "forwards_per_answer": per_answer, "stopped": stopped,
+            "forwards_per_answer": per_answer, "kinds": kinds, "stopped": stopped,
             "sample_output": (texts[0] or "")[:300] if texts else "", "outputs": outputs}
 
 
@@ -386,31 +386,47 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
         rows.append(row)
         _log(row)
 
-    # one batch size at a time, so the configurations compared with each other are measured
-    # close together in time (background load drifts over a long run)
+    # one batch size at a time, and within it the problems in `--interleave` chunks, every
+    # configuration decoding chunk k before any decodes chunk k + 1: configurations compared with
+    # each other are measured close together in time (background load drifts over a long run)
+    n_chunks = max(1, min(args.interleave, len(problems) // max(args.batch_sizes)))
+    edges = [round(k * len(problems) / n_chunks) for k in range(n_chunks + 1)]
     for b in args.batch_sizes:
-        add(_row("AR (fastdllm engine)", "ar_engine", args.ar_model, b, **run_engine(
-            ar, prompts, refs, b, mode="ar", desc=f"AR engine b={b}", **common)))
-        add(_row("AR (transformers generate)", "ar_transformers", args.ar_model, b, **run_hf(
-            hf, ar.decode, prompts, refs, b, stop_ids=stop_ids, pad_id=pad_id,
-            desc=f"AR transformers b={b}", **common)))
+        configs = [("AR (fastdllm engine)", ("ar_engine", args.ar_model, b),
+                    lambda c, b=b: run_engine(ar, prompts[c], refs[c], b, mode="ar", **common)),
+                   ("AR (transformers generate)", ("ar_transformers", args.ar_model, b),
+                    lambda c, b=b: run_hf(hf, ar.decode, prompts[c], refs[c], b, stop_ids=stop_ids,
+                                          pad_id=pad_id, **common))]
         for t in args.thresholds:
             for cache in (True, False):
                 name = f"diffusion t={t:g}" + ("" if cache else ", no sub-block cache")
-                add(_row(name, "diffusion", args.diffusion_model, b, t, cache, True, **run_engine(
-                    dif, dif_prompts, refs, b, mode="diffusion", threshold=t, sub_block_cache=cache,
-                    desc=f"{name} b={b}", **common)))
+                configs.append((name, ("diffusion", args.diffusion_model, b, t, cache, True),
+                                lambda c, b=b, t=t, cache=cache: run_engine(
+                                    dif, dif_prompts[c], refs[c], b, mode="diffusion", threshold=t,
+                                    sub_block_cache=cache, **common)))
         if args.baseline_src:
-            ours = {r["config"]: r for r in rows if r["batch"] == b}
-            base_ar = _row("AR (baseline engine)", "baseline", args.ar_model, b, **run_baseline(
-                args.baseline_src, args.ar_model, ar, prompts, refs, b, mode="ar", args=args, **common))
-            add(_compare(base_ar, ours["AR (fastdllm engine)"]))
+            configs.append(("AR (baseline engine)", ("baseline", args.ar_model, b),
+                            lambda c, b=b: run_baseline(args.baseline_src, args.ar_model, ar, prompts[c],
+                                                        refs[c], b, mode="ar", args=args, **common)))
             for t in args.baseline_thresholds:
-                base = _row(f"diffusion t={t:g} (baseline engine)", "baseline", args.diffusion_model, b, t,
-                            True, True, **run_baseline(args.baseline_src, args.diffusion_model, dif,
-                                                       dif_prompts, refs, b, mode="diffusion", threshold=t,
-                                                       args=args, **common))
-                add(_compare(base, ours.get(f"diffusion t={t:g}")))
+                configs.append((f"diffusion t={t:g} (baseline engine)",
+                                ("baseline", args.diffusion_model, b, t, True, True),
+                                lambda c, b=b, t=t: run_baseline(
+                                    args.baseline_src, args.diffusion_model, dif, dif_prompts[c], refs[c],
+                                    b, mode="diffusion", threshold=t, args=args, **common)))
+        parts: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+        with tqdm(total=n_chunks * len(configs), desc=f"batch {b}", unit="run", leave=False) as bar:
+            for k in range(n_chunks):
+                chunk = slice(edges[k], edges[k + 1])
+                for name, _, run in configs:
+                    parts[name].append(run(chunk))
+                    bar.update(1)
+        merged = {name: _row(name, *spec, **merge_metrics(parts[name])) for name, spec, _ in configs}
+        for name, row in merged.items():
+            if name.endswith("(baseline engine)"):
+                ours = "AR (fastdllm engine)" if name.startswith("AR") else name.replace(" (baseline engine)", "")
+                _compare(row, merged.get(ours))
+            add(row)
     b = max(args.batch_sizes)
     if args.skip_diagnostics:
         add_speedups(rows)
@@ -432,6 +448,28 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
         del llm
     add_speedups(rows)
     return rows
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    """One configuration's metrics over the chunks it decoded."""
+    out = dict(parts[0])
+    for key in ("problems", "correct", "new_tokens", "stopped"):
+        out[key] = sum(p[key] for p in parts)
+    out["seconds"] = round(sum(p["seconds"] for p in parts), 4)
+    out["outputs"] = [o for p in parts for o in p["outputs"]]
+    out["accuracy"] = out["correct"] / out["problems"] if out["problems"] else 0.0
+    out["tokens_per_s"] = round(out["new_tokens"] / out["seconds"], 3) if out["seconds"] else 0.0
+    if parts[0]["forward_calls"] is not None:
+        out["forward_calls"] = sum(p["forward_calls"] for p in parts)
+        out["tokens_per_forward"] = round(out["new_tokens"] / out["forward_calls"], 4)
+    kinds: dict[str, int] = {}
+    for p in parts:
+        for k, v in (p.get("kinds") or {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    out["kinds"] = kinds
+    out["forwards_per_answer"] = (" ".join(f"{k}:{v / out['problems']:.2f}" for k, v in sorted(kinds.items()))
+                                  if kinds else None)
+    return out
 
 
 def _compare(base: dict, ours: dict | None) -> dict:
@@ -501,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="src dir of another checkout (e.g. a `git worktree` of an older commit) whose "
                          "engine is timed side by side with ours")
     ap.add_argument("--baseline-thresholds", type=float, nargs="+", default=[GOAL_THRESHOLD])
+    ap.add_argument("--interleave", type=int, default=4,
+                    help="decode the problems in this many chunks, every configuration chunk by chunk")
     ap.add_argument("--skip-diagnostics", action="store_true",
                     help="no left-to-right diagnostic and no ablations")
     ap.add_argument("--device", default="cpu")
@@ -559,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     args_json["ablation"] = [[n, str(p), s] for n, p, s in args.ablation]
     for r in rows:
         r.pop("outputs", None)
+        r.pop("kinds", None)
     write_results(args.out, "Word problems: accuracy and speed of the shipped models", machine, sections,
                   {"args": args_json, "test_source": source, "goals": gs, "step_cost": cost, "rows": rows},
                   notes=notes)
