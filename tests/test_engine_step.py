@@ -14,8 +14,8 @@ from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdllm import LLM
-from fastdllm.model.checkpoint import save_checkpoint
 from fastdllm.engine.params import DecodeConfig, RunnerConfig
+from fastdllm.model.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,3 +236,12 @@ def test_shipped_bf16_checkpoint_round_trips_through_fp32(tmp_path):
     loaded = LLM.load(src, device="cpu", dtype="float32")
     out = save_checkpoint(tmp_path / "export", loaded.model, dtype=torch.bfloat16)
     assert tensors(out) == tensors(src)
+
+
+def test_host_attention_rule_equals_the_tensor_rule():
+    from fastdllm.engine.attention import attention_limits, row_limits
+
+    for block in (1, 4, 8, 32):
+        for start, end in ((0, 1), (5, 13), (31, 64), (100, 101)):
+            positions = torch.arange(start, end)[None]
+            assert row_limits(start, end, block) == attention_limits(positions, torch.tensor([[block]]))[0].tolist()

@@ -22,6 +22,7 @@ import torch
 
 from ..model.kv_cache import CacheAccess, KVCache, RowGroup
 from ..model.transformer import Transformer
+from .attention import row_limits
 from .params import RunnerConfig
 from .sampling import draw
 from .sequence import ForwardPlan, Sequence
@@ -85,7 +86,7 @@ class ModelRunner:
 
     def attention_mask(self, limits: torch.Tensor, key_len: int) -> torch.Tensor:
         """(n, 1, W, key_len) additive mask from per-query limits (n, W): key j is seen iff
-        j < limit (the rule of engine/attention.py)."""
+        j < limit (the rule of engine/attention.py, `row_limits`)."""
         return torch.where(self.keys[:key_len] < limits[:, :, None], self._see, self._hide)[:, None]
 
     # ------------------------------------------------------------------ the eager step
@@ -106,7 +107,7 @@ class ModelRunner:
             offsets[r] = len(ids)
             ids += seq.tokens[plan.start:plan.end]
             pos += range(plan.start, plan.end)
-            limits += _limits(plan.start, plan.end, seq.block)
+            limits += row_limits(plan.start, plan.end, seq.block)
             token_slots += [seq.slot] * widths[r]
         logit_idx = [offsets[r] + x - plan.start for r, (_, plan) in enumerate(rows) for x in plan.logit_positions]
         group_slots = [[rows[r][0].slot for r in g] for g in groups]
@@ -139,7 +140,7 @@ class ModelRunner:
         for seq, plan in rows:
             ids += seq.tokens[plan.start:plan.end]
             pos += range(plan.start, plan.end)
-            limits += _limits(plan.start, plan.end, seq.block)
+            limits += row_limits(plan.start, plan.end, seq.block)
             idx = [x - plan.start for x in plan.logit_positions]
             logit_idx += idx + [idx[-1]] * (k_max - len(idx))
         contiguous = _contiguous(slots)
@@ -171,12 +172,6 @@ class ModelRunner:
             for (a, b), d in zip(spans, diffusion):
                 if d:
                     logits[a:b, self.mask_token_id] = float("-inf")
-
-
-def _limits(start: int, end: int, block: int) -> list[int]:
-    """The attention rule (engine/attention.py) for queries at [start, end): query p sees keys
-    j < (p // block + 1) * block."""
-    return [(q // block + 1) * block for q in range(start, end)]
 
 
 def _contiguous(slots: list[int]) -> bool:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import sys
 import time
+
 import torch
 
 from ..model.kv_cache import CacheAccess
+from .attention import row_limits
 from .params import RunnerConfig
 
 # `runner` below is the engine's ModelRunner (runner.py imports this module, not the reverse);
@@ -147,8 +149,8 @@ class StaticSteps:
             ids += seq.tokens[plan.start:plan.end] + [0] * (W - w)
             pos += list(range(plan.start, plan.end)) + list(range(w, W))  # spare: scratch 0..W-1
             slots += [seq.slot] * w + [r.scratch_slot] * (W - w)
-            row_limits = [(q // block + 1) * block for q in range(plan.start, plan.end)]
-            limits += row_limits + [row_limits[-1]] * (W - w)
+            lim = row_limits(plan.start, plan.end, block)
+            limits += lim + [lim[-1]] * (W - w)
             read.append(seq.slot)
             flag = 1 if seq.params.diffusion else 0
             suppress += [flag] * W
