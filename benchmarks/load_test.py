@@ -44,6 +44,7 @@ class RequestResult:
     ttft: float | None = None  # request sent -> first non-empty text
     tokens: int = 0
     error: str | None = None
+    text: str = ""
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ModeResult:
     wall_s: float = 0.0
     forward_calls: int = 0
     timed_out: bool = False
+    texts: dict = field(default_factory=dict)  # (client, request) -> output text
 
     def summary(self) -> dict:
         ok = [r for r in self.results if r.error is None]
@@ -105,8 +107,10 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> RequestResult:
                 if "error" in event:
                     out.error = event["error"]["message"]
                     break
-                if event["choices"] and event["choices"][0]["text"] and out.ttft is None:
-                    out.ttft = time.perf_counter() - t0
+                if event["choices"] and event["choices"][0]["text"]:
+                    out.text += event["choices"][0]["text"]
+                    if out.ttft is None:
+                        out.ttft = time.perf_counter() - t0
                 if event.get("usage"):
                     out.tokens = event["usage"]["completion_tokens"]
     except httpx.HTTPError as e:
@@ -115,7 +119,10 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> RequestResult:
     return out
 
 
-async def run_mode(url: str, mode: str, args: argparse.Namespace) -> ModeResult:
+async def run_mode(url: str, mode: str, args: argparse.Namespace, bad: "BadClient | None" = None
+                   ) -> ModeResult:
+    """`--clients` good streaming clients; with `bad`, a second client sends the bad-request
+    corpus over and over for as long as the good clients run."""
     result = ModeResult(mode)
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=args.time_limit) as client:
@@ -124,22 +131,80 @@ async def run_mode(url: str, mode: str, args: argparse.Namespace) -> ModeResult:
                 body = {"model": "load-test", "prompt": PROMPTS[(i + j) % len(PROMPTS)],
                         "max_tokens": args.max_tokens, "mode": mode, "stream": True,
                         "stream_options": {"include_usage": True}}
-                result.results.append(await one_request(client, body))
+                r = await one_request(client, body)
+                result.results.append(r)
+                result.texts[(i, j)] = r.text
 
         await one_request(client, {"model": "load-test", "prompt": PROMPTS[0], "max_tokens": 8,
                                    "mode": mode, "stream": True})  # warm-up
         calls0 = (await client.get("/health")).json()["engine"]["forward_calls"]
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(client_loop(i)) for i in range(args.clients)]
+        bad_task = asyncio.create_task(bad.run(url, tasks)) if bad is not None else None
         done, pending = await asyncio.wait(tasks, timeout=args.time_limit)
         for t in pending:
             t.cancel()
         result.timed_out = bool(pending)
         result.wall_s = time.perf_counter() - t0
-        result.forward_calls = (await client.get("/health")).json()["engine"]["forward_calls"] - calls0
+        if bad_task is not None:
+            await bad_task
+        try:
+            result.forward_calls = (await client.get("/health", timeout=5)).json()["engine"]["forward_calls"] - calls0
+        except (httpx.HTTPError, KeyError, ValueError):
+            result.forward_calls = 0
     missing = args.clients * args.requests - len(result.results)
     result.results += [RequestResult(error="not finished within --time-limit")] * missing
     return result
+
+
+class BadClient:
+    """Sends every entry of the bad-request corpus (tests/data/bad_requests.jsonl) in order, again
+    and again while the good clients run (at least one full pass), each with a `hang_s` timeout:
+    no answer in time counts as a hang. `first_pass` tallies the distinct inputs."""
+
+    def __init__(self, hang_s: float):
+        sys.path.insert(0, str(REPO / "tests"))
+        from fixtures import bad_requests
+
+        self.corpus = bad_requests()
+        self.hang_s = hang_s
+        self.sent = 0
+        self.first_pass: list[dict] = []
+
+    async def run(self, url: str, good: list[asyncio.Task]) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=self.hang_s) as client:
+            while True:
+                for case in self.corpus:
+                    if self.sent >= len(self.corpus) and all(t.done() for t in good):
+                        return
+                    outcome = await self._send(client, case)
+                    if self.sent < len(self.corpus):
+                        self.first_pass.append({"id": case["id"], "expected": case["status"], **outcome})
+                    self.sent += 1
+
+    async def _send(self, client: httpx.AsyncClient, case: dict) -> dict:
+        t0 = time.perf_counter()
+        try:
+            r = await client.post(f"/v1/{case['route']}", content=case["content"],
+                                  headers={"content-type": "application/json"})
+            status = r.status_code
+            if status == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
+                status = 200  # a streamed 200 (the body may still carry an error event)
+        except httpx.TimeoutException:
+            status = "hang"
+        except httpx.HTTPError as e:
+            status = f"{type(e).__name__}"
+        return {"status": status, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def tally(self) -> dict:
+        st = [c["status"] for c in self.first_pass]
+        return {"inputs": len(st), "4xx": sum(isinstance(s, int) and 400 <= s < 500 for s in st),
+                "5xx": sum(isinstance(s, int) and s >= 500 for s in st),
+                "2xx": sum(isinstance(s, int) and s < 300 for s in st),
+                "hangs": sum(s == "hang" for s in st),
+                "other": sum(isinstance(s, str) and s != "hang" for s in st),
+                "as_expected": sum(c["status"] == c["expected"] for c in self.first_pass),
+                "total_sent": self.sent}
 
 
 # ---------------------------------------------------------------------------------- server
@@ -206,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds per mode before giving up")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    ap.add_argument("--fault", action="store_true",
+                    help="fault mode: each mode runs without, then with, a second client sending the "
+                         "bad-request corpus; writes load_test_fault.{json,md}")
+    ap.add_argument("--hang-s", type=float, default=30.0,
+                    help="fault mode: seconds without an answer that count as a hang (default: 30)")
     args = ap.parse_args(argv)
     if args.clients < 1 or args.requests < 1 or args.clients * args.requests > 10_000:
         ap.error("--clients and --requests must be >= 1, at most 10,000 requests in all")
@@ -217,10 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(tempfile.gettempdir()) / "fastdllm-load-test-server.log"
     proc, url = start_server(args, model, log_path)
     try:
+        if args.fault:
+            return fault_mode(args, url, model, tiny)
         results = [asyncio.run(run_mode(url, mode, args)).summary() for mode in args.modes]
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
     settings = {"model": "tiny random qwen2 (tests/fixtures.py)" if tiny else str(model),
                 "tiny_model": tiny, "clients": args.clients, "requests": args.requests,
@@ -236,6 +311,53 @@ def main(argv: list[str] | None = None) -> int:
                   {"settings": settings, "results": results}, notes=notes(settings))
     print((args.out / "load_test.md").read_text())
     return 1 if any(r["errors"] for r in results) else 0
+
+
+FAULT_COLUMNS = ["mode", "bad_client", "requests", "errors", "outputs_equal", "latency_p50_s",
+                 "latency_p99_s", "ttft_p99_s", "requests_per_s"]
+CORPUS_COLUMNS = ["mode", "inputs", "4xx", "5xx", "2xx", "hangs", "other", "as_expected", "total_sent"]
+
+
+def fault_mode(args: argparse.Namespace, url: str, model: Path, tiny: bool) -> int:
+    """Per mode: the good clients alone, then again beside the bad client; compare."""
+    rows, corpus_rows, cases = [], [], {}
+    for mode in args.modes:
+        alone = asyncio.run(run_mode(url, mode, args))
+        bad = BadClient(args.hang_s)
+        beside = asyncio.run(run_mode(url, mode, args, bad))
+        equal = sum(beside.texts.get(k) == v for k, v in alone.texts.items())
+        for name, r in (("no", alone), ("yes", beside)):
+            summary = r.summary()
+            rows.append({**{k: summary[k] for k in FAULT_COLUMNS if k in summary}, "bad_client": name,
+                         "outputs_equal": f"{equal}/{len(alone.texts)}" if name == "yes" else "-",
+                         "error_examples": summary["error_examples"]})
+        corpus_rows.append({"mode": mode, **bad.tally()})
+        cases[mode] = bad.first_pass
+    settings = {"model": "tiny random qwen2 (tests/fixtures.py)" if tiny else str(model),
+                "tiny_model": tiny, "clients": args.clients, "requests": args.requests,
+                "max_tokens": args.max_tokens, "max_batch": args.max_batch, "hang_s": args.hang_s,
+                "time_limit_s": args.time_limit, "corpus": "tests/data/bad_requests.jsonl"}
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    notes = (f"{args.clients} good streaming clients x {args.requests} greedy requests, first alone, "
+             "then while a second client sends the bad-request corpus in a loop (at least one full "
+             f"pass; an answer slower than {args.hang_s:g} s counts as a hang). outputs_equal: good "
+             "outputs identical to the run without the bad client. The corpus table counts the "
+             "first pass (each input once); as_expected = the status the corpus entry names.")
+    write_results(args.out / "load_test_fault", "fastdllm serve: load test with a bad client",
+                  machine_info(device),
+                  [("Good requests, without and with the bad client", rows, FAULT_COLUMNS),
+                   ("Bad-request corpus (first pass)", corpus_rows, CORPUS_COLUMNS)],
+                  {"settings": settings, "results": rows, "corpus": corpus_rows, "cases": cases},
+                  notes=notes)
+    print((args.out / "load_test_fault.md").read_text())
+    bad_errors = any(r["errors"] for r in rows)
+    unequal = any(r["outputs_equal"] not in ("-",) and r["outputs_equal"].split("/")[0] !=
+                  r["outputs_equal"].split("/")[1] for r in rows)
+    return 1 if bad_errors or unequal else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fixtures import LLAMA3_ROPE, STORIES260K, copy_checkpoint, make_checkpoint
+from fixtures import (
+    HOSTILE_TEMPLATE,
+    LLAMA3_ROPE,
+    STORIES260K,
+    copy_checkpoint,
+    make_checkpoint,
+    set_chat_template,
+)
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +115,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hostile_template_ckpt(qwen2_ckpt, tmp_path_factory) -> Path:
+    """The tiny Qwen2 with `HOSTILE_TEMPLATE`: strict about roles, hostile on trigger words."""
+    ckpt = copy_checkpoint(qwen2_ckpt, tmp_path_factory.mktemp("hostile") / "ckpt")
+    set_chat_template(ckpt, HOSTILE_TEMPLATE)
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def strict_server(hostile_template_ckpt):
+    """One server for every bad-request test (tests/test_server_errors.py and
+    tests/test_fault_injection.py): default limits, 4 slots."""
+    from fastdllm import LLM
+    from fastdllm.server import BackgroundServer, ServerConfig
+
+    llm = LLM.load(hostile_template_ckpt, device="cpu")
+    config = ServerConfig(served_model_name="tiny", defaults=llm.decode_config(max_new_tokens=16),
+                          max_batch=4)
+    with BackgroundServer(llm, config) as srv:
+        yield srv

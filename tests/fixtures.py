@@ -40,6 +40,34 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# ChatML, but like many published templates it refuses roles it does not know
+STRICT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unsupported role: ' + message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The strict template, turned hostile by the first message's content (issue 11): a nested loop
+# that would run for ever, and allocations of 10 GB and more
+HOSTILE_TEMPLATE = (
+    "{% if messages[0]['content'] == 'HOSTILE-LOOP' %}{% for i in range(100000) %}"
+    "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
+    "{% if messages[0]['content'] == 'HOSTILE-ALLOC' %}{{ 'x' * 10**10 }}{% endif %}"
+    "{% if messages[0]['content'] == 'HOSTILE-PAD' %}{{ 'x'|center(10**10) }}{% endif %}"
+    "{% if messages[0]['content'] == 'HOSTILE-RECURSE' %}{% macro f(n) %}{{ f(n + 1) }}"
+    "{% endmacro %}{{ f(0) }}{% endif %}"
+    + STRICT_TEMPLATE
+)
+
+
+def set_chat_template(model_dir: str | Path, template: str) -> None:
+    path = Path(model_dir) / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": template}))
+    (Path(model_dir) / "chat_template.jinja").unlink(missing_ok=True)
+
+
 # Written by the official layout's remote code if anything ever imports it.
 REMOTE_CODE_SENTINEL = "REMOTE_CODE_RAN"
 
@@ -285,3 +313,32 @@ def load_hf_model(model_dir: str | Path, family: str):
     model_cls = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM}[family]
     return model_cls.from_pretrained(str(model_dir), dtype=torch.float32,
                                      attn_implementation="eager").eval()
+
+
+BAD_REQUESTS = Path(__file__).resolve().parent / "data" / "bad_requests.jsonl"
+
+
+def bad_requests() -> list[dict[str, Any]]:
+    """The bad-request corpus (tests/data/bad_requests.jsonl), each entry with its raw body in
+    "content" (bytes): "body" is sent as JSON, "raw" as UTF-8 text, "raw_hex" as bytes, and
+    "repeat" {"marker", "text", "times"[, "close"]} expands the marker into text x times (and
+    a second marker into close x times), which keeps huge inputs small on disk."""
+    out = []
+    for line in BAD_REQUESTS.read_text().splitlines():
+        case = json.loads(line)
+        if "body" in case:
+            content = json.dumps(case["body"]).encode()
+        elif "raw_hex" in case:
+            content = bytes.fromhex(case["raw_hex"])
+        else:
+            text = case["raw"]
+            rep = case.get("repeat")
+            if rep:
+                head, _, tail = text.partition(rep["marker"])
+                if "close" in rep:
+                    middle, _, tail = tail.partition(rep["marker"])
+                    tail = middle + rep["close"] * rep["times"] + tail
+                text = head + rep["text"] * rep["times"] + tail
+            content = text.encode("utf-8", "surrogatepass")
+        out.append({**case, "content": content})
+    return out

@@ -8,6 +8,7 @@ other (streamed vs not, batched vs alone, server vs `LLM.generate`), never with 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -251,7 +252,7 @@ def test_serve_command(qwen2_ckpt):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "fastdllm.cli", "serve", "--model", str(qwen2_ckpt), "--port", str(port),
            "--served-model-name", "cli-model", "--max-batch", "2", "--max-new-tokens", "8",
-           "--log-level", "warning"]
+           "--log-level", "warning", "--drain-timeout", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -267,6 +268,18 @@ def test_serve_command(qwen2_ckpt):
             time.sleep(0.1)
         r = httpx.post(f"{url}/v1/completions", json={"model": "cli-model", "prompt": "Hi"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+        # SIGTERM with --drain-timeout 0: an in-flight stream is cut with an error event and
+        # [DONE] (issue 11: it used to be cut with neither), and the server exits cleanly
+        long = {"model": "cli-model", "prompt": "Hello", "mode": "ar", "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as r:
+            lines = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    if not lines:
+                        proc.send_signal(signal.SIGTERM)
+                    lines.append(line[6:])
+        assert lines[-1] == "[DONE]" and "shutting down" in json.loads(lines[-2])["error"]["message"]
+        assert proc.wait(timeout=30) == 0
     finally:
         proc.terminate()
         proc.wait(timeout=10)

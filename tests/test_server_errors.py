@@ -10,33 +10,14 @@ import time
 import httpx
 import pytest
 
-from fastdllm import LLM
-from fastdllm.server import BackgroundServer, ServerConfig
-from fixtures import copy_checkpoint
 
-# ChatML, but like many published templates it refuses roles it does not know
-STRICT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unsupported role: ' + message['role']) }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 USER = [{"role": "user", "content": "Hi"}]
 LONG_TEXT = "Once upon a time there was a little girl named Lily. " * 60  # > 512 tokens
 
 
 @pytest.fixture(scope="module")
-def server(qwen2_ckpt, tmp_path_factory):
-    ckpt = copy_checkpoint(qwen2_ckpt, tmp_path_factory.mktemp("strict") / "ckpt")
-    cfg_path = ckpt / "tokenizer_config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "chat_template": STRICT_TEMPLATE}))
-    llm = LLM.load(ckpt, device="cpu")
-    config = ServerConfig(served_model_name="tiny", defaults=llm.decode_config(max_new_tokens=16),
-                          max_batch=4)
-    with BackgroundServer(llm, config) as srv:
-        yield srv
+def server(strict_server):
+    return strict_server
 
 
 C, CHAT = "completions", "chat/completions"
@@ -74,7 +55,8 @@ BAD = [  # (route, body, status, param)
     (C, {"prompt": "Hi", "model": "gpt-4"}, 404, "model"),
     (CHAT, {"messages": USER, "model": "gpt-4"}, 404, "model"),
     (CHAT, {"messages": []}, 400, "messages"),
-    (CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "tool", "content": "Hi"}]}, 400, "messages"),  # the template refuses
     (C, {"prompt": "Hi", "n": 2}, 400, "n"),
     (C, {"prompt": "Hi", "mode": "fast"}, 400, "mode"),
     (C, {"prompt": "Hi", "block_size": 0}, 400, "block_size"),
@@ -125,6 +107,7 @@ def test_bad_requests_do_not_disturb_the_batch(server):
     its solo answer, and no slot leaks."""
     good = {"prompt": "Once upon a time", "max_tokens": 200, "threshold": 1.0}
     solo = _post(server, C, good).json()["choices"][0]["text"]
+    failed_before = httpx.get(f"{server.url}/health", timeout=30).json()["requests"]["failed"]
     result = {}
 
     def run_good():
@@ -142,4 +125,5 @@ def test_bad_requests_do_not_disturb_the_batch(server):
     deadline = time.monotonic() + 60
     while (h := httpx.get(f"{server.url}/health", timeout=30).json())["active"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert h["active"] == 0 and h["waiting"] == 0 and h["requests"]["failed"] == 0
+    # (the session's server also serves tests/test_fault_injection.py, which fails requests)
+    assert h["active"] == 0 and h["waiting"] == 0 and h["requests"]["failed"] == failed_before

@@ -20,9 +20,12 @@ from typing import Sequence as Seq
 
 import torch
 
+from .chat_template import TemplateLimits, render_chat
 from .engine.engine import Engine, Step
 from .engine.params import DecodeConfig, RunnerConfig, slot_len
 from .engine.sequence import Sequence
+from .engine.speculation import Speculation
+from .engine.speculative import SpeculativeEngine, check_pair
 from .errors import FastDLLMError
 from .model.checkpoint import (
     SpecialTokens,
@@ -66,15 +69,24 @@ class LLM:
     special: SpecialTokens
     default_block_size: int = 32
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    draft: "LLM | None" = None  # the block-diffusion draft model of speculative decoding
     _engine: Engine | None = field(default=None, repr=False)
+    _spec_engine: SpeculativeEngine | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
              mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
-             enforce_eager: bool = False) -> "LLM":
-        """`enforce_eager`: no CUDA graphs (on the GPU, static decode steps are captured when the
-        first engine is built, with a progress line and a time cap; see RunnerConfig)."""
+             draft_model: str | Path | None = None, enforce_eager: bool = False) -> "LLM":
+        """`draft_model`: a block-diffusion model (same tokenizer) whose drafts this model
+        verifies: decoding then defaults to mode "speculative" and gives this model's own output
+        at several tokens per forward. `mask_token_id` is the draft's when a draft is given.
+        `enforce_eager`: no CUDA graphs (on the GPU, static decode steps are captured when an
+        engine is built, with a progress line and a time cap; see RunnerConfig)."""
+        draft = None
+        if draft_model is not None:
+            draft = cls.load(draft_model, device=device, dtype=dtype, mask_token_id=mask_token_id,
+                             enforce_eager=enforce_eager)
         model_dir = resolve_model_dir(name_or_path)
         cfg, _ = read_config(model_dir)
         dev = _resolve_device(device)
@@ -85,8 +97,13 @@ class LLM:
             cfg, model_dir, tokenizer, mask_token_id,
             tuple(stop_token_ids) if stop_token_ids is not None else None)
         block = cfg.bd_size or 32
+        if draft is not None:
+            check_pair(model, draft.model, draft.special.mask_token_id)
+            check_same_tokenizer(model_dir, tokenizer, draft.model_dir, draft.tokenizer)
+            block = draft.default_block_size
         runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block))
-        return cls(model, tokenizer, model_dir, special, default_block_size=block, runner=runner)
+        return cls(model, tokenizer, model_dir, special, default_block_size=block, draft=draft,
+                   runner=runner)
 
     @property
     def config(self) -> ModelConfig:
@@ -100,36 +117,50 @@ class LLM:
         """Defaults from the checkpoint (block size = its bd_size), then `overrides`."""
         base = config or DecodeConfig(block_size=self.default_block_size,
                                       sub_block_size=min(8, self.default_block_size),
-                                      token_shift=self.config.token_shift)
+                                      token_shift=self.config.token_shift,
+                                      mode="speculative" if self.draft else "diffusion",
+                                      draft_length=min(8, self.default_block_size))
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(base, **overrides) if overrides else base
 
     # ------------------------------------------------------------------ prompts
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
+    def encode(self, prompt: str | Seq[int], *, tokenizer=None) -> list[int]:
+        """Prompt ids from text or ids. `tokenizer`: another instance of this checkpoint's
+        tokenizer (a fast tokenizer must not be used by two threads at once)."""
+        tokenizer = tokenizer or self.tokenizer
         if isinstance(prompt, str):
-            if self.tokenizer is None:
+            if tokenizer is None:
                 raise FastDLLMError(f"{self.model_dir} has no tokenizer files; pass token ids "
                                     "instead of text", field="prompt", fixes=[("prompt_ids", [1, 2, 3])])
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            _check_text(prompt, "prompt")
+            ids = tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(i) for i in prompt]
         self._check_prompt(ids)
         return ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+    def encode_chat(self, messages: list[dict[str, str]], *, tokenizer=None,
+                    limits: TemplateLimits | None = None) -> list[int]:
+        """Prompt ids of `messages` rendered with the checkpoint's chat template (in a bounded
+        sandbox, see chat_template.py) plus the generation prompt."""
+        tokenizer = tokenizer or self.tokenizer
+        template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        if not template:
             raise FastDLLMError(f"{self.model_dir} has no chat template; send a plain prompt instead",
                                 field="messages")
         if not messages:
             raise FastDLLMError("messages must not be empty", field="messages")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:
-            raise FastDLLMError(f"the chat template cannot render these messages: {e}",
-                                field="messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = [int(i) for i in ids]
+        for i, m in enumerate(messages):
+            for key, value in m.items():
+                if isinstance(value, str):
+                    _check_text(value, f"messages[{i}].{key}")
+        text = render_chat(template, messages, limits=limits or TemplateLimits(),
+                           name=f"the chat template of {self.model_dir.name}",
+                           **_special_tokens(tokenizer))
+        # the template writes the special tokens itself, as apply_chat_template assumes
+        ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
         self._check_prompt(ids)
         return ids
 
@@ -157,24 +188,37 @@ class LLM:
                 f"{self.context_length - prompt_len}", field="max_new_tokens")
 
     # ------------------------------------------------------------------ engine
-    def new_engine(self, slots: int, needed: int, block: int = 1, context: int | None = None) -> Engine:
+    def new_engine(self, slots: int, needed: int, block: int = 1, context: int | None = None, *,
+                   speculative: bool = False) -> Engine | SpeculativeEngine:
         """A fresh engine of `slots` slots, each of `slot_len(needed, context, block)` positions
-        (`context`: the model's unless a front end serves less). Its static steps are captured
-        here (CUDA graphs; a progress line and a time cap, see RunnerConfig), which is also when a
-        server warms up."""
-        engine = Engine(self.model, max_slots=slots,
-                        max_len=slot_len(needed, context or self.context_length, block),
+        (`context`: the model's unless a front end serves less). `speculative`: this model
+        verifies drafts of `draft`, or of itself (self-speculative) when it has none; that
+        engine also decodes mode "ar". An `Engine`'s static steps are captured here (CUDA
+        graphs; a progress line and a time cap, see RunnerConfig), which is also when a server
+        warms up."""
+        max_len = slot_len(needed, context or self.context_length, block)
+        if speculative:
+            draft = self.draft or self
+            return SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
+                                     mask_token_id=draft.special.mask_token_id,
+                                     stop_token_ids=self.special.stop_token_ids)
+        engine = Engine(self.model, max_slots=slots, max_len=max_len,
                         mask_token_id=self.special.mask_token_id,
                         stop_token_ids=self.special.stop_token_ids, runner=self.runner)
         engine.warm_up()
         return engine
 
-    def engine(self, slots: int, needed: int, block: int = 1) -> Engine:
+    def engine(self, slots: int, needed: int, block: int = 1, *,
+               speculative: bool = False) -> Engine | SpeculativeEngine:
         """The engine this LLM reuses across calls, with at least `slots` slots of `needed`
         positions; a new one (`new_engine`) only when it is too small or busy."""
-        e = self._engine
-        if e is None or e.max_slots < slots or e.max_len < needed or e.running:
-            e = self._engine = self.new_engine(slots, needed, block)
+        e = self._spec_engine if speculative else self._engine
+        if e is None or e.cache.slots < slots or e.max_len < needed or e.running:
+            e = self.new_engine(slots, needed, block, speculative=speculative)
+            if speculative:
+                self._spec_engine = e
+            else:
+                self._engine = e
         return e
 
     def generate(self, prompt: str | Seq[int] | None = None, *, messages: list[dict] | None = None,
@@ -211,12 +255,13 @@ class LLM:
         ids = [self.encode(p) for p in prompts]
         for x in ids:
             self.check_request(len(x), params)
-        engine = self.engine(len(ids), max(params.cache_len(len(x)) for x in ids), params.block)
+        engine = self.engine(len(ids), max(params.cache_len(len(x)) for x in ids), params.block,
+                             speculative=params.speculative)
         stops = tuple(stop_token_ids) if stop_token_ids is not None else None
         seqs = [engine.add(x, params, stop_token_ids=stops) for x in ids]
         return _drive(engine, seqs)
 
-    def _result(self, seq: Sequence, batch_calls: int, batch_seconds: float) -> GenerationResult:
+    def _result(self, seq: Sequence | Speculation, batch_calls: int, batch_seconds: float) -> GenerationResult:
         out = seq.output_ids()
         stats = seq.stats.as_dict()
         stats.update(batch_forward_calls=batch_calls, batch_seconds=round(batch_seconds, 6),
@@ -226,12 +271,42 @@ class LLM:
                                 prompt_ids=seq.tokens[: seq.prompt_len])
 
 
-def _drive(engine: Engine, seqs: list[Sequence]) -> Iterator[Step]:
+def check_same_tokenizer(target_dir: Path, target_tok, draft_dir: Path, draft_tok) -> None:
+    """Speculative decoding compares token ids, so both models must mean the same thing by each."""
+    if target_tok is None or draft_tok is None:
+        return  # token-id prompts only; check_pair still compares the vocabulary sizes
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise FastDLLMError(
+            f"the draft model {draft_dir} has another tokenizer than the target {target_dir} "
+            f"({len(draft_tok.get_vocab())} vs {len(target_tok.get_vocab())} tokens, or the same "
+            "tokens with other ids); speculative decoding needs both on the same tokenizer",
+            field="draft_model")
+
+
+def _drive(engine: Engine | SpeculativeEngine, seqs: list) -> Iterator[Step]:
     try:
         yield from engine.stream()
     finally:  # stopped early: the unfinished sequences give their slots back
         for seq in seqs:
             engine.abort(seq)
+    failed = next((s.error for s in seqs if s.error is not None), None)
+    if failed is not None:  # the others finished; this one failed alone (a bug)
+        raise failed
+
+
+def _check_text(text: str, field: str) -> None:
+    """Text a tokenizer can take: valid Unicode (JSON can carry a lone surrogate, which no
+    tokenizer encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FastDLLMError(f"{field} is not valid Unicode: {e.reason} at character {e.start}",
+                            field=field) from None
+
+
+def _special_tokens(tokenizer) -> dict[str, Any]:
+    """What apply_chat_template passes to a template besides the messages (bos_token, ...)."""
+    return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
 
 
 def _resolve_device(device: str | None) -> torch.device:

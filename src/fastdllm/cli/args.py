@@ -14,11 +14,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="stop token id (repeatable); default: the checkpoint's eos ids")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs / compiled static steps)")
+    p.add_argument("--draft-model", default=None,
+                   help="a block-diffusion model (same tokenizer) drafting for --model, which "
+                        "verifies: --model's exact output, several tokens per forward "
+                        "(default mode then: speculative)")
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--mode", choices=("diffusion", "ar"), default=None, help="default: diffusion")
+    g.add_argument("--mode", choices=("diffusion", "ar", "speculative"), default=None,
+                   help="default: diffusion (speculative with --draft-model); speculative without "
+                        "--draft-model drafts with --model itself (self-speculative)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: 256")
     g.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's bd_size, else 32")
     g.add_argument("--sub-block-size", type=int, default=None, help="default: 8")
@@ -30,6 +36,13 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--draft-length", type=int, default=None,
+                   help="speculative: tokens drafted per cycle, 1..block size (default: 8)")
+    g.add_argument("--draft-steps", type=int, default=None,
+                   help="speculative: draft forwards per cycle, 1 = one forward (default), more "
+                        "refine the draft left to right")
+    g.add_argument("--merged", action="store_true",
+                   help="self-speculative: verify the last draft and draft the next in one forward")
 
 
 def decode_overrides(args: argparse.Namespace) -> dict:
@@ -39,6 +52,8 @@ def decode_overrides(args: argparse.Namespace) -> dict:
         sub_block_cache=False if args.no_sub_block_cache else None,
         block_cache=False if args.no_block_cache else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        draft_length=args.draft_length, draft_steps=args.draft_steps,
+        merged=True if args.merged else None,
     )
 
 
@@ -46,4 +61,5 @@ def load_llm(args: argparse.Namespace):
     from ..llm import LLM
 
     return LLM.load(args.model, device=args.device, dtype=args.dtype, mask_token_id=args.mask_token_id,
-                    stop_token_ids=args.stop_token_id, enforce_eager=args.enforce_eager)
+                    stop_token_ids=args.stop_token_id, draft_model=args.draft_model,
+                    enforce_eager=args.enforce_eager)

@@ -103,6 +103,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pass
     desc = (f"diffusion, block {params.block_size}, sub-block {params.sub_block_size}, "
             f"threshold {params.threshold}" if params.diffusion else "autoregressive")
+    if params.speculative:
+        drafter = llm.draft.model_dir.name if llm.draft else "itself (self-speculative)"
+        desc = f"speculative, drafts of {params.draft_length} by {drafter}"
     print(f"fastdllm chat · {llm.model_dir.name} · {desc}\n{HELP}", flush=True)
     while True:
         try:

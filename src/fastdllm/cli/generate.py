@@ -54,7 +54,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(result.text if result.text is not None else result.token_ids)
         s = result.stats
-        print(f"[{s['mode']}] {s['new_tokens']} tokens, {s['forward_calls']} forwards, "
+        extra = (f", {s['tokens_per_cycle']:.2f} tokens/cycle ({s['target_forwards']} target + "
+                 f"{s['draft_forwards']} draft forwards)" if "cycles" in s else "")
+        print(f"[{s['mode']}] {s['new_tokens']} tokens, {s['forward_calls']} forwards{extra}, "
               f"{s['tokens_per_forward']:.2f} tokens/forward, {s['tokens_per_second']:.1f} tokens/s, "
               f"{s['seconds']:.3f}s, finish: {result.finish_reason}", file=sys.stderr)
     return 0

@@ -28,6 +28,16 @@ def add_parser(subparsers) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="positions per sequence, prompt + answer (default: the model's context); "
                         "the KV cache holds max-batch x max-model-len positions")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body accepted, checked before parsing (default: 4 MiB)")
+    g.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt (or all messages together) in characters, checked before "
+                        "tokenizing (default: 64 x max-model-len)")
+    g.add_argument("--text-timeout", type=float, default=5.0,
+                   help="seconds to render the chat template and tokenize one request (default: 5)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take to finish before they are "
+                        "cut (default: 30)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_decode_args(s)
     s.set_defaults(func=cmd_serve)
@@ -46,6 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         request_timeout=args.request_timeout or None,
         max_model_len=args.max_model_len,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        text_timeout=args.text_timeout,
+        drain_timeout=args.drain_timeout,
     )
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

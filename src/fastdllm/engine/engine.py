@@ -24,7 +24,7 @@ import torch
 from ..errors import FastDLLMError
 from ..model.transformer import Transformer
 from .params import DecodeConfig, RunnerConfig
-from .runner import ModelRunner
+from .runner import ModelRunner, Row
 from .sequence import Sequence
 
 
@@ -46,7 +46,7 @@ class Delta:
 @dataclass(frozen=True)
 class Step:
     """One engine step: a Delta for every sequence that was running, in the order they joined,
-    and the model forwards it took (one, or none when nothing was left to run)."""
+    and the model forwards it took (one; one per row only when a batched forward failed)."""
 
     deltas: tuple[Delta, ...]
     forward_calls: int
@@ -96,6 +96,10 @@ class Engine:
             stop_token_ids: tuple[int, ...] | None = None) -> Sequence:
         if not self._free_slots:
             raise FastDLLMError("the engine is full: every batch slot is in use")
+        if params.speculative:
+            raise FastDLLMError("speculative decoding needs the speculative engine "
+                                "(fastdllm.engine.speculative); this engine decodes one model",
+                                field="mode")
         if params.diffusion and self.mask_token_id is None:
             raise FastDLLMError(
                 "diffusion decoding needs a mask token, and this checkpoint has none "
@@ -112,7 +116,11 @@ class Engine:
                        stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                        device=self.device)
         seq.slot = self._free_slots.pop(0)
-        seq.begin()
+        try:
+            seq.begin()
+        except BaseException:
+            self._release(seq)  # a sequence that never started gives its slot back
+            raise
         self.running.append(seq)
         return seq
 
@@ -135,17 +143,30 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> Step:
         """One forward for every running sequence, whatever their phases; finished sequences
-        leave `running`."""
+        leave `running`.
+
+        A failure that belongs to one sequence (planning it, sampling its row, advancing it)
+        ends that sequence alone: it leaves `running` with `seq.error` set (its Delta says so),
+        and the sequences batched with it advance as if it had not been there. When the batched
+        forward raises, its rows are retried one by one, so only the culprit fails (a step is
+        then one forward per row: only after a failure)."""
         t0 = time.perf_counter()
         seqs = list(self.running)
         final_before = [s.final_len for s in seqs]
         calls_before = self.stats.forward_calls
-        rows = [(seq, seq.plan()) for seq in seqs if not seq.finished]
-        if rows:
-            tokens, conf, spans = self.runner.run(rows)
-            self.stats.forward_calls += 1
-            for (seq, plan), (a, b) in zip(rows, spans):
-                seq.advance(plan, tokens[a:b], conf[a:b])
+        rows: list[Row] = []
+        for seq in seqs:
+            if not seq.finished:
+                try:
+                    rows.append((seq, seq.plan()))
+                except Exception as e:
+                    self._fail(seq, e)
+        for group, (tokens, conf, spans) in self._draw(rows):
+            for (seq, plan), (a, b) in zip(group, spans):
+                try:
+                    seq.advance(plan, tokens[a:b], conf[a:b])
+                except Exception as e:
+                    self._fail(seq, e)
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self._release(seq)
@@ -154,3 +175,31 @@ class Engine:
         deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
                        for s, start in zip(seqs, final_before))
         return Step(deltas, self.stats.forward_calls - calls_before)
+
+    def _draw(self, rows: list[Row]) -> list:
+        """[(rows, (tokens, conf, spans))]: the step's one forward and draw, or, when it raises,
+        each row's own (rerunning a plan rewrites the same cache positions, so a retry is safe);
+        a row that fails alone is failed."""
+        if not rows:
+            return []
+        try:
+            return [(rows, self._run(rows))]
+        except Exception as e:
+            if len(rows) == 1:
+                self._fail(rows[0][0], e)
+                return []
+        out = []
+        for row in rows:
+            try:
+                out.append(([row], self._run([row])))
+            except Exception as e:
+                self._fail(row[0], e)
+        return out
+
+    def _run(self, rows: list[Row]):
+        self.stats.forward_calls += 1
+        return self.runner.run(rows)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.error = error
+        self.abort(seq)

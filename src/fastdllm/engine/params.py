@@ -6,12 +6,21 @@ sub-block size 8, confidence threshold 0.9, both caches on, greedy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import FastDLLMError
 from ..rounding import round_up
 
-MODES = ("diffusion", "ar")
+MODES = ("diffusion", "ar", "speculative")
+# Bounds on what one request may ask for. Temperatures below 1e-3 divide logits into
+# overflow (inf - inf = NaN in the softmax) and above 100 the distribution is uniform noise;
+# seeds are what torch.Generator.manual_seed accepts (a signed 64-bit range, non-negative here).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_SEED = 2**63 - 1
+MAX_NEW_TOKENS = 1 << 20
+MAX_BLOCK_SIZE = 4096
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -29,31 +38,58 @@ class DecodeConfig:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     trace: bool = False  # record which positions each step unmasked, with confidences
+    # speculative mode (engine/speculative.py): tokens drafted per cycle by the block-diffusion
+    # draft, and the forwards spent drafting them (1 = one forward; more = refinement steps)
+    draft_length: int = 8
+    draft_steps: int = 1
+    merged: bool = False  # self-speculative only: verify and draft in one forward (merged.py)
 
     def __post_init__(self):
-        if self.mode not in MODES:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise FastDLLMError(f"mode must be one of {MODES}, got {self.mode!r}", field="mode")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise FastDLLMError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}",
-                                field="max_new_tokens")
-        if self.block_size <= 0:
-            raise FastDLLMError(f"block_size must be positive, got {self.block_size}", field="block_size")
-        if self.sub_block_size <= 0 or self.block_size % self.sub_block_size:
+        _integer("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS, "a positive integer")
+        _integer("block_size", self.block_size, 1, MAX_BLOCK_SIZE, "positive")
+        _integer("sub_block_size", self.sub_block_size, 1, MAX_BLOCK_SIZE, "positive")
+        if self.block_size % self.sub_block_size:
             raise FastDLLMError(
                 f"sub_block_size ({self.sub_block_size}) must divide block_size ({self.block_size})",
                 field="sub_block_size",
                 fixes=[("sub_block_size", _largest_divisor_at_most(self.block_size, 8))])
+        _real("threshold", self.threshold)
         if not 0.0 < self.threshold <= 1.0:
             raise FastDLLMError(
                 f"threshold must be in (0, 1], got {self.threshold}; 1.0 unmasks one token per step, "
                 "lower values unmask more tokens in parallel", field="threshold")
-        if self.temperature < 0:
-            raise FastDLLMError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}",
-                                field="temperature")
+        _real("temperature", self.temperature)
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise FastDLLMError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                f"got {self.temperature}", field="temperature")
+        _real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise FastDLLMError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
-        if self.top_k < 0:
-            raise FastDLLMError(f"top_k must be >= 0 (0 = off), got {self.top_k}", field="top_k")
+        _integer("top_k", self.top_k, 0, MAX_TOP_K, ">= 0 (0 = off)")
+        if self.seed is not None:
+            _integer("seed", self.seed, 0, MAX_SEED, "an integer in [0, 2**63)")
+        for name in ("block_cache", "sub_block_cache", "token_shift", "trace", "merged"):
+            if not isinstance(getattr(self, name), bool):
+                raise FastDLLMError(f"{name} must be true or false, got {getattr(self, name)!r}",
+                                    field=name)
+        if self.speculative:
+            self._check_speculation()
+
+    def _check_speculation(self) -> None:
+        if not isinstance(self.draft_length, int) or not 1 <= self.draft_length <= self.block_size:
+            raise FastDLLMError(
+                f"draft_length must be between 1 and the block size ({self.block_size}): a draft "
+                f"never crosses the end of its block; got {self.draft_length}", field="draft_length")
+        if not isinstance(self.draft_steps, int) or not 1 <= self.draft_steps <= self.draft_length:
+            raise FastDLLMError(
+                f"draft_steps must be between 1 and draft_length ({self.draft_length}); got "
+                f"{self.draft_steps}", field="draft_steps")
+        if self.merged and self.draft_steps != 1:
+            raise FastDLLMError("the merged form drafts inside the verifying forward, so it takes "
+                                f"draft_steps 1, got {self.draft_steps}", field="draft_steps")
 
     @property
     def greedy(self) -> bool:
@@ -64,9 +100,14 @@ class DecodeConfig:
         return self.mode == "diffusion"
 
     @property
+    def speculative(self) -> bool:
+        return self.mode == "speculative"
+
+    @property
     def block(self) -> int:
-        """The unit a sequence's positions are allocated in: whole blocks for diffusion, 1 for AR."""
-        return self.block_size if self.diffusion else 1
+        """The unit a sequence's positions are allocated in: whole blocks for diffusion and for
+        speculative decoding (its draft decodes in blocks), 1 for AR."""
+        return self.block_size if self.mode != "ar" else 1
 
     def cache_len(self, prompt_len: int) -> int:
         """KV-cache positions one request occupies: prompt + max_new_tokens in whole blocks."""
@@ -80,6 +121,23 @@ def slot_len(needed: int, context: int, block: int) -> int:
     block may overhang the context)."""
     n = max(needed, min(1 << (needed - 1).bit_length(), context))
     return round_up(n, block)
+
+
+def _integer(name: str, value, lo: int, hi: int, what: str) -> None:
+    """An int (never a bool or a float) in [lo, hi], else an error naming the field."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FastDLLMError(f"{name} must be an integer, got {value!r}", field=name)
+    if not lo <= value <= hi:
+        shown = value if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
+        raise FastDLLMError(f"{name} must be {what}, at most {hi}, got {shown}", field=name)
+
+
+def _real(name: str, value) -> None:
+    """A finite int or float (never a bool, NaN or infinity), else an error naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FastDLLMError(f"{name} must be a number, got {value!r}", field=name)
+    if not math.isfinite(value):
+        raise FastDLLMError(f"{name} must be a finite number, got {value!r}", field=name)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:

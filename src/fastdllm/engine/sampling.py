@@ -9,15 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def sample_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (K, V) for one sequence. Returns (tokens (K,), confidence (K,)) in float32."""
-    logits = logits.float()
-    if temperature == 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        conf, tokens = probs.max(dim=-1)
-        return tokens, conf
-    logits = logits / temperature
+def distribution(logits: torch.Tensor, *, temperature: float, top_p: float,
+                 top_k: int) -> torch.Tensor:
+    """The sampling distribution (..., V) in float32 for temperature > 0: temperature, then
+    top-k, then top-p, renormalised. Speculative sampling uses it for both draft and target."""
+    logits = logits.float() / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -30,6 +26,17 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, top
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (K, V) for one sequence. Returns (tokens (K,), confidence (K,)) in float32."""
+    if temperature == 0.0:
+        probs = torch.softmax(logits.float(), dim=-1)
+        conf, tokens = probs.max(dim=-1)
+        return tokens, conf
+    probs = distribution(logits, temperature=temperature, top_p=top_p, top_k=top_k)
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, conf

@@ -119,6 +119,7 @@ class Sequence:
         self.stats = SequenceStats()
         self.trace: list[dict] | None = [] if params.trace else None
         self.slot: int = -1
+        self.error: Exception | None = None  # set by the engine when this sequence failed alone
 
     def begin(self) -> None:
         """A diffusion prompt shorter than one block has nothing to prefill: its tail starts

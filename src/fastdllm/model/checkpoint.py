@@ -24,6 +24,7 @@ from ..atomic import atomic_dir
 from ..errors import FastDLLMError
 from .config import ModelConfig
 from .transformer import Transformer
+from .weights import TensorInfo, check_finite, check_fits, check_tensors, confined
 
 MASK_TOKEN = "|<MASK>|"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -74,21 +75,29 @@ def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise FastDLLMError(f"{model_dir} has no config.json; is this a Hugging Face model directory?")
-    raw = read_json(cfg_path)
+    raw = read_json(confined(cfg_path, model_dir, "the file"))
+    if not isinstance(raw, dict):
+        raise FastDLLMError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
     return ModelConfig.from_hf(raw), raw
 
 
 def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files, each confined to the checkpoint (no `../`, no symlink out)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        weight_map = read_json(confined(index, model_dir, "the index")).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FastDLLMError(f"{index}: weight_map must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        for s in shards:
+            confined(model_dir / s, model_dir, "the index names the shard")
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise FastDLLMError(f"{model_dir}: shards listed in the index are missing: {missing}")
         return [model_dir / s for s in shards]
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
-        return files
+        return [confined(f, model_dir, "the weights file") for f in files]
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) or any(model_dir.glob("*.pth")):
         raise FastDLLMError(
             f"{model_dir} holds only pickle weights (*.bin/*.pt); fastdllm loads safetensors only "
@@ -97,45 +106,49 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise FastDLLMError(f"{model_dir} has no *.safetensors weight files")
 
 
-def load_weights(model: Transformer, model_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Copy every tensor from the safetensors files into the model (by Hugging Face name, into
-    the rows of a fused matrix where the model fuses), checking names and shapes."""
-    expected = model.hf_targets()
-    seen: set[str] = set()
-    for file in weight_files(model_dir):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in expected:
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if name == "lm_head.weight" and model.config.tie_word_embeddings:
-                        continue
-                    raise FastDLLMError(f"{file.name}: unexpected tensor {name!r} for this config")
-                tensor = f.get_tensor(name)
-                param, rows = expected[name]
-                target = param.data[rows]
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise FastDLLMError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"config.json implies {tuple(target.shape)}"
-                    )
-                target.copy_(tensor.to(device=device, dtype=dtype))
-                seen.add(name)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise FastDLLMError(f"{model_dir}: weights missing from the safetensors files: {missing[:5]}")
+def load_weights(model: Transformer, found: dict[str, TensorInfo], device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Copy the tensors `found` (checked headers, see `weights.check_tensors`) into the model,
+    by Hugging Face name (into the rows of a fused matrix where the model fuses), checking each
+    for NaN and infinity as it is read."""
+    targets = model.hf_targets()
+    by_file: dict[Path, list[str]] = {}
+    for name, info in found.items():
+        by_file.setdefault(info.file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    check_finite(name, tensor, file)
+                    param, rows = targets[name]
+                    param.data[rows].copy_(tensor.to(device=device, dtype=dtype))
+        except FastDLLMError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:  # what the header check cannot see
+            raise FastDLLMError(f"{file.name} could not be read ({type(e).__name__}: {e}); "
+                                "re-download or re-save the checkpoint") from None
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
+    """Validate, then allocate: config bounds, the parameter bytes against the device's free
+    memory, every file's location and every safetensors header against the model's shapes;
+    only then is the model allocated and the weights read."""
     cfg, _ = read_config(model_dir)
     device = torch.device(device)
-    with torch.device("meta"):
+    check_fits(cfg.num_parameters(), dtype, device)
+    with torch.device("meta"):  # shapes only, nothing allocated
         model = Transformer(cfg)
+    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    # Hugging Face names and shapes (the rows of a fused matrix are a tensor of their own)
+    found = check_tensors(weight_files(model_dir),
+                          {n: tuple(p[rows].shape) for n, (p, rows) in model.hf_targets().items()},
+                          skip=skip)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, model_dir, device, dtype)
+    load_weights(model, found, device, dtype)
     return model.eval()
 
 
@@ -149,12 +162,30 @@ def load_tokenizer(model_dir: Path):
 
     # transformers reads config.json too and warns that it does not know model_type
     # Fast_dLLM_Qwen; the tokenizer itself is standard, so that warning is noise for our users
+    for name in _TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            confined(model_dir / name, model_dir, "the tokenizer file")
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:
-        raise FastDLLMError(f"{model_dir}: the tokenizer files could not be loaded ({e})") from None
+        if (model_dir / "tokenizer.json").is_file():
+            # a custom tokenizer class (`auto_map`, remote code) over a standard tokenizer.json:
+            # load the tokenizer.json itself, never the code
+            from transformers import PreTrainedTokenizerFast
+
+            try:
+                return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+            except Exception:
+                pass
+        if "trust_remote_code" in str(e) or "auto_map" in str(e):
+            raise FastDLLMError(
+                f"{model_dir}: the tokenizer is defined by Python code shipped with the checkpoint "
+                "(auto_map in tokenizer_config.json), which fastdllm never runs; add a standard "
+                "tokenizer.json to the checkpoint") from None
+        raise FastDLLMError(f"{model_dir}: the tokenizer files could not be loaded "
+                            f"({type(e).__name__}: {e})") from None
     finally:
         hf_logging.set_verbosity(level)
 

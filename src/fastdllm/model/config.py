@@ -20,6 +20,15 @@ FAMILY_FLAGS: dict[str, tuple[bool, bool]] = {
     "qwen3": (False, True),
 }
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3", "Fast_dLLM_Qwen")
+# Sanity bounds on config.json (several times the largest published models), so that a garbled
+# or hostile config is refused before anything is allocated from it.
+MAX_VOCAB = 1 << 22
+MAX_WIDTH = 1 << 16  # hidden_size
+MAX_INTERMEDIATE = 1 << 18
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_POSITIONS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -98,42 +107,52 @@ class ModelConfig:
                 "config.json enables use_sliding_window, which fastdllm does not implement; "
                 "set it to false (all published Qwen2.5 checkpoints ship it disabled)"
             )
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            attention_bias = cfg.get("attention_bias")
-            if model_type.lower() in ("qwen2", "fast_dllm_qwen"):
-                qkv_bias, o_bias = True, False
-            else:
-                qkv_bias = bool(attention_bias) if attention_bias is not None else qkv_bias_default
-                o_bias = qkv_bias
-            eos = cfg.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-            return cls(
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope=_rope_from_hf(cfg),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                qkv_bias=qkv_bias,
-                o_bias=o_bias,
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
-                qk_norm=qk_norm,
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                model_type=model_type,
-                bd_size=int(cfg["bd_size"]) if cfg.get("bd_size") else None,
-                mask_token_id=cfg.get("mask_token_id"),
-                token_shift=bool(cfg.get("token_shift", True)),
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=tuple(int(e) for e in eos_ids),
-            )
-        except KeyError as e:
-            raise FastDLLMError(f"config.json is missing the required key {e.args[0]!r}") from None
+        hidden = _int(cfg, "hidden_size")
+        heads = _int(cfg, "num_attention_heads", hi=MAX_HEADS)
+        attention_bias = cfg.get("attention_bias")
+        if model_type.lower() in ("qwen2", "fast_dllm_qwen"):
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = bool(attention_bias) if attention_bias is not None else qkv_bias_default
+            o_bias = qkv_bias
+        vocab = _int(cfg, "vocab_size", hi=MAX_VOCAB)
+        eos = cfg.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        return cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=_int(cfg, "intermediate_size", hi=MAX_INTERMEDIATE),
+            num_layers=_int(cfg, "num_hidden_layers", hi=MAX_LAYERS),
+            num_heads=heads,
+            num_kv_heads=_int(cfg, "num_key_value_heads", hi=MAX_HEADS, default=heads),
+            head_dim=_int(cfg, "head_dim", hi=MAX_HEAD_DIM, default=hidden // heads),
+            rms_norm_eps=_real(cfg, "rms_norm_eps", 1e-6, lo=0.0, hi=1.0),
+            rope=_rope_from_hf(cfg),
+            max_position_embeddings=_int(cfg, "max_position_embeddings", hi=MAX_POSITIONS,
+                                         default=4096),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=qk_norm,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            bd_size=_int(cfg, "bd_size", hi=4096, default=None) if cfg.get("bd_size") else None,
+            mask_token_id=_token_id(cfg.get("mask_token_id"), "mask_token_id", vocab),
+            token_shift=bool(cfg.get("token_shift", True)),
+            bos_token_id=_token_id(cfg.get("bos_token_id"), "bos_token_id", vocab),
+            eos_token_ids=tuple(_token_id(e, "eos_token_id", vocab) for e in eos_ids),
+        )
+
+    def num_parameters(self) -> int:
+        """Parameters the model will allocate (from the dimensions alone, before loading)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        q = self.num_heads * self.head_dim
+        attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) \
+            + (h if self.o_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
+        per_layer = attention + mlp + 2 * h
+        heads = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + heads + h
 
     def to_hf(self, *, official_layout: bool = False) -> dict[str, Any]:
         """A config.json dict that transformers (and fastdllm) load back to this config."""
@@ -195,6 +214,41 @@ class ModelConfig:
         return out
 
 
+_MISSING = object()
+
+
+def _int(cfg: dict[str, Any], key: str, *, hi: int = MAX_WIDTH, default: Any = _MISSING) -> int:
+    """config.json's integer `key`, in [1, hi]: a clear error for a string, a bool, a float
+    with a fraction or an absurd size, before anything is allocated from it."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise FastDLLMError(f"config.json is missing the required key {key!r}")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FastDLLMError(f"config.json: {key} must be an integer, got {value!r}")
+    if not 1 <= value <= hi:
+        raise FastDLLMError(f"config.json: {key} must be in [1, {hi:,}], got {value:,}")
+    return value
+
+
+def _real(cfg: dict[str, Any], key: str, default: float, *, lo: float, hi: float) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+        raise FastDLLMError(f"config.json: {key} must be a number in ({lo:g}, {hi:g}), got {value!r}")
+    return float(value)
+
+
+def _token_id(value: Any, key: str, vocab: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+        raise FastDLLMError(f"config.json: {key} must be a token id in [0, {vocab - 1}], got {value!r}")
+    return value
+
+
 def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     """Read RoPE from either spelling: transformers 5 `rope_parameters` or 4.x `rope_theta` +
     `rope_scaling` (published Qwen2.5 and Llama-3 configs use the latter)."""
@@ -203,10 +257,14 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-    kw: dict[str, Any] = {"theta": float(theta), "kind": str(kind)}
+    if not isinstance(kind, str):
+        raise FastDLLMError(f"config.json: rope_type must be a string, got {kind!r}")
+    kw: dict[str, Any] = {"theta": _real({"rope_theta": theta}, "rope_theta", 1e4, lo=0.0, hi=1e12),
+                          "kind": kind}
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if key in merged:
-            kw[key] = float(merged[key])
+            kw[key] = _real(merged, key, 1.0, lo=0.0, hi=1e6)
     if "original_max_position_embeddings" in merged:
-        kw["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
+        kw["original_max_position_embeddings"] = _int(merged, "original_max_position_embeddings",
+                                                      hi=MAX_POSITIONS)
     return RopeConfig(**kw)

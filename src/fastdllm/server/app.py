@@ -39,15 +39,21 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         server.scheduler.start()
         yield
         server.scheduler.shutdown()
+        server.text.close()
 
     app = FastAPI(title="fastdllm", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(_CountInFlight, server=server)
     _add_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": config.served_model_name, "max_batch": config.max_batch,
-                **server.scheduler.health()}
+    async def health() -> Response:
+        h = server.scheduler.health()
+        status = "error" if not h["alive"] else "draining" if server.draining else "ok"
+        body = {"status": status, "model": config.served_model_name, "max_batch": config.max_batch, **h}
+        if not h["alive"]:
+            body["error"] = "the scheduler thread died; restart the server"
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -56,19 +62,54 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = p.parse_request(await request.body(), p.CompletionRequest)
+        server.check_admitting()
+        req = p.parse_request(await server.read_body(request), p.CompletionRequest)
         server.check_model(req.model)
-        ids = server.completion_prompt(req)
+        ids = await server.completion_prompt(req)
         return await _run(server, request, req, ids, _CompletionFormat(config.served_model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = p.parse_request(await request.body(), p.ChatCompletionRequest)
+        server.check_admitting()
+        req = p.parse_request(await server.read_body(request), p.ChatCompletionRequest)
         server.check_model(req.model)
-        ids = server.chat_prompt(req)
+        ids = await server.chat_prompt(req)
         return await _run(server, request, req, ids, _ChatFormat(config.served_model_name))
 
     return app
+
+
+async def drain(server: Server, timeout: float) -> None:
+    """Graceful shutdown (SIGTERM): stop admitting (503), let in-flight requests finish for up
+    to `timeout` seconds, then cut the rest: a streamed one gets a final error event and
+    `[DONE]`, a non-streamed one a 503 body."""
+    loop = asyncio.get_running_loop()
+    server.draining = True
+    deadline = loop.time() + timeout
+    while server.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if server.in_flight:
+        await asyncio.to_thread(server.scheduler.shutdown)  # every job gets a 503 event
+        flushed = loop.time() + 2.0
+        while server.in_flight and loop.time() < flushed:
+            await asyncio.sleep(0.02)
+
+
+class _CountInFlight:
+    """ASGI middleware: counts API requests from arrival until their response is sent in full
+    (a stream until its `[DONE]`), which is what a graceful shutdown waits for."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        self.server.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.server.in_flight -= 1
 
 
 async def _run(server: Server, request: Request, req, ids: list[int], fmt) -> Response:

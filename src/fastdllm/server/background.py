@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 import socket
 import threading
 import time
@@ -11,15 +14,43 @@ import httpx
 import uvicorn
 
 from ..llm import LLM
-from .app import create_app
+from .app import create_app, drain
 from .service import ServerConfig
+
+log = logging.getLogger("fastdllm.server")
 
 
 def serve(llm: LLM, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl-C)."""
-    uvicorn.run(create_app(llm, config), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    """Serve until SIGTERM or Ctrl-C, then drain (see `app.drain`); a second signal exits at once."""
+    app = create_app(llm, config)
+    _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   timeout_graceful_shutdown=2)).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, whose first SIGTERM / SIGINT drains the server before it exits."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Future | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._drain is not None or self._loop is None:  # a second signal, or not started
+            return super().handle_exit(sig, frame)
+        server = self.config.app.state.server
+        log.warning("shutting down: draining for up to %g s", server.config.drain_timeout)
+
+        def start() -> None:
+            self._drain = asyncio.ensure_future(drain(server, server.config.drain_timeout))
+            self._drain.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+        self._loop.call_soon_threadsafe(start)
 
 
 class BackgroundServer:
@@ -36,8 +67,8 @@ class BackgroundServer:
         self.host, self.port = host, self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self.base_url = f"{self.url}/v1"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
-                                                     timeout_graceful_shutdown=2))
+        self._server = _DrainingServer(uvicorn.Config(self.app, log_level="warning",
+                                                      timeout_graceful_shutdown=2))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="fastdllm-uvicorn", daemon=True)
         self._startup_timeout = startup_timeout
@@ -56,6 +87,10 @@ class BackgroundServer:
             time.sleep(0.02)
         self.__exit__(None, None, None)
         raise RuntimeError(f"the server did not come up at {self.url}")
+
+    def drain(self) -> None:
+        """What SIGTERM does to `fastdllm serve`: drain, then exit (returns at once)."""
+        self._server.handle_exit(signal.SIGTERM, None)
 
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True

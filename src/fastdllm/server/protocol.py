@@ -73,6 +73,10 @@ class _Sampling(_Strict):
     sub_block_size: int | None = None
     threshold: float | None = None
     top_k: int | None = None
+    # speculative decoding (a server started with --draft-model or --mode speculative);
+    # "mode": "ar" opts a request out (the target alone, same output, one token per forward)
+    draft_length: int | None = None
+    draft_steps: int | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -91,7 +95,7 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # OpenAI's roles
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -113,18 +117,41 @@ _FIELDS = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage,
            for name in m.model_fields}
 
 
+MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep at most
+_MAX_INT_DIGITS = 40  # longer integers are kept as text, so that the field's check names them
+
+
 def parse_request(raw: bytes, model: type[_Strict]) -> Any:
     """Raw body -> a validated request, or an APIError naming the first bad field."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_int=_parse_int)
+    except RecursionError:
+        raise APIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise APIError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError("the request body must be a JSON object")
+    _check_depth(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+def _parse_int(text: str) -> int | str:
+    # int() of a 5000-digit number raises (Python's int-string limit); such a value is no
+    # valid setting of any field, so it stays a string and fails that field's type check
+    return int(text) if len(text) <= _MAX_INT_DIGITS else text
+
+
+def _check_depth(data: Any) -> None:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def _validation_error(e: ValidationError) -> APIError:

@@ -85,6 +85,7 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
         self._running: dict[Sequence, Job] = {}  # only the scheduler thread changes it
         self._stopping = False
+        self.died: BaseException | None = None  # why the scheduler thread ended, if a bug
         self._thread = threading.Thread(target=self._loop, name="fastdllm-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ event-loop side
@@ -95,13 +96,17 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def submit(self, prompt_ids: list[int], params: DecodeConfig, stop: tuple[str, ...]) -> Job:
         job = Job(prompt_ids, params, TextStream(self.detokenize, stop), asyncio.get_running_loop())
         with self._cond:
+            if self.died is not None:
+                raise APIError("the server's scheduler has stopped; restart the server",
+                               status=503, type="server_error")
             if self._stopping:
-                raise APIError("the server is shutting down", status=503, type="server_error")
+                raise shutting_down()
             self._waiting.append(job)
             self._cond.notify()
         return job
@@ -116,31 +121,50 @@ class Scheduler:
                 self.stats.cancelled += 1
             self._cond.notify()
 
+    @property
+    def alive(self) -> bool:
+        """False once the scheduler thread has died (a bug): /health then answers 503."""
+        return self.died is None
+
     def health(self) -> dict:
-        """Requests decoding and waiting, request counts, and the engine's work so far."""
-        return {"active": len(self._running), "waiting": len(self._waiting),
+        """Whether the thread is alive, requests decoding and waiting, request counts, and the
+        engine's work so far."""
+        return {"alive": self.alive, "active": len(self._running), "waiting": len(self._waiting),
                 "requests": asdict(self.stats),
                 "engine": {"steps": self.engine.stats.steps,
                            "forward_calls": self.engine.stats.forward_calls}}
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
+        reason = shutting_down()
+        try:
+            self._serve()
+        except BaseException as e:  # a bug in the scheduler itself: say so, never hang
+            self.died = e
+            log.critical("the scheduler thread died; every request now fails", exc_info=True)
+            reason = APIError(f"the server's scheduler stopped ({type(e).__name__}); restart the "
+                              "server", status=503, type="server_error")
+        with self._cond:
+            self._stopping = True
+            jobs = [*self._running.values(), *self._waiting]
+            self._waiting.clear()
+        for job in jobs:
+            job.push(Event(error=reason))
+
+    def _serve(self) -> None:
         while self._admit(wait=True):
             try:
                 for step in self.engine.stream():
                     self._emit(step)
                     if not self._admit(wait=False):
                         break
-            except Exception:  # a bug: fail the batch, keep serving
+            except Exception:  # a bug outside any one sequence: fail the batch, keep serving
                 log.exception("engine step failed; failing %d running requests", len(self._running))
                 for seq, job in list(self._running.items()):
                     self.engine.abort(seq)
                     del self._running[seq]
                     self._fail(job, APIError("internal error while decoding", status=500,
                                              type="server_error"))
-        for job in [*self._running.values(), *self._waiting]:
-            job.push(Event(error=APIError("the server is shutting down", status=503,
-                                          type="server_error")))
 
     def _admit(self, wait: bool) -> bool:
         """Between steps: take waiting jobs into the engine's free slots and drop cancelled
@@ -166,6 +190,10 @@ class Scheduler:
         except FastDLLMError as e:  # the handler validated the request; this is a last guard
             self._fail(job, APIError.from_user_error(e))
             return
+        except Exception as e:  # a bug that this request alone runs into
+            log.exception("admitting a request failed")
+            self._fail(job, _internal(e))
+            return
         self.stats.admitted += 1
         self._running[job.seq] = job
 
@@ -178,17 +206,40 @@ class Scheduler:
     def _emit(self, step: Step) -> None:
         for d in step:
             seq, job = d.seq, self._running[d.seq]
-            text = job.text.feed(seq)
-            n_final = seq.final_len - seq.prompt_len
-            if d.finished or job.text.stopped:
-                self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
-                del self._running[seq]
-                self.stats.finished += 1
-                reason = "stop" if job.text.stopped else seq.finish_reason
-                job.push(Event(text, n_final, finish_reason=reason))
-            elif text:
-                job.push(Event(text, n_final))
+            try:
+                if seq.error is not None:  # it failed alone inside the engine (a bug)
+                    raise seq.error
+                self._emit_one(d, job)
+            except Exception as e:  # e.g. detokenizing this job's tokens: this job alone
+                log.error("a request failed while decoding", exc_info=e)
+                self.engine.abort(seq)
+                self._running.pop(seq, None)
+                self._fail(job, _internal(e))
+
+    def _emit_one(self, d, job: Job) -> None:
+        seq = d.seq
+        text = job.text.feed(seq)
+        n_final = seq.final_len - seq.prompt_len
+        if d.finished or job.text.stopped:
+            self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
+            del self._running[seq]
+            self.stats.finished += 1
+            reason = "stop" if job.text.stopped else seq.finish_reason
+            job.push(Event(text, n_final, finish_reason=reason))
+        elif text:
+            job.push(Event(text, n_final))
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.stats.failed += 1
         job.push(Event(error=error))
+
+
+def shutting_down() -> APIError:
+    return APIError("the server is shutting down and takes no new requests; retry on another "
+                    "instance or after it restarts", status=503, type="server_error")
+
+
+def _internal(e: BaseException) -> APIError:
+    """A bug that one request ran into: a 500 for it alone (the others keep being served)."""
+    return APIError(f"internal error while decoding this request ({type(e).__name__}); the "
+                    "other requests are unaffected", status=500, type="server_error")

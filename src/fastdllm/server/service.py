@@ -10,18 +10,23 @@ context (`max_model_len`), its engine's positions, and the served model's name.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import Request
 
+from ..chat_template import TemplateLimits
 from ..engine.params import DecodeConfig
+from ..engine.speculative import SpeculativeEngine
 from ..errors import FastDLLMError
 from ..llm import LLM
 from ..model.checkpoint import load_tokenizer
 from . import protocol as p
 from .protocol import APIError
-from .scheduler import Event, Job, Scheduler
+from .scheduler import Event, Job, Scheduler, shutting_down
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -30,6 +35,11 @@ class ServerConfig:
     max_batch: int = 8  # sequences decoded together (engine slots)
     request_timeout: float | None = 600.0  # seconds from arrival to the last token; None = none
     max_model_len: int | None = None  # positions per sequence; None = the model's context
+    # limits on untrusted input, checked on the raw request before any tokenizing
+    max_body_bytes: int = 4 << 20
+    max_prompt_chars: int | None = None  # None: PROMPT_CHARS_PER_POSITION x max_model_len
+    text_timeout: float = 5.0  # seconds to render the chat template and tokenize one request
+    drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests may take to finish
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -41,6 +51,23 @@ class ServerConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise FastDLLMError(f"max_model_len must be >= 2, got {self.max_model_len}",
                                 field="max_model_len")
+        if self.max_body_bytes < 1024:
+            raise FastDLLMError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}",
+                                field="max_body_bytes")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise FastDLLMError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}",
+                                field="max_prompt_chars")
+        if not 0 < self.text_timeout <= 3600:
+            raise FastDLLMError(f"text_timeout must be in (0, 3600] seconds, got {self.text_timeout}",
+                                field="text_timeout")
+        if not 0 <= self.drain_timeout <= 86400:
+            raise FastDLLMError(f"drain_timeout must be in [0, 86400] seconds, got "
+                                f"{self.drain_timeout}", field="drain_timeout")
+
+
+# No tokenizer packs more than a few characters into a token on average (English BPE: ~4), so a
+# prompt of more than 64 characters per position of the context could never fit.
+PROMPT_CHARS_PER_POSITION = 64
 
 
 class Server:
@@ -59,13 +86,23 @@ class Server:
         self.max_len = config.max_model_len or llm.context_length
         # every slot holds a whole max_len request (continuous batching cannot grow the cache),
         # by the engine's one sizing rule: whole blocks, the last one may overhang max_len
+        # a server that decodes speculatively by default runs the speculative engine, which
+        # also serves mode "ar" (the per-request opt-out)
         engine = llm.new_engine(config.max_batch, self.max_len, config.defaults.block_size,
-                                context=self.max_len)
+                                context=self.max_len, speculative=config.defaults.speculative)
         self.positions = engine.max_len
+        self.speculative = isinstance(engine, SpeculativeEngine)
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
         self.scheduler = Scheduler(engine, lambda ids: detok.decode(ids, skip_special_tokens=True))
+        self.text = TextWorkers(llm.model_dir)
+        self.max_prompt_chars = config.max_prompt_chars or PROMPT_CHARS_PER_POSITION * self.max_len
+        # the template's output is a prompt too, plus its markup
+        self.template_limits = TemplateLimits(seconds=config.text_timeout,
+                                              max_output_chars=2 * self.max_prompt_chars + 65536)
+        self.draining = False  # SIGTERM: new requests get 503 while in-flight ones finish
+        self.in_flight = 0  # requests whose response has not been sent in full
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ request preparation
@@ -74,23 +111,48 @@ class Server:
             raise APIError(f"the model {name!r} does not exist here; this server serves "
                            f"{self.config.served_model_name!r}", status=404, param="model")
 
-    def completion_prompt(self, req: p.CompletionRequest) -> list[int]:
+    async def read_body(self, request: Request) -> bytes:
+        """The raw body, refused (413) as soon as it passes `max_body_bytes`."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        body, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            body.append(chunk)
+        return b"".join(body)
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise shutting_down()
+
+    async def completion_prompt(self, req: p.CompletionRequest) -> list[int]:
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise APIError("send one prompt per request (concurrent requests are batched by "
                                "the server)", param="prompt")
             prompt = prompt[0]
-        try:
-            return self.llm.encode(prompt)
-        except FastDLLMError as e:
-            raise APIError.from_user_error(e) from None
+        text = isinstance(prompt, str)
+        limit = self.max_prompt_chars if text else self.max_len
+        if len(prompt) > limit:
+            raise APIError(f"the prompt has {len(prompt):,} {'characters' if text else 'token ids'}, "
+                           f"more than this server accepts ({limit:,})", param="prompt")
+        return await self.text.run(lambda tok: self.llm.encode(prompt, tokenizer=tok),
+                                   self.config.text_timeout, "prompt")
 
-    def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
-        try:
-            return self.llm.encode_chat([m.as_template_input() for m in req.messages])
-        except FastDLLMError as e:
-            raise APIError.from_user_error(e, {"prompt": "messages"}) from None
+    async def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
+        messages = [m.as_template_input() for m in req.messages]
+        chars = sum(len(v) for m in messages for v in m.values())
+        if chars > self.max_prompt_chars:
+            raise APIError(f"the messages hold {chars:,} characters, more than this server accepts "
+                           f"({self.max_prompt_chars:,})", param="messages")
+        return await self.text.run(
+            lambda tok: self.llm.encode_chat(messages, tokenizer=tok, limits=self.template_limits),
+            self.config.text_timeout, "messages")
 
     def decode_params(self, req: p.CompletionRequest | p.ChatCompletionRequest, prompt_len: int,
                       prompt_param: str) -> DecodeConfig:
@@ -112,7 +174,8 @@ class Server:
                 self.config.defaults, max_new_tokens=max_tokens, temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, mode=req.mode,
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
-                threshold=req.threshold)
+                threshold=req.threshold, draft_length=req.draft_length,
+                draft_steps=req.draft_steps)
         except FastDLLMError as e:
             raise APIError.from_user_error(e) from None
         if prompt_len + params.max_new_tokens > self.max_len:
@@ -123,6 +186,13 @@ class Server:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
                            f"{self.positions} positions; use a block size that divides "
                            f"{self.positions} or lower max_tokens", param="block_size")
+        if params.speculative and not self.speculative:
+            raise APIError("this server was not started for speculative decoding; start it with "
+                           "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
+                           param="mode")
+        if params.diffusion and self.speculative:
+            raise APIError("this server decodes speculatively (the target model's own output); "
+                           "send \"mode\": \"speculative\" or \"ar\"", param="mode")
         if params.diffusion and self.llm.special.mask_token_id is None:
             raise APIError("diffusion decoding needs a mask token and this checkpoint has none; "
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
@@ -154,6 +224,44 @@ class Server:
             pass
         self.scheduler.cancel(job)
         job.events.put_nowait(Event(error=CLIENT_GONE))
+
+
+class TextWorkers:
+    """Tokenizing and chat-template rendering, off the event loop: a small pool of threads,
+    each with its own tokenizer (a fast tokenizer refuses use from two threads at once), so
+    that a long prompt or a slow template never stalls /health or another request. The
+    template sandbox stops itself at its deadline; `run`'s own time limit is the backstop."""
+
+    def __init__(self, model_dir, workers: int = 2):
+        self._local = threading.local()
+        self._model_dir = model_dir
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdllm-text")
+
+    def _tokenizer(self):
+        if getattr(self._local, "tokenizer", None) is None:
+            self._local.tokenizer = load_tokenizer(self._model_dir)
+        return self._local.tokenizer
+
+    async def run(self, work, seconds: float, param: str):
+        """`work(tokenizer)` on a worker thread; a FastDLLMError becomes a 400 naming its field
+        (`param` for the prompt's own problems)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._pool, lambda: work(self._tokenizer())), seconds + 1.0)
+        except asyncio.TimeoutError:
+            raise APIError(f"preparing the {param} took longer than this server's limit of "
+                           f"{seconds:g} s", param=param) from None
+        except FastDLLMError as e:
+            raise APIError.from_user_error(e, {"prompt": param}) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(f"the request body has {size:,} bytes or more, more than this server accepts "
+                    f"({limit:,})", status=413, code="request_too_large")
 
 
 # nginx's "client closed request": nobody reads this answer

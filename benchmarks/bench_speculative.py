@@ -1,0 +1,228 @@
+"""Speculative decoding on the shipped problems: the AR target's exact output at several tokens
+per cycle, against plain AR and block-diffusion decoding, side by side in one run.
+
+Rerun in one command (e.g. after the diffusion model is retrained), on the CPU in fp32:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_speculative.py            # 100 problems, batch 1 and 8
+    python benchmarks/bench_speculative.py --limit 500 --draft-model DIR
+
+At each batch size, on the first `--limit` held-out problems, greedy:
+- two-model: the AR base (`--target`) alone, and verifying drafts of the adapted model
+  (`--draft-model`) at draft lengths `--draft-lengths`, one draft forward per cycle, plus
+  refined drafts (`--refine-steps` forwards) at each draft length in `--refine-lengths`;
+- the adapted model decoding diffusion at its default (threshold 0.9);
+- self-speculative (the adapted model alone): its own causal decoding (mode ar), speculative
+  with block-diffusion drafts (k = 8) and the merged form (k = 4, 8), whose output is that
+  causal decoding's;
+and, once, forward latencies of a larger random-weights model in the official layout (a CPU
+forward bound by reading the weights), with the speedup they imply at this run's acceptance.
+
+Configurations run round robin over each batch of problems (see `run_interleaved`), so the
+ratios hold on a loaded machine. Identity: a speculative row's outputs must equal, token for token, the AR outputs of its target
+in the same run (100% greedy). Tokens are output tokens up to and including the first stop
+token; tokens/s = tokens / wall seconds of the decode calls; forwards are model calls per
+sequence (target and draft counted apart); a cycle is one draft + verify round.
+Writes `<out>.json` and `<out>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gsm import chat_prompts, load_problems  # noqa: E402
+from common import machine_info, write_results  # noqa: E402
+
+from fastdllm.model.config import ModelConfig  # noqa: E402
+from fastdllm.engine.attention import attention_limits, limit_mask  # noqa: E402
+from fastdllm.model.kv_cache import CacheAccess, KVCache  # noqa: E402
+from fastdllm.llm import LLM  # noqa: E402
+from fastdllm.model.transformer import Transformer  # noqa: E402
+from fastdllm.tasks import score  # noqa: E402
+
+WARMUP = 2
+COLUMNS = ["batch", "config", "accuracy_%", "identical_%", "tokens_per_cycle", "tokens_per_forward",
+           "target_forwards", "draft_forwards", "tokens_per_s", "speedup_vs_ar"]
+
+
+def run_interleaved(configs: list[tuple[str, LLM, dict]], prompts: list[list[int]], batch: int,
+                    max_new_tokens: int) -> dict[str, dict]:
+    """Decode `prompts` in consecutive batches with every configuration, round robin: each batch
+    of prompts goes through all configurations back to back, so a change of background load
+    hits every configuration alike and the ratios stay comparable on a shared machine."""
+    prepared = []
+    for name, llm, decode in configs:
+        params = llm.decode_config(max_new_tokens=max_new_tokens, **decode)
+        llm.engine(batch, max(params.cache_len(len(p)) for p in prompts), params.block,
+                   speculative=params.speculative)
+        llm.generate_batch(prompts[:min(batch, WARMUP)], config=params)  # warm-up
+        prepared.append((name, llm, params))
+    acc = {name: {"outputs": [], "texts": [], "seconds": 0.0, "forward_calls": 0, "target_forwards": 0,
+                  "draft_forwards": 0, "cycles": 0} for name, _, _ in configs}
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        for name, llm, params in prepared:
+            a = acc[name]
+            t0 = time.perf_counter()
+            results = llm.generate_batch(chunk, config=params)
+            a["seconds"] += time.perf_counter() - t0
+            for r in results:
+                a["outputs"].append(r.token_ids)
+                a["texts"].append(r.text or "")
+                st = r.stats
+                a["forward_calls"] += st["forward_calls"]
+                a["target_forwards"] += st.get("target_forwards", st["forward_calls"])
+                a["draft_forwards"] += st.get("draft_forwards", 0)
+                a["cycles"] += st.get("cycles", st["forward_calls"])
+        print(f"  batch {batch}: {min(i + batch, len(prompts))}/{len(prompts)} problems", flush=True)
+    return acc
+
+
+def _summary(a: dict, refs: list[str]) -> dict:
+    tokens = sum(len(o) for o in a["outputs"])
+    return {"accuracy": score(a["texts"], refs)["accuracy"], "new_tokens": tokens,
+            "seconds": round(a["seconds"], 4), "tokens_per_s": round(tokens / a["seconds"], 2),
+            "forward_calls": a["forward_calls"], "target_forwards": a["target_forwards"],
+            "draft_forwards": a["draft_forwards"], "cycles": a["cycles"],
+            "tokens_per_cycle": round(tokens / a["cycles"], 3),
+            "tokens_per_forward": round(tokens / a["forward_calls"], 3)}
+
+
+def benchmark(args, problems: list[dict]) -> list[dict]:
+    refs = [p["answer"] for p in problems]
+    pair = LLM.load(args.target, device="cpu", draft_model=args.draft_model)
+    adapted = LLM.load(args.draft_model, device="cpu")
+    prompts = chat_prompts(pair, problems)
+    AR, OWN = "AR target", "adapted model, causal (mode ar)"
+    # (name, model, decoding, the AR row whose outputs it must reproduce)
+    configs = [(AR, pair, dict(mode="ar"), None),
+               ("diffusion t=0.9 (adapted model)", adapted, dict(mode="diffusion", threshold=0.9), None)]
+    configs += [(f"speculative k={k}", pair, dict(mode="speculative", draft_length=k), AR)
+                for k in args.draft_lengths]
+    configs += [(f"speculative k={k}, {args.refine_steps} draft forwards", pair,
+                 dict(mode="speculative", draft_length=k, draft_steps=args.refine_steps), AR)
+                for k in args.refine_lengths]
+    configs += [(OWN, adapted, dict(mode="ar"), None),
+                ("self-speculative k=8", adapted, dict(mode="speculative", draft_length=8), OWN)]
+    configs += [(f"self-speculative merged k={k}", adapted,
+                 dict(mode="speculative", merged=True, draft_length=k), OWN) for k in args.merged_lengths]
+    rows = []
+    for b in args.batch_sizes:
+        acc = run_interleaved([(n, m, d) for n, m, d, _ in configs], prompts, b, args.max_new_tokens)
+        ar_speed = _summary(acc[AR], refs)["tokens_per_s"]
+        for name, _, _, reference in configs:
+            m = _summary(acc[name], refs)
+            same = None
+            if reference is not None:
+                pairs = zip(acc[name]["outputs"], acc[reference]["outputs"])
+                same = round(100 * sum(o == r for o, r in pairs) / len(prompts), 1)
+            row = {"batch": b, "config": name, **m, "accuracy_%": round(100 * m["accuracy"], 1),
+                   "identical_%": same, "speedup_vs_ar": round(m["tokens_per_s"] / ar_speed, 3),
+                   "target_forwards": round(m["target_forwards"] / len(prompts), 2),  # per problem
+                   "draft_forwards": round(m["draft_forwards"] / len(prompts), 2)}
+            rows.append(row)
+            print(f"b={b} {name}: acc {row['accuracy_%']}%, identical {row['identical_%']}, "
+                  f"{row['tokens_per_cycle']} tok/cycle, {row['tokens_per_s']} tok/s "
+                  f"({row['speedup_vs_ar']}x AR)", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------- a memory-bound model
+LARGE = {"model_type": "Fast_dLLM_Qwen", "vocab_size": 1024, "hidden_size": 1024,
+         "intermediate_size": 4096, "num_hidden_layers": 12, "num_attention_heads": 16,
+         "num_key_value_heads": 2, "max_position_embeddings": 1024, "bd_size": 32, "mask_token_id": 3}
+
+
+@torch.inference_mode()
+def forward_latencies(widths: list[int], repeats: int, context: int) -> dict:
+    """Median seconds of one forward of `width` tokens after `context` cached tokens, for a
+    random model in the official layout (config.json as published: Fast_dLLM_Qwen, bd_size)."""
+    cfg = ModelConfig.from_hf(LARGE)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    cache = KVCache(cfg.num_layers, 1, context + 2 * max(widths), cfg.num_kv_heads, cfg.head_dim,
+                    torch.float32, "cpu")
+    out = {"parameters": model.num_parameters(), "config": LARGE, "context": context}
+    for w in widths:
+        pos = torch.arange(context, context + w)[None]
+        mask = limit_mask(attention_limits(pos, torch.tensor([[1]])), context + w)
+        ids = torch.randint(0, cfg.vocab_size, (1, w))
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            model(ids, pos, mask, CacheAccess(cache, slice(0, 1), pos, context + w), logits_slice=slice(-1, None))
+            times.append(time.perf_counter() - t0)
+        out[f"width_{w}"] = sorted(times[1:])[len(times[1:]) // 2]
+    return out
+
+
+def projections(lat: dict, rows: list[dict], block: int) -> list[dict]:
+    """Tokens/s the large model would reach at batch 1, from its forward latencies and this
+    run's tokens per cycle: a cycle costs one draft forward (width block, or 2 blocks when a
+    block is crossed, taken as the mean of the two) plus one verify forward (width k + 1)."""
+    t_ar = lat["width_1"]
+    out = []
+    for r in rows:
+        if r["batch"] != 1 or not r["config"].startswith("speculative k=") or "draft forwards" in r["config"]:
+            continue
+        k = int(r["config"].split("=")[1])
+        t_cycle = (lat[f"width_{block}"] + lat[f"width_{2 * block}"]) / 2 + lat[f"width_{k + 1}"]
+        out.append({"config": r["config"], "tokens_per_cycle": r["tokens_per_cycle"],
+                    "cycle_seconds": round(t_cycle, 5), "ar_forward_seconds": round(t_ar, 5),
+                    "projected_speedup_vs_ar": round(r["tokens_per_cycle"] * t_ar / t_cycle, 2)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", type=Path, default=Path("models/fastdllm-wp-ar"))
+    ap.add_argument("--draft-model", type=Path, default=Path("models/fastdllm-wp-diffusion"))
+    ap.add_argument("--test-file", type=Path, default=Path("runs/shipped/data/test.jsonl"))
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--draft-lengths", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--refine-lengths", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--refine-steps", type=int, default=2)
+    ap.add_argument("--merged-lengths", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--no-large", action="store_true", help="skip the large random model")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/speculative_bench"))
+    args = ap.parse_args(argv)
+    problems, source = load_problems(args.test_file, args.limit)
+    machine = machine_info("cpu")
+    machine["load_average_1_5_15_min"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows = benchmark(args, problems)
+    sections = [("Shipped pair, greedy", rows, COLUMNS)]
+    payload = {"problems": source, "max_new_tokens": args.max_new_tokens, "rows": rows}
+    if not args.no_large:
+        block = LARGE["bd_size"]
+        widths = sorted({1, block, 2 * block} | {k + 1 for k in args.draft_lengths})
+        lat = forward_latencies(widths, repeats=5, context=256)
+        proj = projections(lat, rows, block)
+        payload["large_model"] = {"latencies": lat, "projections": proj}
+        lat_rows = [{"width": w, "seconds": round(lat[f"width_{w}"], 5),
+                     "x_width_1": round(lat[f"width_{w}"] / lat["width_1"], 2)} for w in widths]
+        sections += [(f"Large random model ({lat['parameters'] / 1e6:.0f}M parameters, official layout): "
+                      "forward latency at context 256", lat_rows, ["width", "seconds", "x_width_1"]),
+                     ("Projected batch-1 speedup of the large model at this run's acceptance",
+                      proj, ["config", "tokens_per_cycle", "cycle_seconds", "ar_forward_seconds",
+                             "projected_speedup_vs_ar"])]
+    machine["load_average_after"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    notes = (f"{source}; greedy, max_new_tokens {args.max_new_tokens}, fp32, CPU. "
+             "`identical_%`: outputs equal token for token to the AR decoding of the row's target "
+             "in this run (the AR base for two-model rows; the adapted model's own causal "
+             "decoding for self-speculative rows). target/draft forwards are per problem. "
+             "Rerun: `OMP_NUM_THREADS=1 python benchmarks/bench_speculative.py`.")
+    write_results(args.out, "Speculative decoding: block-diffusion drafts, AR verification", machine,
+                  sections, payload, notes)
+    print(f"wrote {args.out}.json and {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""One request decoded speculatively: a block-diffusion draft proposes the next tokens, the
+target verifies them in one causal forward, and the longest agreeing prefix plus one target
+token is kept (see docs/design.md, "Speculative decoding").
+
+A cycle, for a sequence holding L tokens (prompt + accepted output):
+
+    DRAFT   k = min(draft_length, tokens left in L's block, tokens left before max_new_tokens - 1)
+            forward 1: the draft model on [draft_done, block end of L), block-causal: whole
+                       blocks before L's block are known and become the draft's exact block
+                       cache; L's block holds the known tokens, then [MASK] to its end; token
+                       shift: the draft for position i is read from the output at i - 1
+            forwards 2..draft_steps (refinement): L's block again, with the drafts fixed so far
+                       in place; each step fixes the next run of draft positions, left to right
+    VERIFY  the target on [target_done, L + k), causal: the last accepted token (whose KV is not
+            cached yet) and the k drafts; outputs at L - 1 .. L + k - 1 give the target's
+            distributions for positions L .. L + k (verification.py)
+    ACCEPT  n drafts kept, plus the target's token at L + n; target_done = L + n
+
+Rollback costs nothing in either cache: the target's KV is exact below target_done and the
+draft's below draft_done; everything above is rewritten by the next forward before any query
+reads it (each forward writes its chunk, then attends), so rejected positions are simply
+overwritten and no accepted KV is ever recomputed. `k = 0` (mode "ar", or the last allowed
+token) is a plain AR step of the target, the prompt's first verify forward is its prefill.
+
+Drafts are fixed left to right on a schedule that does not look at the drawn tokens, so each
+draft token is drawn from a distribution conditioned only on the prefix and the drafts before
+it: what speculative sampling needs to stay exact (verification.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from .params import DecodeConfig
+from .sampling import distribution
+
+
+class Stage(Enum):
+    DRAFT = "draft"
+    VERIFY = "verify"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One row of a forward: the tokens at absolute positions [start, end), attention over
+    the first `key_len` cache positions, and the positions whose output logits are read."""
+
+    start: int
+    end: int
+    key_len: int
+    logit_positions: tuple[int, ...]
+
+
+@dataclass
+class SpeculationStats:
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    cycles: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+
+    @property
+    def forward_calls(self) -> int:
+        return self.target_forwards + self.draft_forwards
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.forward_calls if self.forward_calls else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "forward_calls": self.forward_calls,
+            "new_tokens": self.new_tokens,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "seconds": round(self.seconds, 6),
+            "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds else 0.0,
+            "target_forwards": self.target_forwards,
+            "draft_forwards": self.draft_forwards,
+            "cycles": self.cycles,
+            "tokens_per_cycle": round(self.new_tokens / self.cycles, 4) if self.cycles else 0.0,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+        }
+
+
+class Speculation:
+    """The state of one speculatively decoded request (same reading interface as `Sequence`:
+    finished, final_len, final_ids(), output_ids(), stats, finish_reason, trace)."""
+
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: DecodeConfig, *,
+                 mask_token_id: int, stop_token_ids: tuple[int, ...], device: torch.device):
+        self.id = seq_id
+        self.params = params
+        self.prompt_len = len(prompt_ids)
+        self.limit = self.prompt_len + params.max_new_tokens
+        self.block = params.block_size
+        self.capacity = params.cache_len(self.prompt_len)
+        self.mask_id = mask_token_id
+        self.stop_ids = set(stop_token_ids)
+        self.tokens = torch.full((self.capacity,), mask_token_id, dtype=torch.long, device=device)
+        self.tokens[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        self.length = self.prompt_len  # tokens known: prompt + accepted output
+        self.target_done = 0  # the target's KV is exact below this position
+        self.draft_done = 0  # the draft's KV is exact below this position (whole blocks)
+        self.stage = Stage.VERIFY
+        self.k = 0  # draft tokens this cycle
+        self.fixed = 0  # draft tokens fixed so far this cycle
+        self.draft_step = 0
+        self.q: torch.Tensor | None = None  # (k, V) draft distributions when sampling
+        self.pending = 0  # merged form: drafts made by the last forward for the next cycle
+        self.error: Exception | None = None  # set when this request failed alone (as Sequence.error)
+        self.end: int | None = None
+        self.finish_reason: str | None = None
+        self.final_len = self.prompt_len
+        self.stats = SpeculationStats()
+        self.trace: list[dict] | None = [] if params.trace else None
+        self.slot = -1
+
+    # ------------------------------------------------------------------ cycle start
+    def begin_cycle(self) -> None:
+        """Choose this cycle's draft length; a sequence in mode "ar" never drafts."""
+        p, L = self.params, self.length
+        if p.merged:  # the drafts came with the previous forward (merged.py)
+            self.k, self.stage = self.pending, Stage.VERIFY
+            return
+        block_end = (L // self.block + 1) * self.block
+        self.k = max(0, min(p.draft_length, block_end - L, self.limit - 1 - L)) if p.speculative else 0
+        self.fixed, self.draft_step = 0, 0
+        self.q = None
+        self.stage = Stage.DRAFT if self.k else Stage.VERIFY
+
+    # ------------------------------------------------------------------ drafting
+    @property
+    def steps_this_cycle(self) -> int:
+        return min(self.params.draft_steps, self.k)
+
+    def draft_chunk(self) -> Chunk:
+        L, B = self.length, self.block
+        block_start, block_end = L // B * B, (L // B + 1) * B
+        start = self.draft_done if self.draft_step == 0 else block_start
+        to_fix = self._next_fix()
+        logits = tuple(range(L - 1 + self.fixed, L - 1 + to_fix))
+        return Chunk(start, block_end, block_end, logits)
+
+    def _next_fix(self) -> int:
+        """Draft positions fixed once this step is done: an even left-to-right schedule."""
+        return (self.draft_step + 1) * self.k // self.steps_this_cycle
+
+    def apply_draft(self, tokens: list[int], q: torch.Tensor | None) -> None:
+        """Drafted tokens (and their distributions when sampling) for this step's positions."""
+        L = self.length
+        if self.draft_step == 0:
+            self.draft_done = L // self.block * self.block  # the whole blocks before L's are exact
+        to_fix = self._next_fix()
+        self.tokens[L + self.fixed: L + to_fix] = torch.tensor(tokens, device=self.tokens.device)
+        if q is not None:
+            self.q = q if self.fixed == 0 else torch.cat([self.q, q])
+        self.fixed = to_fix
+        self.draft_step += 1
+        self.stats.draft_forwards += 1
+        if self.fixed == self.k:
+            self.stage = Stage.VERIFY
+
+    def set_pending(self, tokens: list[int], q: torch.Tensor | None) -> None:
+        """Merged form: the drafts for the next cycle, made by this cycle's forward."""
+        L, m = self.length, len(tokens)
+        self.tokens[L:L + m] = torch.tensor(tokens, dtype=torch.long, device=self.tokens.device)
+        self.q, self.pending = q, m
+
+    # ------------------------------------------------------------------ verifying
+    def verify_chunk(self) -> Chunk:
+        L = self.length
+        end = L + self.k
+        return Chunk(self.target_done, end, end, tuple(range(L - 1, end)))
+
+    def apply_verify(self, accepted: int, next_token: int) -> None:
+        L, k = self.length, self.k
+        drafts = self.tokens[L:L + accepted].tolist()
+        emitted = drafts + [next_token]
+        self.tokens[L + accepted] = next_token
+        self.tokens[L + accepted + 1: L + k + 1] = self.mask_id  # rejected drafts: masks again
+        self.target_done = L + accepted
+        self.length = L + accepted + 1
+        st = self.stats
+        st.target_forwards += 1
+        st.cycles += 1
+        st.drafted += k
+        st.accepted += accepted
+        st.new_tokens = self.length - self.prompt_len
+        self._record(list(range(L, self.length)), emitted, k, accepted)
+        for i, t in enumerate(emitted):
+            if t in self.stop_ids:
+                self._finish("stop", L + i + 1)
+                return
+        self.final_len = self.length
+        if self.length >= self.limit:
+            self._finish("length", self.limit)
+
+    def _record(self, positions: list[int], tokens: list[int], drafted: int, accepted: int) -> None:
+        if self.trace is None:
+            return
+        self.trace.append({"step": len(self.trace), "kind": "verify", "positions": positions,
+                           "tokens": tokens, "confidences": [1.0] * len(tokens),
+                           "drafted": drafted, "accepted": accepted})
+
+    def _finish(self, reason: str, end: int) -> None:
+        self.stage = Stage.FINISHED
+        self.finish_reason = reason
+        self.end = self.final_len = end
+        self.stats.new_tokens = end - self.prompt_len
+        self.stats.seconds = time.perf_counter() - self.stats.started
+
+    # ------------------------------------------------------------------ results
+    @property
+    def finished(self) -> bool:
+        return self.stage is Stage.FINISHED
+
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:self.final_len].tolist()
+
+    def final_ids(self) -> list[int]:
+        return self.output_ids()
+
+
+def draft_or_target_distribution(logits: torch.Tensor, params: DecodeConfig) -> torch.Tensor:
+    """The distributions (K, V) a sampled draft is drawn from and the target is read as: the
+    same temperature, top-k and top-p on both sides, as speculative sampling requires."""
+    return distribution(logits, temperature=params.temperature, top_p=params.top_p,
+                        top_k=params.top_k)

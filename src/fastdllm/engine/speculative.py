@@ -1,0 +1,230 @@
+"""The speculative engine: block-diffusion drafts verified by a causal target, so every
+sequence gets exactly the target's output (greedy: token for token; sampling: in distribution)
+at several tokens per target forward.
+
+Two models, two KV caches: the draft (a Fast-dLLM v2 block-diffusion model) keeps its
+block-level cache of whole known blocks; the target keeps its causal cache. With one model
+(`draft is target`, self-speculative) the same weights draft with block-diffusion attention and
+verify with causal attention, each attention with its own cache. A `step()` runs one cycle for
+every running sequence: the draft forwards (one, or `draft_steps` with refinement), then one
+target forward that verifies them (speculation.py has the per-sequence state machine). Rows of
+different widths share a forward: each is padded on the right, and the padding's KV lands past
+the row's own positions (clamped into one scratch position at the end of the cache), where
+nothing is read before the next forward rewrites it.
+
+Same interface as `Engine` (add, abort, step -> `Step`, stream, room, running, stats, cache,
+max_len), so the one driver loop (`LLM.stream`, the server's scheduler) drives either one. Requests in mode "ar" run here as
+cycles without a draft (the server's per-request opt-out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Iterator
+
+import torch
+
+from ..errors import FastDLLMError
+from ..model.kv_cache import CacheAccess, KVCache
+from ..model.transformer import Transformer
+from .attention import attention_limits, limit_mask
+from .engine import Delta, EngineStats, Step
+from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
+from .params import DecodeConfig
+from .speculation import Chunk, Speculation, Stage
+from .speculation import draft_or_target_distribution as _distribution
+from .verification import accept_greedy, accept_sampled
+
+
+def check_pair(target: Transformer, draft: Transformer, mask_token_id: int | None) -> None:
+    """The conditions under which the draft can propose tokens the target can verify."""
+    t, d = target.config, draft.config
+    if t.vocab_size != d.vocab_size:
+        raise FastDLLMError(
+            f"the draft model's vocabulary ({d.vocab_size} tokens) differs from the target's "
+            f"({t.vocab_size}); speculative decoding needs both models on the same tokenizer",
+            field="draft_model")
+    if not t.token_shift:
+        raise FastDLLMError(
+            "the target predicts each position from its own output (token_shift false in its "
+            "config.json), so it has no causal next-token mode to verify with; use a causal "
+            "(AR) model or a model adapted with token shift as the target", field="model")
+    if not d.token_shift:
+        raise FastDLLMError(
+            "the draft model was adapted without token shift; drafting reads the token at "
+            "position i from the output at i - 1, so use a model adapted with token shift",
+            field="draft_model")
+    if mask_token_id is None:
+        raise FastDLLMError(
+            "the draft model has no mask token (no mask_token_id in config.json, no |<MASK>| "
+            "in the tokenizer): it is not a block-diffusion model; pass a Fast-dLLM v2 model "
+            "as the draft, or --mask-token-id", field="draft_model")
+
+
+class SpeculativeEngine:
+    def __init__(self, target: Transformer, draft: Transformer, *, max_slots: int, max_len: int,
+                 mask_token_id: int | None, stop_token_ids: tuple[int, ...]):
+        check_pair(target, draft, mask_token_id)
+        p = next(target.parameters())
+        self.target, self.draft = target, draft
+        self.device, self.dtype = p.device, p.dtype
+        self.mask_token_id = mask_token_id
+        self.stop_token_ids = stop_token_ids
+        self._max_len = max_len
+        # + 1: the scratch position that right padding writes to once a row reaches the end;
+        # self-speculative: room for the merged form's draft groups after it (merged.py)
+        self.cache = _cache_for(target, max_slots, max_len + 1 + (merged_room() if draft is target else 0))
+        self.draft_cache = _cache_for(draft, max_slots, max_len + 1)
+        self._free_slots = list(range(max_slots))
+        self.running: list[Speculation] = []
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    @property
+    def room(self) -> int:
+        """Sequences that can be added now (free slots)."""
+        return len(self._free_slots)
+
+    def stream(self) -> Iterator[Step]:
+        """Step until no sequence is left running (sequences may join or leave between steps)."""
+        while self.running:
+            yield self.step()
+
+    def add(self, prompt_ids: list[int], params: DecodeConfig, *,
+            stop_token_ids: tuple[int, ...] | None = None) -> Speculation:
+        if not self._free_slots:
+            raise FastDLLMError("the engine is full: every batch slot is in use")
+        if params.diffusion:
+            raise FastDLLMError("this engine decodes speculatively (the target's own output); "
+                                "use mode speculative or ar", field="mode")
+        if params.merged and self.draft is not self.target:
+            raise FastDLLMError("the merged form verifies and drafts with the same weights in one "
+                                "forward: it is self-speculative only (no separate draft model)",
+                                field="merged")
+        if params.merged and params.draft_length > MAX_MERGED_DRAFT:
+            raise FastDLLMError(f"the merged form drafts at most {MAX_MERGED_DRAFT} tokens per "
+                                f"cycle, got draft_length {params.draft_length}", field="draft_length")
+        needed = params.cache_len(len(prompt_ids))
+        if needed > self.max_len:
+            raise FastDLLMError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"needs {needed} positions but the engine holds {self.max_len}",
+                field="max_new_tokens")
+        seq = Speculation(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
+                          stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
+                          device=self.device)
+        seq.slot = self._free_slots.pop(0)
+        self.running.append(seq)
+        return seq
+
+    def abort(self, seq: Speculation) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self._free_slots.append(seq.slot)
+            self._free_slots.sort()
+
+    @torch.inference_mode()
+    def step(self) -> Step:
+        """One draft + verify cycle for every running sequence; finished ones leave `running`."""
+        t0 = time.perf_counter()
+        seqs = list(self.running)
+        final_before = [s.final_len for s in seqs]
+        calls_before = self.stats.forward_calls
+        active = [s for s in seqs if not s.finished]
+        for seq in active:
+            seq.begin_cycle()
+        merged = [s for s in active if s.params.merged]
+        if merged:
+            merged_cycle(self.target, self.cache, self.max_len + 1, self.mask_token_id, merged)
+            self.stats.forward_calls += 1
+        plain = [s for s in active if not s.params.merged]
+        while drafting := [s for s in plain if s.stage is Stage.DRAFT]:
+            self._draft(drafting)
+        if plain:
+            self._verify(plain)
+        for seq in [s for s in self.running if s.finished]:
+            self.abort(seq)
+        self.stats.steps += 1
+        self.stats.seconds += time.perf_counter() - t0
+        deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
+                       for s, start in zip(seqs, final_before))
+        return Step(deltas, self.stats.forward_calls - calls_before)
+
+    # ------------------------------------------------------------------ the two forwards
+    def _draft(self, seqs: list[Speculation]) -> None:
+        chunks = [s.draft_chunk() for s in seqs]
+        logits = self.forward(self.draft, self.draft_cache, seqs, chunks, [s.block for s in seqs])
+        logits[..., self.mask_token_id] = float("-inf")  # a draft is never [MASK]
+        self.stats.forward_calls += 1
+        greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
+        for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            n = len(chunk.logit_positions)
+            if seq.params.greedy:
+                row = greedy[i][:n] if greedy is not None else logits[i, :n].argmax(-1).tolist()
+                seq.apply_draft(row, None)
+            else:
+                q = _distribution(logits[i, :n], seq.params)
+                seq.apply_draft(torch.multinomial(q, 1, generator=seq.generator)[:, 0].tolist(), q)
+
+    def _verify(self, seqs: list[Speculation]) -> None:
+        chunks = [s.verify_chunk() for s in seqs]
+        logits = self.forward(self.target, self.cache, seqs, chunks, [1] * len(seqs))
+        greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
+        for i, seq in enumerate(seqs):
+            k, L = seq.k, seq.length
+            draft = seq.tokens[L:L + k]
+            if seq.params.greedy:
+                target = (torch.tensor(greedy[i][:k + 1]) if greedy is not None
+                          else logits[i, :k + 1].argmax(-1).cpu())
+                seq.apply_verify(*accept_greedy(draft.cpu(), target))
+            else:
+                p = _distribution(logits[i, :k + 1], seq.params)
+                seq.apply_verify(*accept_sampled(draft, seq.q, p, seq.generator))
+        self.stats.forward_calls += 1
+
+    def forward(self, model: Transformer, cache: KVCache, seqs: list[Speculation],
+                chunks: list[Chunk], blocks: list[int], mask: torch.Tensor | None = None,
+                cache_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """One batched forward of `model`: row i is seqs[i]'s tokens over chunks[i], padded on
+        the right to the widest row, attending block-causally with block size blocks[i] (1 =
+        causal) unless `mask` is given. Returns the logits (n, K, V) at each row's
+        logit_positions (padded by repeating the last one)."""
+        dev = self.device
+        width = max(c.end - c.start for c in chunks)
+        rows = []
+        for seq, c in zip(seqs, chunks):
+            row = seq.tokens[c.start:c.end]
+            rows.append(torch.nn.functional.pad(row, (0, width - row.shape[0]), value=seq.mask_id))
+        input_ids = torch.stack(rows)  # (n, W)
+        starts = torch.tensor([c.start for c in chunks], device=dev)[:, None]
+        positions = starts + torch.arange(width, device=dev)[None, :]  # (n, W)
+        key_len = max(c.key_len for c in chunks)
+        if mask is None:
+            block = torch.tensor(blocks, device=dev)[:, None]
+            mask = limit_mask(attention_limits(positions, block), key_len)
+        if cache_positions is None:  # padding past a row's end lands on the scratch position
+            cache_positions = positions.clamp(max=cache.max_len - 1)
+        k_max = max(len(c.logit_positions) for c in chunks)
+        logit_idx = torch.tensor([_pad([x - c.start for x in c.logit_positions], k_max)
+                                  for c in chunks], device=dev)
+        slots = [s.slot for s in seqs]
+        rows_sel = (slice(slots[0], slots[0] + len(slots))
+                    if slots == list(range(slots[0], slots[0] + len(slots)))
+                    else torch.tensor(slots, device=dev))
+        access = CacheAccess(cache, rows_sel, cache_positions, mask.shape[-1])
+        return model(input_ids, positions.clamp(max=cache.max_len - 1), mask, access,
+                     logits_slice=logit_idx)
+
+
+def _cache_for(model: Transformer, slots: int, length: int) -> KVCache:
+    cfg, p = model.config, next(model.parameters())
+    return KVCache(cfg.num_layers, slots, length, cfg.num_kv_heads, cfg.head_dim, p.dtype, p.device)
+
+
+def _pad(xs: list[int], n: int) -> list[int]:
+    return xs + [xs[-1] if xs else 0] * (n - len(xs))

@@ -1,0 +1,372 @@
+"""Speculative decoding: block-diffusion drafts verified by a causal target.
+
+Greedy speculative output equals the target's plain AR greedy output token for token (random
+tiny models sharing a vocabulary, self-speculative, and the shipped pair), over prompts shorter
+than, equal to and longer than a block, stops inside a draft, max_new_tokens limits and mixed
+batches; seeded sampling reproduces the target's distribution (chi-square); after rejections
+both caches equal a fresh computation of the accepted prefix; bad pairs and settings are
+refused with clear errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fastdllm import LLM
+from fastdllm.model.config import ModelConfig
+from fastdllm.engine.attention import attention_limits, limit_mask
+from fastdllm.engine.engine import Engine
+from fastdllm.engine.params import DecodeConfig
+from fastdllm.engine.sampling import distribution
+from fastdllm.engine.speculative import SpeculativeEngine
+from fastdllm.engine.verification import accept_greedy, accept_sampled
+from fastdllm.errors import FastDLLMError
+from fastdllm.model.kv_cache import CacheAccess, KVCache
+from fastdllm.model.transformer import Transformer
+from fixtures import REPO_ROOT, special_token_ids, update_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHIPPED_AR = REPO_ROOT / "models" / "fastdllm-wp-ar"
+SHIPPED_DIFFUSION = REPO_ROOT / "models" / "fastdllm-wp-diffusion"
+SMALL = dict(block_size=8, sub_block_size=4)
+
+
+@pytest.fixture(scope="module")
+def pair(qwen2_ckpt, checkpoint_factory) -> LLM:
+    """A random target and another random model (same tokenizer) as its draft: nearly every
+    draft token is rejected."""
+    draft = checkpoint_factory("qwen2", seed=1, mask_token_id=special_token_ids()["mask"])
+    return LLM.load(qwen2_ckpt, device="cpu", draft_model=draft)
+
+
+@pytest.fixture(scope="module")
+def twin(qwen2_ckpt, checkpoint_factory) -> LLM:
+    """The target's weights in a second checkpoint as the draft: drafting with block-diffusion
+    attention, some drafts are accepted and some rejected."""
+    draft = checkpoint_factory("qwen2", seed=0, mask_token_id=special_token_ids()["mask"])
+    return LLM.load(qwen2_ckpt, device="cpu", draft_model=draft)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> LLM:
+    return LLM.load(SHIPPED_AR, device="cpu", draft_model=SHIPPED_DIFFUSION)
+
+
+def _prompts(n_tokens: list[int]) -> list[list[int]]:
+    return [[(7 * i + 3 * n) % 250 + 5 for i in range(n)] for n in n_tokens]
+
+
+# ---------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("draft_length,draft_steps", [(1, 1), (3, 1), (8, 1), (8, 2)])
+@pytest.mark.parametrize("which", ["pair", "twin"])
+def test_random_pair_greedy_equals_target_ar(which, draft_length, draft_steps, request):
+    pair = request.getfixturevalue(which)
+    for ids in _prompts([3, 8, 13]):  # shorter than, equal to, longer than a block of 8
+        ar = pair.generate(ids, mode="ar", max_new_tokens=30, stop_token_ids=[], **SMALL)
+        sp = pair.generate(ids, max_new_tokens=30, stop_token_ids=[], draft_length=draft_length,
+                           draft_steps=draft_steps, **SMALL)
+        assert sp.token_ids == ar.token_ids
+        assert sp.stats["mode"] == "speculative" and sp.finish_reason == "length"
+        s = sp.stats
+        assert s["target_forwards"] == s["cycles"] and s["forward_calls"] == s["target_forwards"] + s["draft_forwards"]
+        assert s["new_tokens"] == 30 and s["accepted"] == 30 - s["cycles"]
+
+
+def test_self_speculative_greedy_equals_own_ar(qwen2_ckpt):
+    llm = LLM.load(qwen2_ckpt, device="cpu")  # drafts with block-diffusion attention, verifies causally
+    for ids in _prompts([5, 16, 21]):
+        ar = llm.generate(ids, mode="ar", max_new_tokens=25, stop_token_ids=[], **SMALL)
+        sp = llm.generate(ids, mode="speculative", draft_length=6, max_new_tokens=25,
+                          stop_token_ids=[], **SMALL)
+        assert sp.token_ids == ar.token_ids
+
+
+@pytest.mark.parametrize("draft_length", [1, 4, 8])
+def test_merged_self_speculative_equals_own_ar(qwen2_ckpt, draft_length):
+    """One forward verifies the last draft and drafts the next for every outcome (merged.py);
+    batched rows at different positions, and the causal cache stays exact."""
+    llm = LLM.load(qwen2_ckpt, device="cpu")
+    prompts = _prompts([5, 16, 21])
+    ar = [llm.generate(p, mode="ar", max_new_tokens=25, stop_token_ids=[], **SMALL).token_ids
+          for p in prompts]
+    out = llm.generate_batch(prompts, mode="speculative", merged=True, draft_length=draft_length,
+                             max_new_tokens=25, stop_token_ids=[], **SMALL)
+    assert [r.token_ids for r in out] == ar
+    for r in out:
+        assert r.stats["forward_calls"] == r.stats["cycles"] == r.stats["target_forwards"]
+    engine = llm.new_engine(1, 64, 8, speculative=True)
+    seq = engine.add(prompts[2], llm.decode_config(mode="speculative", merged=True, max_new_tokens=30,
+                                                   draft_length=draft_length, **SMALL), stop_token_ids=())
+    while engine.running:
+        engine.step()
+        t = seq.target_done
+        fresh = _fresh_kv(engine.target, seq.tokens[:t], 1)
+        for layer in range(engine.target.config.num_layers):
+            torch.testing.assert_close(engine.cache.k[layer, 0, :, :t], fresh.k[layer, 0], atol=2e-5, rtol=1e-4)
+
+
+def test_merged_shipped_model_equals_own_ar(tmp_path):
+    llm = LLM.load(SHIPPED_DIFFUSION, device="cpu")
+    ids = llm.encode_chat([{"role": "user", "content": "Mia buys 3 pens for 4 dollars each. How much does she pay?"}])
+    ar = llm.generate(ids, mode="ar", max_new_tokens=64)
+    merged = llm.generate(ids, mode="speculative", merged=True, draft_length=8, max_new_tokens=64)
+    assert merged.token_ids == ar.token_ids
+    assert merged.stats["tokens_per_forward"] > 2
+
+
+def test_max_new_tokens_and_stops_inside_a_draft(shipped):
+    ids = shipped.encode_chat([{"role": "user", "content": "Tom has 5 apples and buys 7 more. "
+                                "How many apples does he have?"}])
+    free = shipped.generate(ids, mode="ar", max_new_tokens=60, stop_token_ids=[]).token_ids
+    for n in (1, 2, 7, 33):
+        sp = shipped.generate(ids, max_new_tokens=n, stop_token_ids=[], draft_length=8)
+        assert sp.token_ids == free[:n] and sp.finish_reason == "length"
+    # a stop token first seen mid-answer: the speculative run must end exactly there, even when
+    # the stop sits inside an accepted draft with more accepted tokens after it
+    k = next(i for i in range(10, 60) if free[i] not in free[:i])
+    sp = shipped.generate(ids, max_new_tokens=60, stop_token_ids=[free[k]], draft_length=16)
+    assert sp.token_ids == free[: k + 1] and sp.finish_reason == "stop"
+    assert sp.stats["new_tokens"] == k + 1
+
+
+def test_shipped_pair_greedy_equals_ar_batch_1_and_8(shipped):
+    from fastdllm.tasks import SHIPPED_SPLIT, format_prompt, make_splits
+
+    problems = make_splits(*SHIPPED_SPLIT)[1][:6]
+    prompts = [shipped.encode_chat([{"role": "user", "content": format_prompt(p.question)}])
+               for p in problems]
+    prompts[1] = prompts[1][:32]  # a prompt of exactly one block, and one shorter than a block
+    prompts[2] = prompts[2][:20]
+    ar = [r.token_ids for r in shipped.generate_batch(prompts, mode="ar", max_new_tokens=64)]
+    alone = [shipped.generate(p, max_new_tokens=64).token_ids for p in prompts[:3]]
+    batched = shipped.generate_batch(prompts, max_new_tokens=64, draft_length=8)
+    assert [r.token_ids for r in batched] == ar
+    assert alone == ar[:3]
+    cycles = sum(r.stats["cycles"] for r in batched)
+    assert sum(len(r.token_ids) for r in batched) / cycles > 3  # the drafts are mostly accepted
+
+
+def test_mixed_batch_of_modes_and_settings(pair):
+    """Speculative rows with different draft lengths, an AR row (the server's opt-out) and a
+    sampled row in one engine: each row gets what it gets alone."""
+    prompts = _prompts([4, 9, 17, 8])
+    settings = [dict(draft_length=2), dict(draft_length=8, draft_steps=3), dict(mode="ar"),
+                dict(temperature=0.9, top_k=20, seed=4)]
+    alone = []
+    for ids, o in zip(prompts, settings):
+        params = pair.decode_config(max_new_tokens=20, **SMALL, **o)
+        alone.append(pair.generate(ids, config=params, stop_token_ids=[]).token_ids)
+    engine = pair.new_engine(4, 64, 8, speculative=True)
+    seqs = [engine.add(ids, pair.decode_config(max_new_tokens=20, **SMALL, **o), stop_token_ids=())
+            for ids, o in zip(prompts, settings)]
+    while engine.running:
+        engine.step()
+    assert [s.output_ids() for s in seqs] == alone
+    assert alone[2] == pair.generate(prompts[2], mode="ar", max_new_tokens=20, stop_token_ids=[],
+                                     **SMALL).token_ids
+
+
+# ---------------------------------------------------------------------------------- caches
+def _fresh_kv(model: Transformer, tokens: torch.Tensor, block: int):
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 1, len(tokens), cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+    pos = torch.arange(len(tokens))[None]
+    mask = limit_mask(attention_limits(pos, torch.tensor([[block]])), len(tokens))
+    with torch.inference_mode():
+        model(tokens[None], pos, mask, CacheAccess(cache, slice(0, 1), pos, len(tokens)))
+    return cache
+
+
+@pytest.mark.parametrize("two_models", [True, False])
+def test_cache_rollback_equals_fresh_computation(pair, qwen2_ckpt, two_models):
+    llm = pair if two_models else LLM.load(qwen2_ckpt, device="cpu")  # self-speculative: some accepted
+    engine = llm.new_engine(1, 64, 8, speculative=True)
+    seq = engine.add(_prompts([11])[0], llm.decode_config(mode="speculative", max_new_tokens=40,
+                                                          draft_length=6, **SMALL),
+                     stop_token_ids=())
+    while engine.running:
+        engine.step()
+        t, d = seq.target_done, seq.draft_done
+        assert t == seq.length - 1 and d % 8 == 0 and d <= seq.length
+        target = _fresh_kv(engine.target, seq.tokens[:t], 1)
+        draft = _fresh_kv(engine.draft, seq.tokens[:d], 8) if d else None
+        for layer in range(engine.target.config.num_layers):
+            torch.testing.assert_close(engine.cache.k[layer, 0, :, :t], target.k[layer, 0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(engine.cache.v[layer, 0, :, :t], target.v[layer, 0], atol=2e-5, rtol=1e-4)
+            if draft is not None:
+                torch.testing.assert_close(engine.draft_cache.k[layer, 0, :, :d], draft.k[layer, 0],
+                                           atol=2e-5, rtol=1e-4)
+    s = seq.stats
+    assert s.drafted > s.accepted  # there were rejections to roll back
+    assert two_models or s.accepted > 0
+
+
+# ---------------------------------------------------------------------------------- sampling
+def test_accept_rule_greedy_and_sampled_units():
+    assert accept_greedy(torch.tensor([4, 5, 6]), torch.tensor([4, 5, 9, 1])) == (2, 9)
+    assert accept_greedy(torch.tensor([4, 5]), torch.tensor([4, 5, 7])) == (2, 7)
+    assert accept_greedy(torch.tensor([3]), torch.tensor([4, 0])) == (0, 4)
+    # one draft position: the emitted token is distributed as p, whatever q is
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.1, 0.4, 0.4]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    n = 6000
+    for _ in range(n):
+        d = torch.multinomial(q[0], 1, generator=g)
+        acc, nxt = accept_sampled(d, q, p, g)
+        counts[int(d) if acc == 1 else nxt] += 1
+    assert counts[3] == 0  # the target never emits a token it gives probability 0
+    expected = p[0, :3] * n
+    chi2 = float(((counts[:3] - expected) ** 2 / expected).sum())
+    assert chi2 < 13.8, (counts, chi2)  # chi-square, 2 degrees of freedom, p = 0.001
+
+
+def _tiny_models(vocab: int):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=False)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = Transformer(cfg)
+        with torch.no_grad():
+            for name, prm in m.named_parameters():
+                prm.normal_(0, 0.5 if "embed" in name or "lm_head" in name else 0.1)
+                if "norm" in name:
+                    prm.fill_(1.0)
+        models.append(m.eval())
+    return models
+
+
+@pytest.mark.parametrize("settings,merged", [(dict(temperature=1.0), False),
+                                             (dict(temperature=0.7, top_k=4, top_p=0.9), False),
+                                             (dict(temperature=1.0), True)])
+def test_speculative_sampling_matches_the_target_distribution(settings, merged):
+    """Joint distribution of the first two sampled tokens over a vocabulary of 6 (+ the mask)
+    against the target's exact p(t1) p(t2 | t1). Two models: t2 is drafted in the first cycle
+    and verified. Merged (self-speculative): t1 comes from the prefill forward, which drafts t2
+    for the second forward to verify."""
+    vocab, mask_id, prompt = 7, 6, [1, 2, 3]
+    target, draft = _tiny_models(vocab)
+    if merged:
+        draft = target
+    params = DecodeConfig(mode="speculative", max_new_tokens=3 if merged else 2, block_size=4,
+                          sub_block_size=4, draft_length=1, merged=merged, **settings)
+    with torch.inference_mode():
+        logits0 = target(torch.tensor([prompt]), torch.arange(3)[None], None)[0, -1]
+        p1 = distribution(logits0, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        seqs = torch.tensor([prompt + [t] for t in range(vocab)])
+        logits1 = target(seqs, torch.arange(4)[None].expand(vocab, -1), None)[:, -1]
+        p2 = distribution(logits1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    joint = (p1[:, None] * p2).flatten()  # (V * V,)
+    engine = SpeculativeEngine(target, draft, max_slots=100, max_len=8, mask_token_id=mask_id,
+                               stop_token_ids=())
+    counts = torch.zeros(vocab * vocab)
+    draws = 4000
+    for batch in range(draws // 100):
+        seqs = [engine.add(prompt, dataclasses.replace(params, seed=1000 * batch + i))
+                for i in range(100)]
+        while engine.running:
+            engine.step()
+        for s in seqs:
+            a, b = s.output_ids()[:2]
+            counts[a * vocab + b] += 1
+            assert s.stats.drafted == 1
+    assert counts[joint == 0].sum() == 0
+    keep = joint * draws >= 5  # pool the rare cells, as a chi-square test requires
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    expected = torch.cat([joint[keep], joint[~keep].sum()[None]]) * draws
+    chi2 = float(((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum())
+    dof = int(keep.sum())  # cells - 1 (the pooled cell is one more)
+    # the 0.999 quantile of chi-square(dof) (Wilson-Hilferty), so a correct sampler fails 1 in 1000
+    z = 3.09
+    critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < critical, (chi2, critical, dof)
+    # the draft and the target disagree, so rejections and residual draws were exercised
+    assert engine.stats.forward_calls > 0
+
+
+def test_seeded_sampling_is_reproducible(pair):
+    a = pair.generate([5, 6, 7], max_new_tokens=20, temperature=0.8, seed=3, **SMALL)
+    b = pair.generate([5, 6, 7], max_new_tokens=20, temperature=0.8, seed=3, **SMALL)
+    assert a.token_ids == b.token_ids
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_bad_pairs_and_settings_are_refused(qwen2_ckpt, checkpoint_factory, ckpt_copy, pair):
+    mask = special_token_ids()["mask"]
+    bigger = checkpoint_factory("qwen2", seed=1, mask_token_id=mask, vocab_size=448)
+    with pytest.raises(FastDLLMError, match="vocabulary") as e:
+        LLM.load(qwen2_ckpt, device="cpu", draft_model=bigger)
+    assert e.value.field == "draft_model"
+
+    other_tok = ckpt_copy(checkpoint_factory("qwen2", seed=1, mask_token_id=mask))
+    tok = json.loads((other_tok / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same tokens, two ids swapped
+    (other_tok / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(FastDLLMError, match="another tokenizer") as e:
+        LLM.load(qwen2_ckpt, device="cpu", draft_model=other_tok)
+    assert e.value.field == "draft_model"
+
+    no_shift = ckpt_copy(qwen2_ckpt)
+    update_config(no_shift, token_shift=False)
+    with pytest.raises(FastDLLMError, match="no causal next-token mode") as e:
+        LLM.load(no_shift, device="cpu", draft_model=qwen2_ckpt)
+    assert e.value.field == "model"
+
+    for length in (0, -1, 9):
+        with pytest.raises(FastDLLMError, match="draft_length") as e:
+            pair.generate([1, 2, 3], draft_length=length, **SMALL)
+        assert e.value.field == "draft_length"
+    with pytest.raises(FastDLLMError, match="draft_steps"):
+        pair.generate([1, 2, 3], draft_length=2, draft_steps=3, **SMALL)
+    with pytest.raises(FastDLLMError, match="self-speculative only"):
+        pair.generate([1, 2, 3], merged=True, **SMALL)
+    with pytest.raises(FastDLLMError, match="speculative engine"):
+        Engine(pair.model, max_slots=1, max_len=64, mask_token_id=mask, stop_token_ids=()).add(
+            [1, 2], pair.decode_config(**SMALL))
+
+
+# ---------------------------------------------------------------------------------- front ends
+def test_cli_generate_with_a_draft_model(qwen2_ckpt, twin, capsys):
+    from fastdllm.cli import main
+
+    draft = str(twin.draft.model_dir)
+    args = ["generate", "--model", str(qwen2_ckpt), "--prompt-ids", "5,6,7,8,9", "--device", "cpu",
+            "--json", "--max-new-tokens", "20", "--block-size", "8", "--sub-block-size", "4"]
+    outs = {}
+    for name, extra in (("spec", ["--draft-model", draft, "--draft-length", "4"]), ("ar", ["--mode", "ar"])):
+        assert main(args + extra) == 0
+        outs[name] = json.loads(capsys.readouterr().out)
+    assert outs["spec"]["token_ids"] == outs["ar"]["token_ids"]
+    assert outs["spec"]["cycles"] < len(outs["spec"]["token_ids"])
+    assert main(args + ["--draft-model", draft, "--draft-length", "9"]) == 2
+    assert "draft_length must be between 1 and the block size (8)" in capsys.readouterr().err
+
+
+def test_server_speculative_by_default_with_ar_opt_out(twin):
+    import httpx
+
+    from fastdllm.server import BackgroundServer, ServerConfig
+
+    config = ServerConfig(served_model_name="tiny", defaults=twin.decode_config(max_new_tokens=24, **SMALL),
+                          max_batch=4)
+    ref = twin.generate("The answer is", mode="ar", max_new_tokens=24, **SMALL)
+    with BackgroundServer(twin, config) as srv:
+        def post(**body):
+            return httpx.post(f"{srv.base_url}/completions",
+                              json={"model": "tiny", "prompt": "The answer is", **body}, timeout=60)
+        spec, ar = post(), post(mode="ar")
+        short = post(draft_length=2)
+        bad = post(mode="diffusion")
+    for r in (spec, ar, short):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref.text
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "mode"
