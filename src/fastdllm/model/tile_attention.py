@@ -34,7 +34,7 @@ def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Tile
     k_tiles = k.gather(2, index).view(n, kv_heads, tiles, width, hd)
     v_tiles = v.gather(2, index).view(n, kv_heads, tiles, width, hd)
     # (n, kv_heads, tiles, group * tile, hd): the query heads of one key head, tile by tile
-    q_tiles = (q.view(n, kv_heads, group, tiles, keys.tile, hd).transpose(2, 3)
+    q_tiles = (q.reshape(n, kv_heads, group, tiles, keys.tile, hd).transpose(2, 3)
                .reshape(n, kv_heads, tiles, group * keys.tile, hd))
     out = F.scaled_dot_product_attention(q_tiles, k_tiles, v_tiles,
                                          attn_mask=keys.key_valid[:, None, :, None, :])
