@@ -1,14 +1,23 @@
 """Engine micro-benchmark on random models of realistic and tiny shape.
 
-1. Cost of one forward of 1, S and B tokens against a warm cache of `--context` tokens
-   (the three forward widths of AR steps, sub-block steps and full-block steps).
-2. AR vs block-diffusion decoding speed (tokens/s, tokens per forward) on the same engine.
+1. Cost of one engine step of 1, S and B tokens against a warm cache of `--context` tokens
+   (the three forward widths of AR steps, sub-block steps and full-block steps: inputs built,
+   one forward, draw, one transfer), next to the pure matrix-product floor of the same shapes
+   (the fused q/k/v, o, gate/up, down products of every layer and the lm_head, nothing else):
+   overhead = 1 - floor / step.
+2. AR vs block-diffusion decoding speed (tokens/s, tokens per forward, forwards per kind) on
+   the same engine, with the bound tokens_per_forward * cost(1) / cost(S) next to the
+   measured diffusion/AR ratio.
    Random weights are not confident, so at threshold 0.9 diffusion unmasks ~1 token per step;
    the `threshold=1e-6` rows show the mechanism's upper bound (every masked position of the
    sub-block unmasked per step). Speed on trained models is measured in bench_gsm.py.
 
     python benchmarks/bench_engine.py                      # CPU, both shapes
     python benchmarks/bench_engine.py --device cuda --models qwen2.5-0.5b
+
+The qwen2.5-0.5b shape is built in the official Fast_dLLM_Qwen layout (bd_size 32) and in
+bf16 by default (`--big-dtype`): on the CPU its forward is memory-bound, the regime where a
+forward's cost barely grows with its width.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
-from fastdllm.engine.attention import attention_limits, limit_mask  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fastdllm.engine.params import DecodeConfig, RunnerConfig  # noqa: E402
+from fastdllm.engine.sequence import ForwardPlan, PlanKind  # noqa: E402
 from fastdllm.llm import LLM  # noqa: E402
 from fastdllm.model.checkpoint import SpecialTokens  # noqa: E402
 from fastdllm.model.config import ModelConfig  # noqa: E402
-from fastdllm.model.kv_cache import CacheAccess, KVCache  # noqa: E402
 from fastdllm.model.transformer import Transformer  # noqa: E402
 
 SHAPES = {
@@ -41,7 +52,10 @@ SHAPES = {
 
 
 def build(shape: str, device: str, dtype: torch.dtype) -> Transformer:
-    cfg = ModelConfig(**SHAPES[shape], qkv_bias=True, max_position_embeddings=4096, model_type="qwen2")
+    official = shape != "tiny"  # the published Fast_dLLM_v2 layout: Qwen2 weights + bd_size
+    cfg = ModelConfig(**SHAPES[shape], qkv_bias=True, max_position_embeddings=4096,
+                      model_type="Fast_dLLM_Qwen" if official else "qwen2", bd_size=32 if official else None,
+                      mask_token_id=SHAPES[shape]["vocab_size"] - 1)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -55,39 +69,95 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def forward_cost(model: Transformer, width: int, context: int, block: int, device: str, reps: int) -> float:
-    """Median ms of one forward of `width` tokens at positions [context, context + width)."""
-    cfg = model.config
-    cache = KVCache(cfg.num_layers, 1, context + block, cfg.num_kv_heads, cfg.head_dim,
-                    next(model.parameters()).dtype, device)
-    ids = torch.randint(0, cfg.vocab_size, (1, width), device=device)
-    pos = torch.arange(context, context + width, device=device)[None]
-    key_len = context + block
-    mask = limit_mask(attention_limits(pos, torch.tensor([[block]], device=device)), key_len)
-    access = CacheAccess(cache, slice(0, 1), pos, key_len)
+def _median_ms(fn, device: str, reps: int) -> float:
     times = []
     for i in range(reps + 3):
         _sync(device)
         t = time.perf_counter()
-        model(ids, pos, mask, access, logits_slice=slice(width - 1, width) if width == 1 else None)
+        fn()
         _sync(device)
         if i >= 3:
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
-def decode_speed(model: Transformer, device: str, prompt_len: int, new_tokens: int, runs: int) -> list[dict]:
-    llm = LLM(model, None, Path("."), SpecialTokens(mask_token_id=model.config.vocab_size - 1, stop_token_ids=()))
+def _llm(model: Transformer, runner: RunnerConfig | None = None) -> LLM:
+    return LLM(model, None, Path("."), SpecialTokens(mask_token_id=model.config.vocab_size - 1, stop_token_ids=()),
+               runner=runner or RunnerConfig())
+
+
+@torch.inference_mode()
+def step_cost(llm: LLM, width: int, context: int, block: int, device: str, reps: int) -> float:
+    """Median ms of one engine step whose one row is `width` tokens at [context, context + width)
+    (prompt of `context` tokens in the cache); every position's logit is drawn."""
+    engine = llm.engine(1, context + block)
+    seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
+    plan = ForwardPlan(PlanKind.FULL_BLOCK, context, context + width, context + block,
+                       tuple(range(context, context + width)))
+    ms = _median_ms(lambda: engine.runner.run([(seq, plan)]), device, reps)
+    engine.abort(seq)
+    return ms
+
+
+MIXES = {  # rows of a step by width: diffusion at batch 8 (3 full blocks / commits, 5 sub-blocks),
+           # and AR rows beside diffusion rows
+    "8 rows: 3x32 + 5x8": (32, 32, 32, 8, 8, 8, 8, 8),
+    "8 rows: 4x32 + 4x1": (32, 32, 32, 32, 1, 1, 1, 1),
+    "8 rows: 8x8": (8,) * 8,
+}
+
+
+@torch.inference_mode()
+def mixed_step_cost(model: Transformer, widths: tuple[int, ...], context: int, block: int, device: str,
+                    reps: int) -> dict:
+    """Median ms of one step whose rows have the given widths, three ways: packed into one
+    forward (the engine's eager step), padded to the widest width (the static step's layout,
+    run eagerly), and one forward per width (what the engine did before)."""
+    out = {}
+    for name, runner in (("packed", RunnerConfig(enforce_eager=True)),
+                         ("padded", RunnerConfig(cpu_static="eager", widths=(1, 8, block)))):
+        llm = _llm(model, runner)
+        engine = llm.engine(len(widths), context + block)
+        rows = []
+        for w in widths:
+            seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
+            rows.append((seq, ForwardPlan(PlanKind.FULL_BLOCK, context, context + w, context + block,
+                                          tuple(range(context, context + w)))))
+        out[name] = _median_ms(lambda: engine.runner.run(rows), device, reps)
+        if name == "packed":
+            groups = {}
+            for r in rows:
+                groups.setdefault(r[1].end - r[1].start, []).append(r)
+            out["per_width"] = _median_ms(lambda: [engine.runner.run(g) for g in groups.values()], device, reps)
+    return out
+
+
+@torch.inference_mode()
+def matmul_floor(model: Transformer, width: int, device: str, reps: int) -> float:
+    """Median ms of the same forward's matrix products alone, at the same shapes."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(width, cfg.hidden_size, device=device, dtype=dtype)
+    a = torch.randn(width, cfg.num_heads * cfg.head_dim, device=device, dtype=dtype)
+    m = torch.randn(width, cfg.intermediate_size, device=device, dtype=dtype)
+
+    def products():
+        for layer in model.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            F.linear(x, at.qkv_proj.weight, at.qkv_proj.bias)
+            F.linear(a, at.o_proj.weight, at.o_proj.bias)
+            F.linear(x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+            F.linear(m, mlp.down_proj.weight, mlp.down_proj.bias)
+        F.linear(x, model.lm_head.weight)
+
+    return _median_ms(products, device, reps)
+
+
+def decode_speed(model: Transformer, device: str, prompt_len: int, new_tokens: int, runs: int,
+                 settings: list[tuple[str, dict]]) -> list[dict]:
+    llm = _llm(model)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size - 1, (prompt_len,), generator=g).tolist()
-    settings = [
-        ("AR", dict(mode="ar")),
-        ("diffusion t=0.9", dict(threshold=0.9)),
-        ("diffusion t=0.9, no sub-block cache", dict(threshold=0.9, sub_block_cache=False)),
-        ("diffusion t=1e-6 (upper bound)", dict(threshold=1e-6)),
-        ("diffusion t=1e-6, no sub-block cache", dict(threshold=1e-6, sub_block_cache=False)),
-    ]
     rows = []
     for name, kw in settings:
         llm.generate(prompt, max_new_tokens=min(new_tokens, 32), **kw)  # warm-up
@@ -100,6 +170,8 @@ def decode_speed(model: Transformer, device: str, prompt_len: int, new_tokens: i
         rows.append({"setting": name, "new_tokens": best.stats["new_tokens"],
                      "forward_calls": best.stats["forward_calls"],
                      "tokens_per_forward": best.stats["tokens_per_forward"],
+                     "forwards_by_kind": " ".join(f"{k}:{v}" for k, v in
+                                                  sorted(best.stats["forwards_by_kind"].items())),
                      "tokens_per_s": best.stats["tokens_per_second"], "seconds": best.stats["seconds"]})
     ar = rows[0]["tokens_per_s"]
     for r in rows:
@@ -107,10 +179,23 @@ def decode_speed(model: Transformer, device: str, prompt_len: int, new_tokens: i
     return rows
 
 
+SETTINGS = [
+    ("AR", dict(mode="ar")),
+    ("diffusion t=0.9", dict(threshold=0.9)),
+    ("diffusion t=0.9, no sub-block cache", dict(threshold=0.9, sub_block_cache=False)),
+    ("diffusion t=1e-6 (upper bound)", dict(threshold=1e-6)),
+    ("diffusion t=1e-6, no sub-block cache", dict(threshold=1e-6, sub_block_cache=False)),
+]
+# the 0.5B shape on a CPU: AR and the mechanism's upper bound only (t=0.9 on random weights is
+# one token per forward, i.e. slower than AR by construction, and takes minutes)
+BIG_SETTINGS = [SETTINGS[0], SETTINGS[3]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--dtype", default=None, help="tiny model; default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--big-dtype", default="bfloat16", help="the 0.5B shape (default bfloat16)")
     ap.add_argument("--models", nargs="+", default=["tiny", "qwen2.5-0.5b"], choices=list(SHAPES))
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=32)
@@ -121,21 +206,45 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--out", default="docs/results/engine_bench")
     args = ap.parse_args()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
-        args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtype = dtypes[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
 
-    cost_rows, speed_rows = [], []
+    cost_rows, speed_rows, mixed_rows = [], [], []
     for shape in args.models:
-        model = build(shape, args.device, dtype)
+        mdtype = dtype if shape == "tiny" else dtypes[args.big_dtype]
+        model = build(shape, args.device, mdtype)
         n_params = model.num_parameters()
+        big = shape != "tiny" and args.device == "cpu"
+        reps = max(3, args.reps // 3) if big else args.reps
+        costs = {}
         for width in (1, args.sub_block_size, args.block_size):
-            ms = forward_cost(model, width, args.context, args.block_size, args.device, args.reps)
-            cost_rows.append({"model": shape, "params_M": round(n_params / 1e6, 1), "width": width,
-                              "context": args.context, "ms_per_forward": round(ms, 3),
-                              "ms_per_token": round(ms / width, 3)})
+            ms = step_cost(_llm(model, RunnerConfig(enforce_eager=True)), width, args.context,
+                           args.block_size, args.device, reps)
+            floor = matmul_floor(model, width, args.device, reps)
+            costs[width] = ms
+            extra = {}
+            if args.device.startswith("cuda"):  # the same step replayed from a CUDA graph
+                extra["graph_ms_per_step"] = round(step_cost(_llm(model), width, args.context,
+                                                             args.block_size, args.device, reps), 3)
+            cost_rows.append({"model": shape, "dtype": str(mdtype).replace("torch.", ""),
+                              "params_M": round(n_params / 1e6, 1), "width": width,
+                              "context": args.context, "ms_per_step": round(ms, 3),
+                              "ms_per_token": round(ms / width, 3), "matmul_floor_ms": round(floor, 3),
+                              "overhead_%": round(100 * (1 - floor / ms), 1), **extra})
             print(cost_rows[-1], flush=True)
-        new_tokens = args.new_tokens if shape == "tiny" or args.device != "cpu" else min(args.new_tokens, 64)
-        for r in decode_speed(model, args.device, args.prompt_len, new_tokens, args.runs):
+        if not big:
+            for mix, widths in MIXES.items():
+                m = mixed_step_cost(model, widths, args.context, args.block_size, args.device, reps)
+                mixed_rows.append({"model": shape, "rows": mix, "tokens": sum(widths),
+                                   **{f"{k}_ms": round(v, 3) for k, v in m.items()}})
+                print(mixed_rows[-1], flush=True)
+        new_tokens = min(args.new_tokens, 32) if big else args.new_tokens
+        rows = decode_speed(model, args.device, args.prompt_len, new_tokens, 1 if big else args.runs,
+                            BIG_SETTINGS if big else SETTINGS)
+        for r in rows:
+            # a diffusion forward is S or B wide; the AR forward is 1 wide
+            r["bound_tpf_x_cost1_over_costS"] = round(
+                r["tokens_per_forward"] * costs[1] / costs[args.sub_block_size], 3)
             speed_rows.append({"model": shape, **r})
             print(speed_rows[-1], flush=True)
         del model
@@ -147,14 +256,22 @@ def main() -> None:
         out = out.with_name(out.name + "_" + args.device.replace(":", ""))
     write_results(
         out, "Engine benchmark (random weights)", machine,
-        [("Cost of one forward against a warm cache", cost_rows,
-          ["model", "params_M", "width", "context", "ms_per_forward", "ms_per_token"]),
+        [("Cost of one engine step against a warm cache, and the matrix-product floor", cost_rows,
+          ["model", "dtype", "params_M", "width", "context", "ms_per_step", "ms_per_token",
+           "matmul_floor_ms", "overhead_%"] + (["graph_ms_per_step"] if args.device != "cpu" else [])),
+         ("One step over rows of different widths: packed, padded, or one forward per width",
+          mixed_rows, ["model", "rows", "tokens", "packed_ms", "padded_ms", "per_width_ms"]),
          ("AR vs diffusion decoding on the same engine", speed_rows,
-          ["model", "setting", "new_tokens", "forward_calls", "tokens_per_forward", "tokens_per_s",
-           "speedup_vs_ar"])],
-        {"forward_cost": cost_rows, "decode": speed_rows, "args": vars(args)},
+          ["model", "setting", "new_tokens", "forward_calls", "tokens_per_forward", "forwards_by_kind",
+           "tokens_per_s", "speedup_vs_ar", "bound_tpf_x_cost1_over_costS"])],
+        {"step_cost": cost_rows, "mixed_step": mixed_rows, "decode": speed_rows, "args": vars(args)},
         notes=("Random weights: at threshold 0.9 diffusion unmasks about one token per step, so it is "
-               "slower than AR; the threshold 1e-6 rows show the mechanism's upper bound. Ratios are "
+               "slower than AR; the threshold 1e-6 rows show the mechanism's upper bound. "
+               "`bound_tpf_x_cost1_over_costS` = tokens per forward x cost(1) / cost(S): the diffusion/AR "
+               "ratio a decoder would reach if every diffusion forward cost an S-token step; compare it "
+               "with `speedup_vs_ar`. `ms_per_step` is the eager engine step (`--enforce-eager`); on a "
+               "GPU `graph_ms_per_step` is the same step replayed from its CUDA graph, and decoding "
+               "runs with graphs. Ratios are "
                "measured side by side in one run; absolute times hold only for this machine."),
     )
     print(f"wrote {out}.json and {out}.md")

@@ -13,6 +13,12 @@ On the first `--limit` problems of the held-out test split, greedy, at each batc
   (micro batch 16) at threshold 0.9, largest batch only;
 - a diagnostic, largest batch only: the adapted model decoding one token per step strictly left
   to right (sub-blocks of one token), which tells model error from parallel-decoding error.
+- with `--baseline-src DIR` (the `src` of a worktree of an older commit): the AR engine and
+  diffusion at `--baseline-thresholds` decoded by that code, in a subprocess, right after ours at
+  each batch size, with a check that both produced the same output tokens;
+- forwards per kind (prefill, full block, sub-block, commit, AR step) per answer, and the
+  engine-step cost of 1 and S tokens on the adapted model, giving the bound
+  tokens_per_forward * cost(1) / cost(S) next to the measured diffusion/AR ratio.
 Writes `<out>.json`, `<out>.md` (tables + a "goals" section computed from the numbers) and
 `<out>.png` (accuracy vs tokens/s).
 
@@ -26,7 +32,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
+import os
 import pstats
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,13 +56,16 @@ GOAL_THRESHOLD = 0.9
 GOAL_ACCURACY_POINTS = 1.0  # diffusion accuracy >= AR accuracy - 1 point
 GOAL_SPEEDUP_VS_AR = 2.5
 GOAL_SPEEDUP_VS_TRANSFORMERS = 3.0
+# issue 10 (the lean step): AR engine over transformers' generate, diffusion over the baseline code
+GOAL_AR_VS_TRANSFORMERS = {1: 2.0, 8: 1.5}
+GOAL_DIFFUSION_VS_BASELINE = 1.5
 LEFT_TO_RIGHT = "adapted, left to right (sub-block 1, t=1)"
 # the ablations change one switch of configs/shipped/adapt_mb16.yaml, so its model is their reference
 DEFAULT_ABLATIONS = ["mb16 reference=runs/shipped/adapt-mb16/final",
                      "mb16 no-complementary=runs/shipped/adapt-no-complementary/final",
                      "mb16 no-token-shift=runs/shipped/adapt-no-shift/final:noshift"]
 METRICS = ("problems", "correct", "accuracy", "new_tokens", "seconds", "tokens_per_s", "forward_calls",
-           "tokens_per_forward", "stopped", "sample_output")  # what _metrics measures per configuration
+           "tokens_per_forward", "forwards_per_answer", "stopped", "sample_output")  # what _metrics measures per configuration
 
 
 # ---------------------------------------------------------------------- data
@@ -85,15 +97,18 @@ def _batches(prompts: list[list[int]], batch: int) -> list[list[list[int]]]:
 
 
 def _metrics(texts: list[str], outputs: list[list[int]], refs: list[str], seconds: float,
-             forward_calls: int | None, stopped: int) -> dict:
+             forward_calls: int | None, stopped: int, kinds: dict[str, int] | None = None) -> dict:
     tokens = sum(len(o) for o in outputs)
     sc = score([t or "" for t in texts], refs)
+    per_answer = (" ".join(f"{k}:{v / len(outputs):.2f}" for k, v in sorted(kinds.items()))
+                  if kinds and outputs else None)
     return {"problems": sc["total"], "correct": sc["correct"], "accuracy": sc["accuracy"],
             "new_tokens": tokens, "seconds": round(seconds, 4),
             "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
             "forward_calls": forward_calls,
             "tokens_per_forward": round(tokens / forward_calls, 4) if forward_calls else None,
-            "stopped": stopped, "sample_output": (texts[0] or "")[:300] if texts else ""}
+            "forwards_per_answer": per_answer, "kinds": kinds, "stopped": stopped,
+            "sample_output": (texts[0] or "")[:300] if texts else "", "outputs": outputs}
 
 
 def run_engine(llm: LLM, prompts: list[list[int]], refs: list[str], batch: int, *,
@@ -107,7 +122,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], refs: list[str], batch: int, 
         for chunk in _batches(prompts[:WARMUP_PROBLEMS], batch):
             llm.generate_batch(chunk, config=params)
     device = next(llm.model.parameters()).device
-    texts, outputs, seconds, calls, stopped = [], [], 0.0, 0, 0
+    texts, outputs, seconds, calls, stopped, kinds = [], [], 0.0, 0, 0, {}
     with tqdm(total=len(prompts), desc=desc, unit="problem", leave=False) as bar:
         for chunk in _batches(prompts, batch):
             _sync(device)
@@ -120,8 +135,50 @@ def run_engine(llm: LLM, prompts: list[list[int]], refs: list[str], batch: int, 
                 outputs.append(r.token_ids)
                 calls += r.stats["forward_calls"]
                 stopped += r.finish_reason == "stop"
+                for k, v in r.stats["forwards_by_kind"].items():
+                    kinds[k] = kinds.get(k, 0) + v
             bar.update(len(results))
-    return _metrics(texts, outputs, refs, seconds, calls, stopped)
+    return _metrics(texts, outputs, refs, seconds, calls, stopped, kinds)
+
+
+# the same measurement as run_engine, run by another checkout's code in a subprocess
+_BASELINE = """
+import json, sys, time, torch
+from fastdllm.llm import LLM
+a = json.load(sys.stdin)
+if a["threads"]:
+    torch.set_num_threads(a["threads"])
+llm = LLM.load(a["model"], device=a["device"], dtype=a["dtype"])
+params = llm.decode_config(max_new_tokens=a["max_new_tokens"], **a["decode"])
+prompts, b = a["prompts"], a["batch"]
+llm.engine(b, max(params.cache_len(len(p)) for p in prompts))
+for i in range(0, min(len(prompts), a["warmup"]), b):
+    llm.generate_batch(prompts[i:i + b][: a["warmup"]], config=params)
+seconds, outputs, calls = 0.0, [], 0
+for i in range(0, len(prompts), b):
+    t0 = time.perf_counter()
+    results = llm.generate_batch(prompts[i:i + b], config=params)
+    seconds += time.perf_counter() - t0
+    outputs += [r.token_ids for r in results]
+    calls += sum(r.stats["forward_calls"] for r in results)
+json.dump({"seconds": seconds, "outputs": outputs, "forward_calls": calls}, sys.stdout)
+"""
+
+
+def run_baseline(src: Path, model: Path, llm: LLM, prompts: list[list[int]], refs: list[str], batch: int, *,
+                 max_new_tokens: int, args, **decode) -> dict:
+    """run_engine's measurement with the code under `src` (a worktree's src of another commit)."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    payload = {"model": str(model), "device": args.device, "dtype": args.dtype, "prompts": prompts,
+               "batch": batch, "max_new_tokens": max_new_tokens, "decode": decode,
+               "threads": torch.get_num_threads(), "warmup": WARMUP_PROBLEMS}
+    out = subprocess.run([sys.executable, "-c", _BASELINE], input=json.dumps(payload), env=env,
+                         capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout)
+    outputs = res["outputs"]
+    texts = [llm.decode(o) for o in outputs]
+    stopped = sum(bool(o) and o[-1] in set(llm.special.stop_token_ids) for o in outputs)
+    return _metrics(texts, outputs, refs, res["seconds"], res["forward_calls"], stopped)
 
 
 def _until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
@@ -184,7 +241,8 @@ def add_speedups(rows: list[dict]) -> None:
 def _find(rows: list[dict], **match) -> dict | None:
     for r in rows:
         if r["status"] == "ok" and all(
-                abs(r[k] - v) < 1e-9 if isinstance(v, float) else r[k] == v for k, v in match.items()):
+                r[k] is not None and abs(r[k] - v) < 1e-9 if isinstance(v, float) else r[k] == v
+                for k, v in match.items()):
             return r
     return None
 
@@ -241,6 +299,29 @@ def goals_markdown(gs: list[dict]) -> str:
                 f"({g['speedup_vs_transformers']:.2f}x) {verdict(g['speed_vs_transformers_met'])}")
         else:
             lines.append(f"- batch {b}, tokens/s vs transformers' generate: not measured")
+    return "\n".join(lines)
+
+
+def lean_goals_markdown(rows: list[dict], batch_sizes: list[int]) -> str:
+    """Issue 10's goals, from this run's numbers."""
+    lines = ["## Lean-step goals", ""]
+    for b in batch_sizes:
+        ar = _find(rows, kind="ar_engine", batch=b)
+        goal = GOAL_AR_VS_TRANSFORMERS.get(b)
+        if ar and ar.get("speedup_vs_transformers") and goal:
+            ok = ar["speedup_vs_transformers"] >= goal
+            lines.append(f"- batch {b}, AR engine >= {goal:g}x transformers' generate: "
+                         f"{ar['speedup_vs_transformers']:.2f}x {'**reached**' if ok else '**not reached**'}")
+        base = _find(rows, kind="baseline", batch=b, threshold=GOAL_THRESHOLD)
+        if base and base.get("ours_over_baseline"):
+            ok = base["ours_over_baseline"] >= GOAL_DIFFUSION_VS_BASELINE
+            lines.append(f"- batch {b}, diffusion t={GOAL_THRESHOLD:g} >= {GOAL_DIFFUSION_VS_BASELINE:g}x the "
+                         f"baseline engine: {base['ours_over_baseline']:.2f}x, same tokens: "
+                         f"{base['same_tokens']} {'**reached**' if ok else '**not reached**'}")
+        dif = _find(rows, kind="diffusion", batch=b, threshold=GOAL_THRESHOLD, sub_block_cache=True)
+        if dif and dif.get("bound_vs_ar") is not None:
+            lines.append(f"- batch {b}, diffusion t={GOAL_THRESHOLD:g} over our AR: {dif['speedup_vs_ar_engine']:.2f}x "
+                         f"measured, bound tokens_per_forward x cost(1)/cost(S) = {dif['bound_vs_ar']:.2f}x")
     return "\n".join(lines)
 
 
@@ -305,21 +386,51 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
         rows.append(row)
         _log(row)
 
-    # one batch size at a time, so the configurations compared with each other are measured
-    # close together in time (background load drifts over a long run)
+    # one batch size at a time, and within it the problems in `--interleave` chunks, every
+    # configuration decoding chunk k before any decodes chunk k + 1: configurations compared with
+    # each other are measured close together in time (background load drifts over a long run)
+    n_chunks = max(1, min(args.interleave, len(problems) // max(args.batch_sizes)))
+    edges = [round(k * len(problems) / n_chunks) for k in range(n_chunks + 1)]
     for b in args.batch_sizes:
-        add(_row("AR (fastdllm engine)", "ar_engine", args.ar_model, b, **run_engine(
-            ar, prompts, refs, b, mode="ar", desc=f"AR engine b={b}", **common)))
-        add(_row("AR (transformers generate)", "ar_transformers", args.ar_model, b, **run_hf(
-            hf, ar.decode, prompts, refs, b, stop_ids=stop_ids, pad_id=pad_id,
-            desc=f"AR transformers b={b}", **common)))
+        configs = [("AR (fastdllm engine)", ("ar_engine", args.ar_model, b),
+                    lambda c, b=b: run_engine(ar, prompts[c], refs[c], b, mode="ar", **common)),
+                   ("AR (transformers generate)", ("ar_transformers", args.ar_model, b),
+                    lambda c, b=b: run_hf(hf, ar.decode, prompts[c], refs[c], b, stop_ids=stop_ids,
+                                          pad_id=pad_id, **common))]
         for t in args.thresholds:
             for cache in (True, False):
                 name = f"diffusion t={t:g}" + ("" if cache else ", no sub-block cache")
-                add(_row(name, "diffusion", args.diffusion_model, b, t, cache, True, **run_engine(
-                    dif, dif_prompts, refs, b, mode="diffusion", threshold=t, sub_block_cache=cache,
-                    desc=f"{name} b={b}", **common)))
+                configs.append((name, ("diffusion", args.diffusion_model, b, t, cache, True),
+                                lambda c, b=b, t=t, cache=cache: run_engine(
+                                    dif, dif_prompts[c], refs[c], b, mode="diffusion", threshold=t,
+                                    sub_block_cache=cache, **common)))
+        if args.baseline_src:
+            configs.append(("AR (baseline engine)", ("baseline", args.ar_model, b),
+                            lambda c, b=b: run_baseline(args.baseline_src, args.ar_model, ar, prompts[c],
+                                                        refs[c], b, mode="ar", args=args, **common)))
+            for t in args.baseline_thresholds:
+                configs.append((f"diffusion t={t:g} (baseline engine)",
+                                ("baseline", args.diffusion_model, b, t, True, True),
+                                lambda c, b=b, t=t: run_baseline(
+                                    args.baseline_src, args.diffusion_model, dif, dif_prompts[c], refs[c],
+                                    b, mode="diffusion", threshold=t, args=args, **common)))
+        parts: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+        with tqdm(total=n_chunks * len(configs), desc=f"batch {b}", unit="run", leave=False) as bar:
+            for k in range(n_chunks):
+                chunk = slice(edges[k], edges[k + 1])
+                for name, _, run in configs:
+                    parts[name].append(run(chunk))
+                    bar.update(1)
+        merged = {name: _row(name, *spec, **merge_metrics(parts[name])) for name, spec, _ in configs}
+        for name, row in merged.items():
+            if name.endswith("(baseline engine)"):
+                ours = "AR (fastdllm engine)" if name.startswith("AR") else name.replace(" (baseline engine)", "")
+                _compare(row, merged.get(ours))
+            add(row)
     b = max(args.batch_sizes)
+    if args.skip_diagnostics:
+        add_speedups(rows)
+        return rows
     # separates the model from the decoder: one token per step, strictly left to right (sub-blocks
     # of one token), so parallel unmasking and confidence order play no part
     add(_row(LEFT_TO_RIGHT, "diagnostic", args.diffusion_model, b, 1.0, True, True, **run_engine(
@@ -337,6 +448,54 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
         del llm
     add_speedups(rows)
     return rows
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    """One configuration's metrics over the chunks it decoded."""
+    out = dict(parts[0])
+    for key in ("problems", "correct", "new_tokens", "stopped"):
+        out[key] = sum(p[key] for p in parts)
+    out["seconds"] = round(sum(p["seconds"] for p in parts), 4)
+    out["outputs"] = [o for p in parts for o in p["outputs"]]
+    out["accuracy"] = out["correct"] / out["problems"] if out["problems"] else 0.0
+    out["tokens_per_s"] = round(out["new_tokens"] / out["seconds"], 3) if out["seconds"] else 0.0
+    if parts[0]["forward_calls"] is not None:
+        out["forward_calls"] = sum(p["forward_calls"] for p in parts)
+        out["tokens_per_forward"] = round(out["new_tokens"] / out["forward_calls"], 4)
+    kinds: dict[str, int] = {}
+    for p in parts:
+        for k, v in (p.get("kinds") or {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    out["kinds"] = kinds
+    out["forwards_per_answer"] = (" ".join(f"{k}:{v / out['problems']:.2f}" for k, v in sorted(kinds.items()))
+                                  if kinds else None)
+    return out
+
+
+def _compare(base: dict, ours: dict | None) -> dict:
+    """Our row's speed over the baseline's, and whether both decoded the same tokens."""
+    if ours is not None:
+        base["ours_over_baseline"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 3)
+        base["same_tokens"] = ours["outputs"] == base["outputs"]
+    return base
+
+
+def step_bound(llm: LLM, sub_block: int, block: int, device: str) -> dict:
+    """Engine-step cost (ms) of 1 and S tokens on this model at a 256-token context."""
+    from bench_engine import step_cost
+
+    one = step_cost(llm, 1, 256, block, device, 30)
+    sub = step_cost(llm, sub_block, 256, block, device, 30)
+    llm._engine = None
+    return {"cost_1_ms": round(one, 4), "cost_S_ms": round(sub, 4), "S": sub_block}
+
+
+def add_bounds(rows: list[dict], cost: dict) -> None:
+    """bound = tokens_per_forward * cost(1) / cost(S) for each diffusion row (what its speedup
+    over AR would be if every forward cost an S-token step and nothing else cost time)."""
+    for r in rows:
+        if r["kind"] in ("diffusion", "ablation", "diagnostic") and r["status"] == "ok":
+            r["bound_vs_ar"] = round(r["tokens_per_forward"] * cost["cost_1_ms"] / cost["cost_S_ms"], 3)
 
 
 def profile(args, problems: list[dict]) -> Path:
@@ -376,6 +535,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 1.0])
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="src dir of another checkout (e.g. a `git worktree` of an older commit) whose "
+                         "engine is timed side by side with ours")
+    ap.add_argument("--baseline-thresholds", type=float, nargs="+", default=[GOAL_THRESHOLD])
+    ap.add_argument("--interleave", type=int, default=4,
+                    help="decode the problems in this many chunks, every configuration chunk by chunk")
+    ap.add_argument("--skip-diagnostics", action="store_true",
+                    help="no left-to-right diagnostic and no ablations")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -399,11 +566,15 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     rows = benchmark(args, problems)
+    dif = _load(args.diffusion_model, args)
+    cost = step_bound(dif, 8, dif.default_block_size, args.device)
+    add_bounds(rows, cost)
     gs = goals(rows, args.batch_sizes)
     machine = machine_info(args.device)
     machine["dtype"] = args.dtype
     cols = ["config", "accuracy_%", "correct", "new_tokens", "seconds", "tokens_per_s",
-            "tokens_per_forward", "speedup_vs_ar_engine", "speedup_vs_transformers", "stopped"]
+            "tokens_per_forward", "speedup_vs_ar_engine", "bound_vs_ar", "speedup_vs_transformers",
+            "ours_over_baseline", "same_tokens", "forwards_per_answer", "stopped"]
     extra = ("ablation", "diagnostic")
     sections = [(f"Batch {b}", [_md_row(r) for r in rows if r["batch"] == b and r["kind"] not in extra],
                  cols) for b in args.batch_sizes]
@@ -417,14 +588,24 @@ def main(argv: list[str] | None = None) -> None:
              "Tokens: output tokens up to and including the first stop token; tokens/s: those / wall "
              "seconds of the decode calls (prompt encoding excluded); tokens per forward: per "
              "sequence; `stopped`: outputs that ended with a stop token (the rest hit "
-             "max_new_tokens). Speedups are against the AR base at the same batch size.\n\n"
-             + goals_markdown(gs))
+             "max_new_tokens). Speedups are against the AR base at the same batch size. "
+             f"`bound_vs_ar` = tokens_per_forward x cost(1) / cost(S) with the adapted model's engine-step "
+             f"costs measured in this run (cost(1) {cost['cost_1_ms']} ms, cost(S={cost['S']}) "
+             f"{cost['cost_S_ms']} ms); `ours_over_baseline`: this engine's tokens/s over the baseline "
+             "code's (`--baseline-src`) at the same configuration and batch, `same_tokens`: both "
+             "decoded identical outputs.\n\n"
+             + goals_markdown(gs) + "\n\n" + lean_goals_markdown(rows, args.batch_sizes))
     args_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args_json["ablation"] = [[n, str(p), s] for n, p, s in args.ablation]
+    for r in rows:
+        r.pop("outputs", None)
+        r.pop("kinds", None)
     write_results(args.out, "Word problems: accuracy and speed of the shipped models", machine, sections,
-                  {"args": args_json, "test_source": source, "goals": gs, "rows": rows}, notes=notes)
-    png = plot_accuracy_vs_speed(rows, args.out.with_suffix(".png"))
+                  {"args": args_json, "test_source": source, "goals": gs, "step_cost": cost, "rows": rows},
+                  notes=notes)
+    png = plot_accuracy_vs_speed([r for r in rows if r["kind"] != "baseline"], args.out.with_suffix(".png"))
     print(goals_markdown(gs))
+    print(lean_goals_markdown(rows, args.batch_sizes))
     print(f"wrote {args.out}.json, {args.out}.md and {png}")
 
 

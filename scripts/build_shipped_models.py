@@ -9,9 +9,10 @@ Stages (each reads what the previous wrote under runs/shipped/):
               plus the chat-formatted prompt/response files the trainer reads
 2. tokenizer  byte-level BPE trained on the training text (digits split one by one)
 3. pretrain   the AR base, from scratch          (configs/shipped/pretrain.yaml)
-4. adapt      Fast-dLLM v2 adaptation, 25% budget (configs/shipped/adapt.yaml)
-5. ablations  the first recipe (micro batch 16, configs/shipped/adapt_mb16.yaml) and the same
-              recipe without complementary masks / without token shift
+4. adapt      Fast-dLLM v2 adaptation of the exported AR base (models/fastdllm-wp-ar, exported
+              first if missing), 25% budget, with the weighted AR loss (configs/shipped/adapt.yaml)
+5. ablations  the same recipe without the AR loss / without complementary masks / without
+              token shift
 6. export     bf16 copies with model cards into models/fastdllm-wp-ar and models/fastdllm-wp-diffusion
               (after `benchmarks/bench_gsm.py`, `python scripts/model_cards.py` refreshes the cards' results)
 
@@ -33,7 +34,7 @@ N_VAL = 1_000  # of the training problems, held out as the trainer's validation 
 CONFIGS = {
     "pretrain": "configs/shipped/pretrain.yaml",
     "adapt": "configs/shipped/adapt.yaml",
-    "adapt-mb16": "configs/shipped/adapt_mb16.yaml",
+    "adapt-no-ar": "configs/shipped/adapt_no_ar.yaml",
     "adapt-no-complementary": "configs/shipped/adapt_no_complementary.yaml",
     "adapt-no-shift": "configs/shipped/adapt_no_shift.yaml",
 }
@@ -77,12 +78,14 @@ def stage_train(name: str) -> None:
     print(f"{name}: final model -> {out}")
 
 
-def stage_export() -> None:
+def stage_export(runs: list[str] | None = None) -> None:
     import torch
 
     from fastdllm.model.checkpoint import load_model, load_tokenizer, read_json, save_checkpoint
 
     for run, dest in EXPORTS.items():
+        if runs is not None and run not in runs:
+            continue
         src = WORK / run / "final"
         model = load_model(src, "cpu", torch.float32)
         gen = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else None
@@ -94,10 +97,11 @@ def stage_export() -> None:
         save_checkpoint(ROOT / dest, model, tokenizer=load_tokenizer(src), official_layout=official,
                         generation_config=gen, extra_files=extra, dtype=torch.bfloat16)
         print(f"export: {src} -> {dest} (bf16)")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from model_cards import write_cards
+    if runs is None:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from model_cards import write_cards
 
-    write_cards()
+        write_cards()
 
 
 def main() -> None:
@@ -115,9 +119,11 @@ def main() -> None:
         elif stage == "pretrain":
             stage_train("pretrain")
         elif stage == "adapt":
+            if not (ROOT / EXPORTS["pretrain"] / "model.safetensors").is_file():
+                stage_export(["pretrain"])  # the adaptation starts from the shipped AR base
             stage_train("adapt")
         elif stage == "ablations":
-            stage_train("adapt-mb16")
+            stage_train("adapt-no-ar")
             stage_train("adapt-no-complementary")
             stage_train("adapt-no-shift")
         elif stage == "export":

@@ -4,6 +4,8 @@ CI has no GPU, so these tests skip there (the reason is printed); they run on th
 with `pytest tests/test_cuda.py`.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,3 +60,53 @@ def test_cuda_batch_invariance_bf16(qwen2_ckpt):
     batch = llm.generate_batch(prompts, **kw)
     for p, b in zip(prompts, batch):
         assert llm.generate(p, **kw).token_ids == b.token_ids
+
+
+# ---------------------------------------------------------------- CUDA graphs (issue 10)
+def _graph_and_eager(ckpt, **load):
+    mask = special_token_ids()["mask"]
+    graphs = LLM.load(ckpt, device="cuda", mask_token_id=mask, **load)
+    eager = LLM.load(ckpt, device="cuda", mask_token_id=mask, enforce_eager=True, **load)
+    graphs.model = eager.model  # the same weights: only the way steps run differs
+    return graphs, eager
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_equal_eager_token_for_token(qwen2_ckpt, dtype):
+    graphs, eager = _graph_and_eager(qwen2_ckpt, dtype=dtype)
+    prompts = [list(range(10, 10 + n)) for n in (3, 8, 13, 16, 32, 40)]
+    for kw in (dict(mode="ar", max_new_tokens=24),
+               dict(max_new_tokens=40, threshold=0.7),
+               dict(max_new_tokens=40, threshold=0.7, sub_block_cache=False),
+               dict(max_new_tokens=40, threshold=1.0)):
+        for batch in (prompts, prompts[:1], prompts[2:5]):
+            a = graphs.generate_batch(batch, trace=True, **kw)
+            b = eager.generate_batch(batch, trace=True, **kw)
+            for x, y in zip(a, b):
+                assert x.token_ids == y.token_ids, (kw, len(batch))
+                assert [s["positions"] for s in x.trace] == [s["positions"] for s in y.trace]
+    static = graphs._engine.runner.static
+    assert static is not None and static.mode == "graph" and static.ready  # graphs were captured
+    assert eager._engine.runner.static is None
+
+
+def test_cuda_graphs_with_rows_joining_and_leaving(qwen2_ckpt):
+    from fastdllm.engine.params import DecodeConfig
+
+    graphs, eager = _graph_and_eager(qwen2_ckpt)
+    engine = graphs.engine(8, 96)
+    dif = DecodeConfig(max_new_tokens=30, block_size=32, sub_block_size=8, threshold=0.7)
+    ar = DecodeConfig(mode="ar", max_new_tokens=20)
+    schedule = {0: [(list(range(10, 15)), dif), (list(range(20, 52)), ar)],
+                3: [(list(range(30, 43)), dif), (list(range(40, 44)), ar)],
+                7: [(list(range(50, 90)), dataclasses.replace(dif, max_new_tokens=9))]}
+    seqs, step = [], 0
+    while engine.running or any(k >= step for k in schedule):
+        for ids, p in schedule.get(step, []):
+            seqs.append(engine.add(ids, p))
+        engine.step()
+        step += 1
+    for seq in seqs:
+        ref = eager.generate_batch([seq.tokens[: seq.prompt_len]], config=seq.params)[0]
+        assert seq.output_ids() == ref.token_ids
+

@@ -137,11 +137,16 @@ def test_draw_entropy_is_the_entropy_of_the_drawn_distribution():
     logits[0, 0] = 0.0  # uniform: ln V
     logits[0, 1] = -float("inf")
     logits[0, 1, 3] = 5.0  # one token left (the others masked out, as [MASK] is): 0
-    greedy = draw_entropy(logits, [Row()] * 3)
+    segments = [(0, 2), (2, 4), (4, 6)]  # the runner's flat rows: sequence i owns 2 of them
+
+    def entropy(settings):
+        return draw_entropy(logits.flatten(0, 1), segments, settings).view(3, 2)
+
+    greedy = entropy([Row()] * 3)
     p = torch.softmax(logits[2], -1)
     torch.testing.assert_close(greedy[0], torch.tensor([math.log(V), 0.0]))
     torch.testing.assert_close(greedy[2], -(p * p.log()).sum(-1))
-    mixed = draw_entropy(logits, [Row(), Row(1.0, top_k=1), Row(2.0, top_k=4)])
+    mixed = entropy([Row(), Row(1.0, top_k=1), Row(2.0, top_k=4)])
     torch.testing.assert_close(mixed[0], greedy[0])
     assert torch.all(mixed[1] == 0)  # top-k 1: a certain draw
     top4 = torch.softmax(logits[2] / 2.0, -1).topk(4, dim=-1).values

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 import fastdllm.engine.engine as engine_module
+import fastdllm.engine.runner as runner_module
 from fastdllm import LLM
 from fastdllm.cli import main as cli_main
 from fastdllm.engine.sequence import Sequence
@@ -153,16 +154,16 @@ def test_a_fault_while_admitting_fails_that_request_alone(strict_server, monkeyp
 def test_a_fault_in_the_batched_draw_fails_that_row_alone(strict_server, monkeypatch):
     """Issue 11 defect 2: a row whose sampling raises (there: temperature NaN) failed every
     request batched with it; now its batch-mates keep their solo outputs."""
-    real = engine_module.sample_batch
+    real = runner_module.draw  # the step's one draw (engine/runner.py)
 
-    def poisoned(logits, settings, generators, lengths=None):
+    def poisoned(logits, segments, settings, generators):
         if any(s.temperature == 0.5 for s in settings):
             raise RuntimeError("injected fault")
-        return real(logits, settings, generators, lengths)
+        return real(logits, segments, settings, generators)
 
     solo = [_post(strict_server, "completions", {**GOOD, "prompt": p}).json()["choices"][0]["text"]
             for p in ("Once upon a time", "The answer is")]
-    monkeypatch.setattr(engine_module, "sample_batch", poisoned)
+    monkeypatch.setattr(runner_module, "draw", poisoned)
     out: dict = {}
 
     def good(i, prompt):

@@ -91,12 +91,12 @@ def f32(x: float) -> float:
 def brute_left_anchored(confidence, candidates, threshold):
     out = torch.zeros_like(candidates)
     for r in range(confidence.shape[0]):
-        product, first = torch.tensor(1.0), True
+        product, first = 1.0, True
         for k in range(confidence.shape[1]):
             if not candidates[r, k]:
                 continue
-            product = product * confidence[r, k].float()  # float32, as the rule multiplies
-            if not first and float(product) < f32(threshold):
+            product = product * float(confidence[r, k])
+            if not first and product < f32(threshold):  # the threshold as float32, like the rule
                 break
             out[r, k] = True
             first = False
@@ -111,7 +111,7 @@ def brute_entropy_bounded(confidence, entropy, candidates, threshold):
         taken: list[int] = []
         for k in idx:
             hs = [float(entropy[r, j]) for j in taken + [k]]
-            if sum(hs) - max(hs) > -math.log(threshold) + 1e-6:
+            if sum(hs) - max(hs) > -math.log(threshold):
                 break
             taken.append(k)
         for k in taken:

@@ -219,9 +219,12 @@ def test_more_requests_than_slots_wait_their_turn(server):
 
 
 # ---------------------------------------------------------------------------------- cancellation
+# The long requests below use the official rule at threshold 1: one token per forward in
+# confidence order, so the random model writes all 400 tokens (left to right, as the default rule
+# goes at threshold 1, it soon meets an end-of-text token and stops).
 def test_disconnect_frees_the_slot(server):
     before = health(server)["requests"]["cancelled"]
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "threshold": 1.0,
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "threshold": 1.0, "rule": "threshold",
             "stream": True}
     with httpx.stream("POST", f"{server.base_url}/completions", json=body) as r:
         assert r.status_code == 200
@@ -234,7 +237,7 @@ def test_disconnect_frees_the_slot(server):
 
 def test_disconnect_of_a_non_streamed_request_frees_the_slot(server):
     before = health(server)["requests"]["cancelled"]
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "threshold": 1.0}
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "threshold": 1.0, "rule": "threshold"}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
         httpx.post(f"{server.base_url}/completions", json=body, timeout=0.2)
     h = wait_idle(server)
@@ -244,7 +247,7 @@ def test_disconnect_of_a_non_streamed_request_frees_the_slot(server):
 def test_request_timeout(llm):
     config = ServerConfig(served_model_name="tiny", defaults=llm.decode_config(), max_batch=2,
                           request_timeout=0.05)
-    slow = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "threshold": 1.0}
+    slow = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "threshold": 1.0, "rule": "threshold"}
     with BackgroundServer(llm, config) as srv:
         r = httpx.post(f"{srv.base_url}/completions", json=slow, timeout=30)
         assert r.status_code == 408

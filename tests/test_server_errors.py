@@ -106,7 +106,7 @@ def test_unknown_routes_use_the_error_shape(server):
 def test_bad_requests_do_not_disturb_the_batch(server):
     """A long streamed request runs while every bad request arrives; it still completes with
     its solo answer, and no slot leaks."""
-    good = {"prompt": "Once upon a time", "max_tokens": 200, "threshold": 1.0}
+    good = {"prompt": "Once upon a time", "max_tokens": 200, "threshold": 1.0, "rule": "threshold"}
     solo = _post(server, C, good).json()["choices"][0]["text"]
     failed_before = httpx.get(f"{server.url}/health", timeout=30).json()["requests"]["failed"]
     result = {}

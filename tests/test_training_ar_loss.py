@@ -78,7 +78,7 @@ def test_step_gradient_is_that_of_the_weighted_sum(tmp_path, qwen2_ckpt, one_thr
     indices = list(range(cfg.train.micro_batch_size * cfg.train.grad_accum_steps))
     rows = trainer.train_rows.select([trainer.order(g) for g in indices])
     seeds = [row_seed(cfg.train.seed, "train", g) for g in indices]
-    diff = diffusion_batch(rows, seeds, cfg.diffusion, trainer.mask_token_id, torch.device("cpu"), False)
+    diff = diffusion_batch(rows, seeds, cfg.diffusion, trainer.mask_token_id, torch.device("cpu"))
     ar = ar_batch(rows, torch.device("cpu"), False)
     d_loss = target_loss_sum(reference(diff.input_ids, diff.positions, diff.attn_mask,
                                        logits_slice=diff.logits_index), diff.targets) / diff.denominator

@@ -131,7 +131,7 @@ def test_training_logits_are_what_the_engine_computes():
     tokens = torch.randint(0, 100, (1, L))
     rows = rows_of([(tokens[0].tolist(), [0] + [1] * (L - 1))], seq_len=L, block=B)
     cfg = DiffusionConfig(block_size=B, complementary=False)
-    batch = diffusion_batch(rows, [7], cfg, MASK, torch.device("cpu"), use_flex=False)
+    batch = diffusion_batch(rows, [7], cfg, MASK, torch.device("cpu"))
     logits = model(batch.input_ids, batch.positions, batch.attn_mask, logits_slice=batch.logits_index)
     noisy = batch.input_ids[0, :L]
     for j in range(L - 1):
@@ -205,7 +205,7 @@ def test_inverse_t_weights():
 def test_batch_denominators(weighting):
     rows = rows_of([([1, 5, 6, 7, 8, 9, 10, 11], [0, 1, 1, 1, 1, 1, 1, 1])], seq_len=8, block=4)
     cfg = DiffusionConfig(block_size=4, loss_weighting=weighting)
-    batch = diffusion_batch(rows, [3], cfg, MASK, torch.device("cpu"), use_flex=False)
+    batch = diffusion_batch(rows, [3], cfg, MASK, torch.device("cpu"))
     assert batch.input_ids.shape == (2, 16) and batch.targets.shape == (2, 8)
     n_targets = int((batch.targets != I).sum())
     # with complementary twins every shifted-predictable loss token is a target exactly once:

@@ -22,7 +22,7 @@ import torch
 
 from .chat_template import TemplateLimits, render_chat
 from .engine.engine import Engine, Step
-from .engine.params import DecodeConfig, slot_len
+from .engine.params import DecodeConfig, RunnerConfig, slot_len
 from .engine.sequence import Sequence
 from .engine.speculation import Speculation
 from .engine.speculative import SpeculativeEngine, check_pair
@@ -68,6 +68,7 @@ class LLM:
     model_dir: Path
     special: SpecialTokens
     default_block_size: int = 32
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     draft: "LLM | None" = None  # the block-diffusion draft model of speculative decoding
     _engine: Engine | None = field(default=None, repr=False)
     _spec_engine: SpeculativeEngine | None = field(default=None, repr=False)
@@ -76,13 +77,16 @@ class LLM:
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
              mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
-             draft_model: str | Path | None = None) -> "LLM":
+             draft_model: str | Path | None = None, enforce_eager: bool = False) -> "LLM":
         """`draft_model`: a block-diffusion model (same tokenizer) whose drafts this model
         verifies: decoding then defaults to mode "speculative" and gives this model's own output
-        at several tokens per forward. `mask_token_id` is the draft's when a draft is given."""
+        at several tokens per forward. `mask_token_id` is the draft's when a draft is given.
+        `enforce_eager`: no CUDA graphs (on the GPU, static decode steps are captured when an
+        engine is built, with a progress line and a time cap; see RunnerConfig)."""
         draft = None
         if draft_model is not None:
-            draft = cls.load(draft_model, device=device, dtype=dtype, mask_token_id=mask_token_id)
+            draft = cls.load(draft_model, device=device, dtype=dtype, mask_token_id=mask_token_id,
+                             enforce_eager=enforce_eager)
         model_dir = resolve_model_dir(name_or_path)
         cfg, _ = read_config(model_dir)
         dev = _resolve_device(device)
@@ -92,12 +96,14 @@ class LLM:
         special = resolve_special_tokens(
             cfg, model_dir, tokenizer, mask_token_id,
             tuple(stop_token_ids) if stop_token_ids is not None else None)
+        block = cfg.bd_size or 32
         if draft is not None:
             check_pair(model, draft.model, draft.special.mask_token_id)
             check_same_tokenizer(model_dir, tokenizer, draft.model_dir, draft.tokenizer)
-            return cls(model, tokenizer, model_dir, special, default_block_size=draft.default_block_size,
-                       draft=draft)
-        return cls(model, tokenizer, model_dir, special, default_block_size=cfg.bd_size or 32)
+            block = draft.default_block_size
+        runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block))
+        return cls(model, tokenizer, model_dir, special, default_block_size=block, draft=draft,
+                   runner=runner)
 
     @property
     def config(self) -> ModelConfig:
@@ -187,16 +193,20 @@ class LLM:
         """A fresh engine of `slots` slots, each of `slot_len(needed, context, block)` positions
         (`context`: the model's unless a front end serves less). `speculative`: this model
         verifies drafts of `draft`, or of itself (self-speculative) when it has none; that
-        engine also decodes mode "ar"."""
+        engine also decodes mode "ar". An `Engine`'s static steps are captured here (CUDA
+        graphs; a progress line and a time cap, see RunnerConfig), which is also when a server
+        warms up."""
         max_len = slot_len(needed, context or self.context_length, block)
         if speculative:
             draft = self.draft or self
             return SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
                                      mask_token_id=draft.special.mask_token_id,
                                      stop_token_ids=self.special.stop_token_ids)
-        return Engine(self.model, max_slots=slots, max_len=max_len,
-                      mask_token_id=self.special.mask_token_id,
-                      stop_token_ids=self.special.stop_token_ids)
+        engine = Engine(self.model, max_slots=slots, max_len=max_len,
+                        mask_token_id=self.special.mask_token_id,
+                        stop_token_ids=self.special.stop_token_ids, runner=self.runner)
+        engine.warm_up()
+        return engine
 
     def engine(self, slots: int, needed: int, block: int = 1, *,
                speculative: bool = False) -> Engine | SpeculativeEngine:
@@ -258,7 +268,7 @@ class LLM:
                      mode=seq.params.mode)
         return GenerationResult(out, self.decode(out), seq.finish_reason or "length",
                                 seq.prompt_len, stats, seq.trace, params=seq.params,
-                                prompt_ids=seq.tokens[: seq.prompt_len].tolist())
+                                prompt_ids=seq.tokens[: seq.prompt_len])
 
 
 def check_same_tokenizer(target_dir: Path, target_tok, draft_dir: Path, draft_tok) -> None:

@@ -14,6 +14,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-token-id", type=int, default=None, help="override the mask token id")
     p.add_argument("--stop-token-id", type=int, action="append", default=None,
                    help="stop token id (repeatable); default: the checkpoint's eos ids")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly (no CUDA graphs / compiled static steps)")
     p.add_argument("--draft-model", default=None,
                    help="a block-diffusion model (same tokenizer) drafting for --model, which "
                         "verifies: --model's exact output, several tokens per forward "
@@ -67,4 +69,5 @@ def load_llm(args: argparse.Namespace):
     from ..llm import LLM
 
     return LLM.load(args.model, device=args.device, dtype=args.dtype, mask_token_id=args.mask_token_id,
-                    stop_token_ids=args.stop_token_id, draft_model=args.draft_model)
+                    stop_token_ids=args.stop_token_id, draft_model=args.draft_model,
+                    enforce_eager=args.enforce_eager)

@@ -23,3 +23,9 @@ def limit_mask(limits: torch.Tensor, key_len: int) -> torch.Tensor:
     """(n, 1, T, key_len) bool mask from per-query limits (n, T)."""
     keys = torch.arange(key_len, device=limits.device)
     return (keys[None, None, :] < limits[:, :, None])[:, None]
+
+
+def row_limits(start: int, end: int, block: int) -> list[int]:
+    """The same rule on the host, for one row's queries at positions [start, end) (block 1 =
+    causal): the engine builds each step's limits as Python ints and ships them once."""
+    return [(p // block + 1) * block for p in range(start, end)]

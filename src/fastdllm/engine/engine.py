@@ -3,32 +3,29 @@ sequence by one forward and says what it made final in each (`Step`, one `Delta`
 `stream()` is the one driver loop that every front end decodes through: `LLM.stream` (and with
 it `generate`, `generate_batch` and the chat CLI) and the server's scheduler.
 
-Each sequence plans its own next forward (see `sequence.py`); plans of the same width are
-batched into one model call, each row at its own positions, with its own block size and its
-own slot of the cache. A sequence's decisions depend only on its own logits, so its greedy
-output does not depend on what else is in the batch. Sequences can be added between steps
-(they join at their own prefill) and leave as soon as they finish, which is what the server's
-scheduler builds on.
+Each sequence plans its own next forward (see `sequence.py`); the model runner turns all plans
+of a step, whatever their phases and widths, into exactly one forward, one draw and one
+device-to-host transfer (see `runner.py`). Each row has its own positions, block size and slot
+of the cache, and a sequence's decisions depend only on its own logits, so its greedy output
+does not depend on what else is in the batch. Sequences can be added between steps (they join
+at their own prefill) and leave as soon as they finish, which is what the server's scheduler
+builds on.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from ..errors import FastDLLMError
-from ..model.kv_cache import CacheAccess, KVCache
 from ..model.transformer import Transformer
-from .attention import attention_limits, limit_mask
-from .params import DecodeConfig
-from .sampling import draw_entropy, sample_batch
-from .selection import needs_entropy
-from .sequence import ForwardPlan, Sequence
+from .params import DecodeConfig, RunnerConfig
+from .runner import ModelRunner, Row
+from .sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -43,13 +40,13 @@ class Delta:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.tokens[self.start:self.end].tolist()
+        return self.seq.tokens[self.start:self.end]
 
 
 @dataclass(frozen=True)
 class Step:
     """One engine step: a Delta for every sequence that was running, in the order they joined,
-    and the model forwards it took (one per group of plans of equal width)."""
+    and the model forwards it took (one; one per row only when a batched forward failed)."""
 
     deltas: tuple[Delta, ...]
     forward_calls: int
@@ -67,15 +64,16 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer, *, max_slots: int, max_len: int,
-                 mask_token_id: int | None, stop_token_ids: tuple[int, ...]):
-        cfg = model.config
-        p = next(model.parameters())
+                 mask_token_id: int | None, stop_token_ids: tuple[int, ...],
+                 runner: RunnerConfig | None = None):
+        self.runner = ModelRunner(model, max_slots=max_slots, max_len=max_len,
+                                  mask_token_id=mask_token_id, config=runner or RunnerConfig())
         self.model = model
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = self.runner.device, self.runner.dtype
+        self.cache = self.runner.cache
         self.mask_token_id = mask_token_id
         self.stop_token_ids = stop_token_ids
-        self.cache = KVCache(cfg.num_layers, max_slots, max_len, cfg.num_kv_heads, cfg.head_dim,
-                             self.dtype, self.device)
+        self.max_slots = max_slots
         self._free_slots = list(range(max_slots))
         self.running: list[Sequence] = []
         self.stats = EngineStats()
@@ -83,7 +81,11 @@ class Engine:
 
     @property
     def max_len(self) -> int:
-        return self.cache.max_len
+        return self.runner.max_len
+
+    def warm_up(self, log=None) -> None:
+        """Capture/compile the static steps now (CUDA graphs on the GPU), within the time cap."""
+        self.runner.warm_up(log)
 
     @property
     def room(self) -> int:
@@ -140,35 +142,32 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> Step:
-        """One forward for every running sequence (batched by width); finished sequences leave
-        `running`.
+        """One forward for every running sequence, whatever their phases; finished sequences
+        leave `running`.
 
         A failure that belongs to one sequence (planning it, sampling its row, advancing it)
         ends that sequence alone: it leaves `running` with `seq.error` set (its Delta says so),
-        and the sequences batched with it advance as if it had not been there. When a batched
-        forward raises, its members are retried one by one, so only the culprit fails."""
+        and the sequences batched with it advance as if it had not been there. When the batched
+        forward raises, its rows are retried one by one, so only the culprit fails (a step is
+        then one forward per row: only after a failure)."""
         t0 = time.perf_counter()
         seqs = list(self.running)
         final_before = [s.final_len for s in seqs]
         calls_before = self.stats.forward_calls
-        groups: dict[int, list[tuple[Sequence, ForwardPlan]]] = defaultdict(list)
+        rows: list[Row] = []
         for seq in seqs:
             if not seq.finished:
                 try:
-                    plan = seq.plan()
+                    rows.append((seq, seq.plan()))
                 except Exception as e:
                     self._fail(seq, e)
-                    continue
-                groups[plan.end - plan.start].append((seq, plan))
-        for width, members in groups.items():
-            for group, (tokens, conf, entropy) in self._draw(width, members):
-                for i, (seq, plan) in enumerate(group):
-                    k = len(plan.logit_positions)
-                    try:
-                        seq.advance(plan, tokens[i, :k], conf[i, :k],
-                                    None if entropy is None else entropy[i, :k])
-                    except Exception as e:
-                        self._fail(seq, e)
+        for group, (tokens, conf, entropy, spans) in self._draw(rows):
+            for (seq, plan), (a, b) in zip(group, spans):
+                try:
+                    seq.advance(plan, tokens[a:b], conf[a:b],
+                                none_or(entropy, a, b))
+                except Exception as e:
+                    self._fail(seq, e)
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self._release(seq)
@@ -178,60 +177,34 @@ class Engine:
                        for s, start in zip(seqs, final_before))
         return Step(deltas, self.stats.forward_calls - calls_before)
 
-    def _draw(self, width: int, members: list[tuple[Sequence, ForwardPlan]]) -> list:
-        """[(members, (tokens, conf, entropy))]: the group's batched draw, or, when it raises, each
-        member's own (rerunning a plan rewrites the same cache positions, so a retry is safe);
-        a member that fails alone is failed."""
+    def _draw(self, rows: list[Row]) -> list:
+        """[(rows, (tokens, conf, entropy, spans))]: the step's one forward and draw, or, when it raises,
+        each row's own (rerunning a plan rewrites the same cache positions, so a retry is safe);
+        a row that fails alone is failed."""
+        if not rows:
+            return []
         try:
-            return [(members, self._run_group(width, members))]
+            return [(rows, self._run(rows))]
         except Exception as e:
-            if len(members) == 1:
-                self._fail(members[0][0], e)
+            if len(rows) == 1:
+                self._fail(rows[0][0], e)
                 return []
         out = []
-        for m in members:
+        for row in rows:
             try:
-                out.append(([m], self._run_group(width, [m])))
+                out.append(([row], self._run([row])))
             except Exception as e:
-                self._fail(m[0], e)
+                self._fail(row[0], e)
         return out
+
+    def _run(self, rows: list[Row]):
+        self.stats.forward_calls += 1
+        return self.runner.run(rows)
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         seq.error = error
         self.abort(seq)
 
-    def _run_group(self, width: int, members: list[tuple[Sequence, ForwardPlan]]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One batched forward and draw for `members`: (tokens, confidence, entropy), (n, K)
-        each; entropy only when a member's decoding rule spends it (else None)."""
-        dev = self.device
-        seqs = [s for s, _ in members]
-        plans = [p for _, p in members]
-        input_ids = torch.stack([s.tokens[p.start:p.end] for s, p in members])  # (n, W)
-        starts = torch.tensor([p.start for p in plans], device=dev)[:, None]
-        positions = starts + torch.arange(width, device=dev)[None, :]  # (n, W)
-        blocks = torch.tensor([s.block for s in seqs], device=dev)[:, None]
-        key_len = max(p.key_len for p in plans)
-        mask = limit_mask(attention_limits(positions, blocks), key_len)
-        k_max = max(len(p.logit_positions) for p in plans)
-        logit_idx = torch.tensor(
-            [_pad([x - p.start for x in p.logit_positions], k_max) for p in plans], device=dev)
-        slots = [s.slot for s in seqs]
-        rows = (slice(slots[0], slots[0] + len(slots))
-                if slots == list(range(slots[0], slots[0] + len(slots)))
-                else torch.tensor(slots, device=dev))
-        access = CacheAccess(self.cache, rows, positions, key_len)
-        logits = self.model(input_ids, positions, mask, access, logits_slice=logit_idx)  # (n, K, V)
-        self.stats.forward_calls += 1
-        if self.mask_token_id is not None and any(s.params.diffusion for s in seqs):
-            logits[..., self.mask_token_id] = float("-inf")  # a drawn token is never [MASK]
-        settings = [s.params for s in seqs]
-        tokens, conf = sample_batch(logits, settings, [s.generator for s in seqs],
-                                    [len(p.logit_positions) for p in plans])
-        entropy = (draw_entropy(logits, settings)
-                   if any(s.params.diffusion and needs_entropy(s.params.rule) for s in seqs) else None)
-        return tokens, conf, entropy
 
-
-def _pad(xs: list[int], n: int) -> list[int]:
-    return xs + [xs[-1] if xs else 0] * (n - len(xs))
+def none_or(values: list | None, a: int, b: int) -> list | None:
+    return None if values is None else values[a:b]

@@ -153,3 +153,38 @@ def _real(name: str, value) -> None:
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the engine runs its steps (not what it decodes).
+
+    enforce_eager: never use static steps (no CUDA graphs, no torch.compile).
+    cpu_static: static steps on the CPU: "off" (default: on the 2-core benchmark machine
+        compiling does not pay for itself, docs/design.md), "compile" (torch.compile, inductor) or
+        "eager" (the static step's padded layout run eagerly: what tests use to check the
+        CUDA-graph step's inputs and padding without a GPU).
+    widths: step widths captured as static steps (AR 1, sub-block S, block B); a step whose
+        widest row fits one is padded up to it.
+    max_batch: the largest batch bucket (buckets are powers of two up to it; 0: the engine's slots).
+    warmup_seconds: cap on the time spent capturing/compiling at start; shapes not ready by then
+        run eagerly.
+    """
+
+    enforce_eager: bool = False
+    cpu_static: str = "off"
+    widths: tuple[int, ...] = (1, 8, 32)
+    max_batch: int = 0
+    warmup_seconds: float = 120.0
+
+    def __post_init__(self):
+        if self.cpu_static not in ("off", "eager", "compile"):
+            raise FastDLLMError(f"cpu_static must be off, eager or compile, got {self.cpu_static!r}",
+                                field="cpu_static")
+        if not self.widths or any(w <= 0 for w in self.widths):
+            raise FastDLLMError(f"widths must be positive, got {self.widths}", field="widths")
+        if self.max_batch < 0:
+            raise FastDLLMError(f"max_batch must be >= 0, got {self.max_batch}", field="max_batch")
+        if self.warmup_seconds < 0:
+            raise FastDLLMError(f"warmup_seconds must be >= 0, got {self.warmup_seconds}",
+                                field="warmup_seconds")

@@ -42,34 +42,53 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, top
     return tokens, conf
 
 
+def draw(logits: torch.Tensor, segments: list[tuple[int, int]], settings: list,
+         generators: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (R, V): the rows of one step, sequence i owning rows segments[i] = (a, b).
+    Returns (tokens (R,), confidences (R,) float32). All-greedy steps are one batched draw; a
+    sampled sequence draws exactly its own rows, so its generator advances as it would alone."""
+    if all(s.temperature == 0.0 for s in settings):
+        conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return tokens, conf
+    out_t, out_c = [], []
+    for (a, b), s, g in zip(segments, settings, generators):
+        t, c = sample_tokens(logits[a:b], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                             generator=g)
+        out_t.append(t)
+        out_c.append(c)
+    return torch.cat(out_t), torch.cat(out_c)
+
+
 def sample_batch(logits: torch.Tensor, settings: list, generators: list,
                  lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (n, K, V); settings[i] has temperature/top_p/top_k. Greedy rows are done together.
     lengths[i]: how many of row i's K positions are real (the rest is padding); a sampled row
     draws only those, so its generator advances exactly as it would outside the batch."""
-    if all(s.temperature == 0.0 for s in settings):
-        probs = torch.softmax(logits.float(), dim=-1)
-        conf, tokens = probs.max(dim=-1)
-        return tokens, conf
-    K = logits.shape[1]
-    lengths = lengths or [K] * len(settings)
-    out_t, out_c = [], []
-    for row, s, g, k in zip(logits, settings, generators, lengths):
-        t, c = sample_tokens(row[:k], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=g)
-        out_t.append(torch.nn.functional.pad(t, (0, K - k)))
-        out_c.append(torch.nn.functional.pad(c, (0, K - k)))
-    return torch.stack(out_t), torch.stack(out_c)
+    n, K = logits.shape[:2]
+    lengths = lengths or [K] * n
+    tokens, conf = draw(logits.reshape(n * K, -1), [(i * K, i * K + k) for i, k in enumerate(lengths)],
+                        settings, generators)
+    if tokens.shape[0] == n * K:
+        return tokens.view(n, K), conf.view(n, K)
+    out_t = torch.zeros(n, K, dtype=tokens.dtype, device=tokens.device)
+    out_c = torch.zeros(n, K, dtype=conf.dtype, device=conf.device)
+    start = 0
+    for i, k in enumerate(lengths):
+        out_t[i, :k], out_c[i, :k] = tokens[start:start + k], conf[start:start + k]
+        start += k
+    return out_t, out_c
 
 
-def draw_entropy(logits: torch.Tensor, settings: list) -> torch.Tensor:
-    """logits (n, K, V). The entropy in nats (n, K) float32 of the distribution each row's token
-    is drawn from (the plain softmax for greedy rows; temperature, top-k, top-p for sampled ones):
-    what the entropy-bounded rule (selection.py) spends. Zero-probability tokens cost nothing."""
+def draw_entropy(logits: torch.Tensor, segments: list[tuple[int, int]], settings: list) -> torch.Tensor:
+    """logits (R, V), sequence i owning rows segments[i]. The entropy in nats (R,) float32 of
+    the distribution each row's token is drawn from (the plain softmax for greedy rows;
+    temperature, top-k, top-p for sampled ones): what the entropy-bounded rule (selection.py)
+    spends. Zero-probability tokens (the suppressed [MASK]) cost nothing."""
     if all(s.temperature == 0.0 for s in settings):
         return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(dim=-1)
-    return torch.stack([
+    return torch.cat([
         torch.special.entr(
-            torch.softmax(row.float(), dim=-1) if s.temperature == 0.0
-            else distribution(row, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+            torch.softmax(logits[a:b].float(), dim=-1) if s.temperature == 0.0
+            else distribution(logits[a:b], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         ).sum(dim=-1)
-        for row, s in zip(logits, settings)])
+        for (a, b), s in zip(segments, settings)])

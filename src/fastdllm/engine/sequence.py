@@ -17,6 +17,10 @@ The state machine (paper §3.3, official `generate()` semantics), one transition
 AR mode uses the same machine with PREFILL (causal) and AR_STEP (one token per forward).
 Committed KV is never recomputed; `block_cache=False` is the reference that recomputes the
 whole sequence on every forward instead.
+
+All control state (tokens, masked positions, lengths, stop detection) lives on the host as
+Python lists: planning and advancing never touch the device, so a step's only device-to-host
+transfer is the engine's (drawn tokens and confidences of the whole batch).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from ..rounding import round_down
 from .params import DecodeConfig
-from .selection import select
+from .selection import as_float32, select_by_rule
 
 
 class Phase(Enum):
@@ -70,6 +74,7 @@ class SequenceStats:
     steps: int = 0  # refinement forwards (diffusion) or decode forwards (AR)
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
+    forwards_by_kind: dict[str, int] = field(default_factory=dict)  # prefill, full_block, ...
 
     @property
     def tokens_per_forward(self) -> float:
@@ -82,6 +87,7 @@ class SequenceStats:
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds else 0.0,
+            "forwards_by_kind": dict(self.forwards_by_kind),
         }
 
 
@@ -95,10 +101,10 @@ class Sequence:
         self.block = params.block
         self.capacity = params.cache_len(self.prompt_len)
         self.mask_id = mask_token_id if mask_token_id is not None else 0
-        self.stop_ids = torch.tensor(stop_token_ids or (-1,), device=device)
-        self.tokens = torch.full((self.capacity,), self.mask_id, dtype=torch.long, device=device)
-        self.tokens[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
-        self.masked = torch.zeros(self.capacity, dtype=torch.bool, device=device)
+        self.stop_ids = frozenset(stop_token_ids)
+        self.threshold = as_float32(params.threshold)
+        self.tokens: list[int] = list(prompt_ids) + [self.mask_id] * (self.capacity - self.prompt_len)
+        self.masked: list[bool] = [False] * self.capacity
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
@@ -142,7 +148,7 @@ class Sequence:
         logit_pos = tuple(i - shift for i in range(a, b) if i - shift >= bs)
         if not p.block_cache:
             return ForwardPlan(PlanKind.FULL_BLOCK, 0, be, be, logit_pos)
-        first_masked = bool(self.masked[a])
+        first_masked = self.masked[a]
         if p.sub_block_cache and self.block_fresh and not first_masked:
             # only the sub-block is recomputed; the rest of the block is read (stale) from the
             # block-local cache. Position a is final here, so its own logit is never needed.
@@ -156,12 +162,14 @@ class Sequence:
         return a, a + s
 
     # ------------------------------------------------------------------ transitions
-    def advance(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor,
-                entropy: torch.Tensor | None = None) -> None:
-        """Apply one forward's drawn tokens (K,) and confidences (K,), ordered like
+    def advance(self, plan: ForwardPlan, tokens: list[int], conf: list[float],
+                entropy: list[float] | None = None) -> None:
+        """Apply one forward's drawn tokens and confidences (host lists of K), ordered like
         plan.logit_positions (each drawn token is for position logit_position + shift);
-        `entropy` (K,) of the draws when the decoding rule spends it (selection.py)."""
+        `entropy` of the draws when the decoding rule spends it (selection.py)."""
         self.stats.forward_calls += 1
+        kinds = self.stats.forwards_by_kind
+        kinds[plan.kind.value] = kinds.get(plan.kind.value, 0) + 1
         if plan.kind in (PlanKind.FULL_BLOCK, PlanKind.SUB_BLOCK):
             self._refine(plan, tokens, conf, entropy)
             return
@@ -169,7 +177,7 @@ class Sequence:
             self.stats.steps += 1
         self._commit(plan, tokens, conf)
 
-    def _commit(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+    def _commit(self, plan: ForwardPlan, tokens: list[int], conf: list[float]) -> None:
         """PREFILL, COMMIT and AR_STEP end alike: the KV below plan.end is now exact, and the
         forward's last logit draws the token after it (after a prefill only when the prompt
         fills its last block, which is always so in AR); then the next phase begins."""
@@ -191,7 +199,7 @@ class Sequence:
         self.length += 1
         self.stats.new_tokens += 1
         self._record(kind, [pos], tokens, conf)
-        if bool((self.stop_ids == tokens[0]).any()):
+        if tokens[0] in self.stop_ids:
             self._finish("stop", end=pos + 1)
         else:
             self.final_len = self.length
@@ -210,8 +218,8 @@ class Sequence:
         if fill_from >= self.limit:
             self._finish("length")
             return
-        self.masked[fill_from:fill_to] = True
-        self.tokens[fill_from:be] = self.mask_id
+        self.masked[fill_from:fill_to] = [True] * (fill_to - fill_from)
+        self.tokens[fill_from:be] = [self.mask_id] * (be - fill_from)
         self.length = be
         self.sub_block = 0
         self.block_fresh = False
@@ -222,7 +230,7 @@ class Sequence:
         n_sub = self.block // self.params.sub_block_size
         while self.sub_block < n_sub:
             a, b = self._active_range()
-            if bool(self.masked[a:b].any()):
+            if any(self.masked[a:b]):
                 return
             self.sub_block += 1
         # every sub-block is decoded: commit (or stop if nothing after this block can be emitted)
@@ -232,42 +240,40 @@ class Sequence:
         else:
             self.phase = Phase.COMMIT
 
-    def _refine(self, plan: ForwardPlan, tokens: torch.Tensor, conf: torch.Tensor,
-                entropy: torch.Tensor | None) -> None:
+    def _refine(self, plan: ForwardPlan, tokens: list[int], conf: list[float],
+                entropy: list[float] | None) -> None:
         p = self.params
         self.stats.steps += 1
         if plan.kind is PlanKind.FULL_BLOCK:
             self.block_fresh = True
         shift = 1 if p.token_shift else 0
-        targets = torch.tensor(plan.logit_positions, device=tokens.device) + shift
-        candidates = self.masked[targets]
-        chosen = select(p.rule, conf[None], candidates[None], p.threshold,
-                        None if entropy is None else entropy[None])[0]
-        pos = targets[chosen]
-        self.tokens[pos] = tokens[chosen]
-        self.masked[pos] = False
-        n_new = int(chosen.sum())
-        if n_new == 0:  # a bug, not bad input: fail loudly instead of looping forever
+        targets = [x + shift for x in plan.logit_positions]
+        chosen = select_by_rule(p.rule, conf, [self.masked[t] for t in targets], self.threshold, entropy)
+        if not chosen:  # a bug, not bad input: fail loudly instead of looping forever
             raise RuntimeError(f"sequence {self.id}: a refinement step unmasked nothing "
                                f"(plan {plan}); please report this")
-        self.stats.new_tokens += n_new
+        for i in chosen:
+            self.tokens[targets[i]] = tokens[i]
+            self.masked[targets[i]] = False
+        self.stats.new_tokens += len(chosen)
         if self.trace is not None:
-            self._record(plan.kind, pos.tolist(), tokens[chosen], conf[chosen])
+            self._record(plan.kind, [targets[i] for i in chosen], [tokens[i] for i in chosen],
+                         [conf[i] for i in chosen])
         self._check_stop_and_progress()
         if not self.finished:
             self._skip_finished_sub_blocks()
 
     def _check_stop_and_progress(self) -> None:
-        gen = slice(self.prompt_len, min(self.length, self.limit))
-        masked = self.masked[gen]
-        is_stop = torch.isin(self.tokens[gen], self.stop_ids) & ~masked
-        first_mask = int(masked.int().argmax()) if bool(masked.any()) else masked.numel()
-        self.final_len = self.prompt_len + first_mask
-        if bool(is_stop.any()):
-            first_stop = int(is_stop.int().argmax())
-            if first_stop < first_mask:
-                self._finish("stop", end=self.prompt_len + first_stop + 1)
+        """Advance `final_len` over the positions that became final (no mask before them); a
+        stop token among them ends the sequence. Earlier final positions were checked before."""
+        end = min(self.length, self.limit)
+        pos = self.final_len
+        while pos < end and not self.masked[pos]:
+            if self.tokens[pos] in self.stop_ids:
+                self._finish("stop", end=pos + 1)
                 return
+            pos += 1
+        self.final_len = pos
         if self.final_len >= self.limit:
             self._finish("length")
 
@@ -286,8 +292,8 @@ class Sequence:
             "step": len(self.trace),
             "kind": kind.value,
             "positions": positions,
-            "tokens": [int(t) for t in tokens.tolist()],
-            "confidences": [round(float(c), 6) for c in conf.tolist()],
+            "tokens": list(tokens),
+            "confidences": [round(c, 6) for c in conf],
         })
 
     # ------------------------------------------------------------------ results
@@ -297,8 +303,8 @@ class Sequence:
 
     def output_ids(self) -> list[int]:
         end = self.end if self.end is not None else self.final_len
-        return self.tokens[self.prompt_len:end].tolist()
+        return self.tokens[self.prompt_len:end]
 
     def final_ids(self) -> list[int]:
         """Generated tokens that can no longer change (for streaming)."""
-        return self.tokens[self.prompt_len:self.final_len].tolist()
+        return self.tokens[self.prompt_len:self.final_len]

@@ -120,6 +120,7 @@ class Speculation:
         self.draft_step = 0
         self.q: torch.Tensor | None = None  # (k, V) draft distributions when sampling
         self.pending = 0  # merged form: drafts made by the last forward for the next cycle
+        self.error: Exception | None = None  # set when this request failed alone (as Sequence.error)
         self.end: int | None = None
         self.finish_reason: str | None = None
         self.final_len = self.prompt_len

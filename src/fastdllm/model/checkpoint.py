@@ -109,8 +109,9 @@ def weight_files(model_dir: Path) -> list[Path]:
 def load_weights(model: Transformer, found: dict[str, TensorInfo], device: torch.device,
                  dtype: torch.dtype) -> None:
     """Copy the tensors `found` (checked headers, see `weights.check_tensors`) into the model,
-    checking each for NaN and infinity as it is read."""
-    params = dict(model.named_parameters())
+    by Hugging Face name (into the rows of a fused matrix where the model fuses), checking each
+    for NaN and infinity as it is read."""
+    targets = model.hf_targets()
     by_file: dict[Path, list[str]] = {}
     for name, info in found.items():
         by_file.setdefault(info.file, []).append(name)
@@ -120,8 +121,8 @@ def load_weights(model: Transformer, found: dict[str, TensorInfo], device: torch
                 for name in names:
                     tensor = f.get_tensor(name)
                     check_finite(name, tensor, file)
-                    with torch.no_grad():
-                        params[name].copy_(tensor.to(device=device, dtype=dtype))
+                    param, rows = targets[name]
+                    param.data[rows].copy_(tensor.to(device=device, dtype=dtype))
         except FastDLLMError:
             raise
         except (OSError, RuntimeError, ValueError) as e:  # what the header check cannot see
@@ -140,8 +141,10 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu",
     with torch.device("meta"):  # shapes only, nothing allocated
         model = Transformer(cfg)
     skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    # Hugging Face names and shapes (the rows of a fused matrix are a tensor of their own)
     found = check_tensors(weight_files(model_dir),
-                          {n: tuple(p.shape) for n, p in model.named_parameters()}, skip=skip)
+                          {n: tuple(p[rows].shape) for n, (p, rows) in model.hf_targets().items()},
+                          skip=skip)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -252,11 +255,9 @@ def write_checkpoint_files(directory: Path, model: Transformer, *, tokenizer=Non
     add files of their own (training checkpoints) make it atomic with `atomic_dir`."""
     cfg = config or model.config
     state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t = tensor.detach().to("cpu")
-        state[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    # Hugging Face names; a copy each, as the row views of a fused matrix share its storage
+    for name, tensor in model.hf_tensors().items():
+        state[name] = tensor.to("cpu", dtype or tensor.dtype, copy=True).contiguous()
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.to_hf(official_layout=official_layout)
     hf["torch_dtype"] = hf["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")

@@ -72,6 +72,7 @@ class DataConfig:
     seq_len: int = 512  # packed row length (tokens); a multiple of diffusion.block_size
     too_long: str = "truncate"  # truncate | error
     padding: str = "eos"  # eos: pad blocks with loss-bearing EOS; mask: pad with [MASK], no loss
+    packing: str = "next_fit"  # next_fit (file order) | first_fit (first-fit decreasing per window)
     num_workers: int = 0  # processes that render and tokenize the files (0: this one)
     cache_dir: str | None = None  # keep tokenized examples here, keyed by file content + tokenizer
 
@@ -80,6 +81,7 @@ class DataConfig:
         _positive(self.num_workers, "data.num_workers", allow_zero=True)
         _choice(self.too_long, ("truncate", "error"), "data.too_long")
         _choice(self.padding, ("eos", "mask"), "data.padding")
+        _choice(self.packing, ("next_fit", "first_fit"), "data.packing")
         if not 0.0 <= self.val_fraction < 1.0:
             raise FastDLLMError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}",
                                 field="data.val_fraction")
@@ -157,7 +159,14 @@ class LoopConfig:
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (sharding.py)
     compile: bool = False  # torch.compile the model (recommended on CUDA: compiles flex_attention)
-    attention: str = "auto"  # auto | dense | flex: the training masks (auto: flex on CUDA when compiled)
+    # how a diffusion micro-batch is computed (training/layout.py); all give the same loss:
+    # shared_clean: [x_t ; x_t' ; x_0] per row (complementary twins share the clean stream);
+    # twins: [x_t ; x_0] per view (the reference layout)
+    layout: str = "shared_clean"
+    skip_untargeted: bool = True  # no noisy block, row-tail block or logit without a target
+    # auto | dense | flex | block_sparse: the diffusion attention (auto: flex on CUDA when
+    # compiled, block_sparse otherwise); the AR objective and term use flex or else dense
+    attention: str = "auto"
     log_interval: int = 10
     eval_interval: int = 0  # 0: validate only at the end
     save_interval: int = 0  # 0: no intermediate checkpoints
@@ -169,7 +178,8 @@ class LoopConfig:
         for key in ("eval_interval", "save_interval"):
             _positive(getattr(self, key), f"train.{key}", allow_zero=True)
         _choice(self.precision, ("fp32", "bf16"), "train.precision")
-        _choice(self.attention, ("auto", "dense", "flex"), "train.attention")
+        _choice(self.attention, ("auto", "dense", "flex", "block_sparse"), "train.attention")
+        _choice(self.layout, ("shared_clean", "twins"), "train.layout")
         if (self.max_steps is None) == (self.max_tokens is None):
             raise FastDLLMError("set exactly one of train.max_steps and train.max_tokens",
                                 field="train.max_steps")
@@ -227,6 +237,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+SECTIONS = {"data": DataConfig, "train": LoopConfig, "diffusion": DiffusionConfig,
+            "optimizer": OptimizerConfig}
+
+
+def with_added_defaults(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config with the keys added to the code since it was written, where
+    the given config holds their default (defaults of new keys keep the old behaviour), so a run
+    started before a key existed resumes under its defaults."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for section, cls in SECTIONS.items():
+        if not isinstance(out.get(section), dict) or not isinstance(given.get(section), dict):
+            continue
+        for f in dataclasses.fields(cls):
+            if f.name in out[section] or f.name not in given[section] or f.default is dataclasses.MISSING:
+                continue
+            if given[section][f.name] == _plain(f.default):
+                out[section][f.name] = given[section][f.name]
+    return out
 
 
 def _plain(value):

@@ -51,7 +51,7 @@ def build_datasets(cfg: TrainConfig, tokenizer, mask_token_id: int | None) -> tu
         pad_id, pad_loss = eos, True
     row_pad = mask_token_id if cfg.objective == "diffusion" else (eos if eos is not None else 0)
     kw = dict(seq_len=data.seq_len, alignment=cfg.alignment, pad_id=pad_id, pad_loss=pad_loss,
-              row_pad_id=row_pad, too_long=data.too_long)
+              row_pad_id=row_pad, too_long=data.too_long, packing=data.packing)
     return pack_examples(train, **kw), (pack_examples(val, **kw) if val else None)
 
 

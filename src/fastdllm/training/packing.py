@@ -9,9 +9,15 @@ stop tokens in parallel instead of spending steps on positions it throws away. W
 `data.padding: mask` the padding is the [MASK] token and bears no loss (the literal reading of
 the paper's ablation; the model then never learns what follows an answer inside a block).
 
-Packing. Padded examples are placed one after another (next-fit, in file order) into rows of
-`seq_len` tokens; the row's tail is filled with a padding token that bears no loss and forms
-its own document. A per-token document id keeps attention inside each example and position ids
+Packing. Padded examples are placed into rows of `seq_len` tokens; the row's tail is filled
+with a padding token that bears no loss and forms its own document. `data.packing: next_fit`
+places them one after another in file order, opening a new row whenever the next one does not
+fit (13.7% of the shipped data's row tokens were tail padding). `first_fit` (the default) takes
+the examples in windows of PACK_WINDOW in file order, sorts each window by padded length
+(longest first, ties in file order) and puts each into the first row of the window with room:
+first-fit decreasing, which leaves far less tail (docs/training.md). Both are deterministic
+functions of the file, so the rows, their fingerprint and a resume are exact; rows keep their
+window's order, and the trainer's per-epoch permutation shuffles them anyway. A per-token document id keeps attention inside each example and position ids
 restart at 0 for each example, so a packed example sees exactly what it would see alone.
 """
 
@@ -58,11 +64,30 @@ def pad_to_block(tokens: list[int], loss: list[bool], block_size: int, pad_id: i
     return tokens + [pad_id] * extra, loss + [pad_loss] * extra
 
 
+PACK_WINDOW = 1024  # examples sorted together by first_fit packing
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins (lists of item indices, each in sorted order) for items of these lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties in given order
+    free = torch.zeros(len(lengths), dtype=torch.long)  # room left in each open bin
+    bins: list[list[int]] = []
+    for i in order:
+        fits = (free[:len(bins)] >= lengths[i]).nonzero()
+        if len(fits):
+            b = int(fits[0])
+            bins[b].append(i)
+            free[b] -= lengths[i]
+        else:
+            free[len(bins)] = capacity - lengths[i]
+            bins.append([i])
+    return bins
+
+
 def pack_examples(examples: list[Example], *, seq_len: int, alignment: int, pad_id: int,
-                  pad_loss: bool, row_pad_id: int, too_long: str) -> PackedRows:
+                  pad_loss: bool, row_pad_id: int, too_long: str, packing: str = "first_fit") -> PackedRows:
     """Block-pad, truncate (or reject) and pack examples into rows of `seq_len` tokens."""
-    rows: list[list[tuple[list[int], list[bool], int]]] = []
-    used = seq_len  # forces a new row for the first example
+    padded: list[tuple[list[int], list[bool], int]] = []
     truncated = 0
     for ex in examples:
         tokens, loss = list(ex.tokens), list(ex.loss_mask)
@@ -75,11 +100,21 @@ def pack_examples(examples: list[Example], *, seq_len: int, alignment: int, pad_
             truncated += 1
         length = len(tokens)
         tokens, loss = pad_to_block(tokens, loss, alignment, pad_id, pad_loss)
-        if used + len(tokens) > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append((tokens, loss, length))
-        used += len(tokens)
+        padded.append((tokens, loss, length))
+    rows: list[list[tuple[list[int], list[bool], int]]] = []
+    if packing == "next_fit":
+        used = seq_len  # forces a new row for the first example
+        for item in padded:
+            if used + len(item[0]) > seq_len:
+                rows.append([])
+                used = 0
+            rows[-1].append(item)
+            used += len(item[0])
+    else:
+        for start in range(0, len(padded), PACK_WINDOW):
+            window = padded[start:start + PACK_WINDOW]
+            for row in first_fit_decreasing([len(t) for t, _, _ in window], seq_len):
+                rows.append([window[i] for i in row])
     if truncated:
         warnings.warn(f"truncated {truncated} of {len(examples)} examples longer than "
                       f"data.seq_len={seq_len} tokens (set data.too_long: error to reject them)",

@@ -23,12 +23,12 @@ from ..errors import FastDLLMError
 from ..model.checkpoint import save_checkpoint
 from .sharding import clip_grad_norm, full_model, full_optimizer_state, load_full_optimizer_state, shard_model
 from .base_model import initial_model, resumed_model
-from .config import TrainConfig
+from .config import TrainConfig, with_added_defaults
 from .config_file import load_train_config
 from .dataset import RowOrder, build_datasets, micro_batch_indices
 from .loss import target_loss_sum
 from .noise import row_seed
-from .objective import Batch, ar_batch, diffusion_batch
+from .objective import Batch, StepLayout, ar_batch, diffusion_batch
 from .packing import PackedRows
 from .schedule import ar_weight_at, lr_at, uses_ar_loss
 from .state import (
@@ -92,6 +92,7 @@ class Trainer:
                                 "that run or choose a new output_dir", field="resume", fixes=[("resume", True)])
         if resume:
             state, tensors = read_checkpoint(latest)
+            state["config"] = with_added_defaults(state["config"], cfg.to_dict())
             check_same_run(state, cfg.to_dict(), world, latest)
             model, self.tokenizer, self.generation_config = resumed_model(latest)
         else:
@@ -111,9 +112,14 @@ class Trainer:
         else:
             self.model, self.optimizer = self.acc.prepare(model, _optimizer(model, cfg))
         self.forward = torch.compile(self.model) if t.compile else self.model
-        # flex_attention pays only compiled; uncompiled, the dense masks are faster and tested
-        self.use_flex = t.attention == "flex" or (t.attention == "auto" and t.compile
-                                                   and self.acc.device.type == "cuda")
+        # flex_attention pays only compiled; uncompiled, block-sparse tiles (diffusion) and the
+        # dense masks (AR) are faster and tested
+        attention = t.attention
+        if attention == "auto":
+            attention = "flex" if t.compile and self.acc.device.type == "cuda" else "block_sparse"
+        self.use_flex = attention == "flex"
+        self.layout = StepLayout(shared_clean=t.layout == "shared_clean", skip_untargeted=t.skip_untargeted,
+                                 attention=attention)
         self.ar_term = cfg.objective == "diffusion" and uses_ar_loss(cfg.diffusion)
         self.order = RowOrder(len(self.train_rows), t.seed)
         self.last_loss: float | None = None
@@ -148,7 +154,7 @@ class Trainer:
         if self.cfg.objective == "ar":
             return ar_batch(rows, self.acc.device, self.use_flex)
         return diffusion_batch(rows, seeds, self.cfg.diffusion, self.mask_token_id, self.acc.device,
-                               self.use_flex)
+                               self.layout)
 
     def autocast(self):
         """bf16 autocast for forwards when configured; weights and optimizer stay float32."""

@@ -1,0 +1,215 @@
+"""Static steps: the decode step at fixed shapes, so it can be captured as a CUDA graph (GPU) or
+compiled by torch.compile (CPU, opt-in).
+
+A shape is (width W, batch bucket n, key bucket K). A step fits when every row is greedy, its
+widest row fits a captured width and its key length a key bucket. Rows are padded up to W and
+the batch up to n: spare tokens and spare rows write their KV into the cache's scratch slot
+(never a sequence's), read it, and their outputs are not read back. Each row keeps its own
+mask, so padding changes no real row's attention. Why exact batch sizes and not one big shape:
+the GEMM shape is part of what decides the last bits of a logit; a bucket per batch size keeps
+the number of distinct shapes small while every step of one shape computes alike.
+
+Everything a step varies (token ids, positions, write slots, attention limits, read slots, which
+rows suppress [MASK]) is one long input buffer per shape, filled by one copy; the graph reads
+it, writes greedy tokens and confidences of every place, and `run` picks the planned positions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from ..model.kv_cache import CacheAccess
+from .attention import row_limits
+from .params import RunnerConfig
+
+# `runner` below is the engine's ModelRunner (runner.py imports this module, not the reverse);
+# a row is one (Sequence, ForwardPlan) of the step
+
+
+def buckets(limit: int, first: int = 1) -> list[int]:
+    """Powers of two from `first` below `limit`, then `limit` itself."""
+    out, b = [], first
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def smallest_at_least(options: list[int], x: int) -> int | None:
+    return next((o for o in options if o >= x), None)
+
+
+class StaticShape:
+    """One (W, n, K) shape: its input buffer and the step function run on it (eagerly, compiled,
+    or replayed from a CUDA graph)."""
+
+    def __init__(self, runner, width: int, batch: int, key_len: int):
+        self.runner, self.width, self.batch, self.key_len = runner, width, batch, key_len
+        places = batch * width
+        self.sizes = [places, places, places, places, batch, places]  # ids pos slots limits rows suppress
+        self.buffer = torch.zeros(sum(self.sizes), dtype=torch.long, device=runner.device)
+        self.buffer.copy_(torch.tensor(self.idle_inputs(), dtype=torch.long))
+        self.graph = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def idle_inputs(self) -> list[int]:
+        """Every row a spare row: writes and reads only the scratch slot."""
+        W, n, scratch = self.width, self.batch, self.runner.scratch_slot
+        return ([0] * (n * W) + list(range(W)) * n + [scratch] * (n * W) + [1] * (n * W)
+                + [scratch] * n + [0] * (n * W))
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy tokens and confidences (n * W,) of every place, from the input buffer."""
+        r, W, n, K = self.runner, self.width, self.batch, self.key_len
+        ids, pos, slots, limits, rows, suppress = self.buffer.split(self.sizes)
+        mask = r.attention_mask(limits.view(n, W), K)  # (n, 1, W, K)
+        access = CacheAccess(r.cache, rows, pos.view(n, W), K, token_slots=slots.view(n, W))
+        logits = r.model(ids.view(n, W), pos.view(n, W), mask, access).flatten(0, 1)  # (n*W, V)
+        if r.mask_token_id is not None:
+            logits[:, r.mask_token_id].masked_fill_(suppress.bool(), float("-inf"))
+        conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return tokens, conf
+
+    def capture(self, pool) -> None:
+        """Record `step` as a CUDA graph (after two warm-up runs on a side stream, as capture
+        requires); the idle inputs make those runs touch only the scratch slot."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = self.step()
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        return self.runner.static.compiled(self)
+
+
+class StaticSteps:
+    def __init__(self, runner, mode: str, config: RunnerConfig):
+        self.runner, self.mode, self.config = runner, mode, config
+        top = min(config.max_batch or runner.max_slots, runner.max_slots)
+        self.batches = buckets(top)
+        self.widths = sorted(set(config.widths))
+        self.key_lens = buckets(runner.max_len, first=min(64, runner.max_len))
+        self.shapes: dict[tuple[int, int, int], StaticShape] = {}
+        self.ready: set[tuple[int, int, int]] = set()  # captured/compiled (eager: every shape)
+        self.pool = None
+        self._compiled = None
+
+    @staticmethod
+    def enabled(config: RunnerConfig, device: torch.device) -> bool:
+        if config.enforce_eager:
+            return False
+        return device.type == "cuda" or config.cpu_static != "off"
+
+    @classmethod
+    def for_runner(cls, runner) -> "StaticSteps":
+        cfg = runner.config
+        mode = "graph" if runner.device.type == "cuda" else cfg.cpu_static
+        return cls(runner, mode, cfg)
+
+    # ------------------------------------------------------------------ choosing a shape
+    def shape_for(self, rows: list[tuple]) -> tuple[int, int, int] | None:
+        if any(not s.params.greedy for s, _ in rows):
+            return None
+        W = smallest_at_least(self.widths, max(p.end - p.start for _, p in rows))
+        n = smallest_at_least(self.batches, len(rows))
+        K = smallest_at_least(self.key_lens, max(p.key_len for _, p in rows))
+        if W is None or n is None or K is None:
+            return None
+        key = (W, n, K)
+        return key if self.mode == "eager" or key in self.ready else None
+
+    def fits(self, rows: list[tuple]) -> bool:
+        return self.shape_for(rows) is not None
+
+    def shape(self, key: tuple[int, int, int]) -> StaticShape:
+        if key not in self.shapes:
+            self.shapes[key] = StaticShape(self.runner, *key)
+        return self.shapes[key]
+
+    # ------------------------------------------------------------------ running
+    def run(self, rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy tokens and confidences (R,) of the rows' logit positions, in row order."""
+        r = self.runner
+        W, n, K = key = self.shape_for(rows)
+        shape = self.shape(key)
+        ids, pos, slots, limits, read, suppress, pick = [], [], [], [], [], [], []
+        for i, (seq, plan) in enumerate(rows):
+            w, block = plan.end - plan.start, seq.block
+            ids += seq.tokens[plan.start:plan.end] + [0] * (W - w)
+            pos += list(range(plan.start, plan.end)) + list(range(w, W))  # spare: scratch 0..W-1
+            slots += [seq.slot] * w + [r.scratch_slot] * (W - w)
+            lim = row_limits(plan.start, plan.end, block)
+            limits += lim + [lim[-1]] * (W - w)
+            read.append(seq.slot)
+            flag = 1 if seq.params.diffusion else 0
+            suppress += [flag] * W
+            pick += [i * W + x - plan.start for x in plan.logit_positions]
+        spare = n - len(rows)
+        ids += [0] * (spare * W)
+        pos += list(range(W)) * spare
+        slots += [r.scratch_slot] * (spare * W)
+        limits += [1] * (spare * W)
+        read += [r.scratch_slot] * spare
+        suppress += [0] * (spare * W)
+        flat = torch.tensor(ids + pos + slots + limits + read + suppress + pick, dtype=torch.long)
+        flat = flat.to(r.device, non_blocking=True)
+        shape.buffer.copy_(flat[: shape.buffer.numel()])
+        tokens, conf = shape()
+        sel = flat[shape.buffer.numel():]
+        return tokens[sel], conf[sel]
+
+    def compiled(self, shape: StaticShape) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "eager":
+            return shape.step()
+        if self._compiled is None:
+            import torch._dynamo
+
+            # one entry per shape; the default limit (8) would silently fall back to eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       4 * len(self.widths) * len(self.batches)
+                                                       * len(self.key_lens))
+            self._compiled = torch.compile(StaticShape.step, dynamic=False)
+        return self._compiled(shape)
+
+    # ------------------------------------------------------------------ warm-up
+    def warm_up(self, log=None) -> None:
+        """Capture (GPU) or compile (CPU) every shape, largest first, until the time cap; shapes
+        left over run eagerly. Prints one progress line."""
+        if self.mode == "eager":
+            return
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        keys = sorted(((W, n, K) for W in self.widths for n in self.batches for K in self.key_lens),
+                      reverse=True)
+        start = time.perf_counter()
+        if self.mode == "graph" and self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        done = 0
+        with torch.inference_mode():
+            for key in keys:
+                if time.perf_counter() - start > self.config.warmup_seconds:
+                    break
+                shape = self.shape(key)
+                if self.mode == "graph":
+                    shape.capture(self.pool)
+                else:
+                    self.compiled(shape)
+                self.ready.add(key)
+                done += 1
+                print(f"\rstatic steps: {done}/{len(keys)} shapes ready "
+                      f"({time.perf_counter() - start:.1f} s)", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr, flush=True)
+        what = "captured as CUDA graphs" if self.mode == "graph" else "compiled"
+        left = len(keys) - done
+        log(f"static steps: {done} shapes {what} in {time.perf_counter() - start:.1f} s"
+            + (f"; {left} left eager (time cap {self.config.warmup_seconds:g} s)" if left else ""))
