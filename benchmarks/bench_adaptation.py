@@ -10,7 +10,8 @@ For each `LABEL=DIR` model and each setting it decodes the first `--limit` probl
 - `left-to-right`: block-diffusion attention, one token per step strictly left to right
   (sub-blocks of one token, threshold 1): the model's error without parallel decoding;
 - `t=1.0`: the paper's accuracy setting (one token per step, the most confident);
-- `t=0.9` (and any other `--thresholds`): parallel decoding.
+- `t=0.9` (any `t=T`): parallel decoding with the official threshold rule
+  (`rule="threshold"`); `la=T`: with the left-anchored rule (the engine's default).
 The `val` split is the trainer's validation file (1,000 training problems held out from
 training: decisions are taken here); `test` is the held-out test split (the published numbers).
 Writes `<out>.json` and `<out>.md`; `--plot` adds accuracy against adaptation tokens for models
@@ -37,7 +38,7 @@ from fastdllm.tasks import SHIPPED_SPLIT, format_prompt, make_splits, score  # n
 
 SETTINGS = {
     "causal": dict(mode="ar"),
-    "left-to-right": dict(mode="diffusion", sub_block_size=1, threshold=1.0),
+    "left-to-right": dict(mode="diffusion", sub_block_size=1, threshold=1.0, rule="threshold"),
 }
 
 
@@ -119,7 +120,7 @@ def main() -> None:
     ap.add_argument("--val-file", type=Path, default=Path("runs/shipped/data/sft_val.jsonl"))
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--settings", nargs="+", default=["causal", "left-to-right", "t=1.0", "t=0.9"],
-                    help="causal, left-to-right, or t=THRESHOLD")
+                    help="causal, left-to-right, t=T (official rule) or la=T (left-anchored)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu")
@@ -137,10 +138,12 @@ def main() -> None:
         for setting in args.settings:
             if setting in SETTINGS:
                 decode = SETTINGS[setting]
-            elif setting.startswith("t="):
-                decode = dict(mode="diffusion", threshold=float(setting[2:]))
+            elif setting.startswith(("t=", "la=")):
+                rule, _, t = setting.partition("=")
+                decode = dict(mode="diffusion", threshold=float(t),
+                              rule="threshold" if rule == "t" else "left_anchored")
             else:
-                ap.error(f"unknown setting {setting!r}: use causal, left-to-right or t=THRESHOLD")
+                ap.error(f"unknown setting {setting!r}: use causal, left-to-right, t=T or la=T")
             if decode["mode"] == "diffusion" and llm.config.bd_size is None:
                 continue  # an AR checkpoint (no block size): causal only
             r = evaluate(llm, problems, args.batch_size, args.max_new_tokens, f"{label} {setting}", **decode)
