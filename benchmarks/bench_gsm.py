@@ -60,10 +60,11 @@ GOAL_SPEEDUP_VS_TRANSFORMERS = 3.0
 GOAL_AR_VS_TRANSFORMERS = {1: 2.0, 8: 1.5}
 GOAL_DIFFUSION_VS_BASELINE = 1.5
 LEFT_TO_RIGHT = "adapted, left to right (sub-block 1, t=1)"
-# the ablations change one switch of configs/shipped/adapt_mb16.yaml, so its model is their reference
-DEFAULT_ABLATIONS = ["mb16 reference=runs/shipped/adapt-mb16/final",
-                     "mb16 no-complementary=runs/shipped/adapt-no-complementary/final",
-                     "mb16 no-token-shift=runs/shipped/adapt-no-shift/final:noshift"]
+# the ablations of configs/shipped/adapt_no_*.yaml (scripts/build_shipped_models.py --stages ablations);
+# docs/shipped_models.md says which recipe is each one's reference
+DEFAULT_ABLATIONS = ["no AR loss=runs/shipped/adapt-no-ar/final",
+                     "no-complementary=runs/shipped/adapt-no-complementary/final",
+                     "no-token-shift=runs/shipped/adapt-no-shift/final:noshift"]
 METRICS = ("problems", "correct", "accuracy", "new_tokens", "seconds", "tokens_per_s", "forward_calls",
            "tokens_per_forward", "forwards_per_answer", "stopped", "sample_output")  # what _metrics measures per configuration
 
