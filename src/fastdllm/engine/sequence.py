@@ -67,6 +67,17 @@ class ForwardPlan:
     logit_positions: tuple[int, ...]
 
 
+def speed_fields(forward_calls: int, new_tokens: int, seconds: float) -> dict:
+    """The speed figures every request reports (plain and speculative decoding alike)."""
+    return {
+        "forward_calls": forward_calls,
+        "new_tokens": new_tokens,
+        "tokens_per_forward": round(new_tokens / forward_calls, 4) if forward_calls else 0.0,
+        "seconds": round(seconds, 6),
+        "tokens_per_second": round(new_tokens / seconds, 3) if seconds else 0.0,
+    }
+
+
 @dataclass
 class SequenceStats:
     forward_calls: int = 0
@@ -81,14 +92,8 @@ class SequenceStats:
         return self.new_tokens / self.forward_calls if self.forward_calls else 0.0
 
     def as_dict(self) -> dict:
-        return {
-            "forward_calls": self.forward_calls,
-            "new_tokens": self.new_tokens,
-            "tokens_per_forward": round(self.tokens_per_forward, 4),
-            "seconds": round(self.seconds, 6),
-            "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds else 0.0,
-            "forwards_by_kind": dict(self.forwards_by_kind),
-        }
+        return {**speed_fields(self.forward_calls, self.new_tokens, self.seconds),
+                "forwards_by_kind": dict(self.forwards_by_kind)}
 
 
 class Sequence:

@@ -37,6 +37,7 @@ import torch
 
 from .params import DecodeConfig
 from .sampling import distribution
+from .sequence import speed_fields
 
 
 class Stage(Enum):
@@ -77,11 +78,7 @@ class SpeculationStats:
 
     def as_dict(self) -> dict:
         return {
-            "forward_calls": self.forward_calls,
-            "new_tokens": self.new_tokens,
-            "tokens_per_forward": round(self.tokens_per_forward, 4),
-            "seconds": round(self.seconds, 6),
-            "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds else 0.0,
+            **speed_fields(self.forward_calls, self.new_tokens, self.seconds),
             "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards,
             "cycles": self.cycles,
