@@ -62,14 +62,15 @@ def _prompts(n_tokens: list[int]) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("draft_cache", ["reuse", "block"])
 @pytest.mark.parametrize("draft_length,draft_steps", [(1, 1), (3, 1), (8, 1), (8, 2)])
 @pytest.mark.parametrize("which", ["pair", "twin"])
-def test_random_pair_greedy_equals_target_ar(which, draft_length, draft_steps, request):
+def test_random_pair_greedy_equals_target_ar(which, draft_length, draft_steps, draft_cache, request):
     pair = request.getfixturevalue(which)
     for ids in _prompts([3, 8, 13]):  # shorter than, equal to, longer than a block of 8
         ar = pair.generate(ids, mode="ar", max_new_tokens=30, stop_token_ids=[], **SMALL)
         sp = pair.generate(ids, max_new_tokens=30, stop_token_ids=[], draft_length=draft_length,
-                           draft_steps=draft_steps, **SMALL)
+                           draft_steps=draft_steps, draft_cache=draft_cache, **SMALL)
         assert sp.token_ids == ar.token_ids
         assert sp.stats["mode"] == "speculative" and sp.finish_reason == "length"
         s = sp.stats
@@ -105,7 +106,7 @@ def test_merged_self_speculative_equals_own_ar(qwen2_ckpt, draft_length):
     while engine.running:
         engine.step()
         t = seq.target_done
-        fresh = _fresh_kv(engine.target, seq.tokens[:t], 1)
+        fresh = _fresh_kv(engine.target, torch.tensor(seq.tokens[:t]), 1)
         for layer in range(engine.target.config.num_layers):
             torch.testing.assert_close(engine.cache.k[layer, 0, :, :t], fresh.k[layer, 0], atol=2e-5, rtol=1e-4)
 
@@ -182,19 +183,26 @@ def _fresh_kv(model: Transformer, tokens: torch.Tensor, block: int):
     return cache
 
 
+@pytest.mark.parametrize("draft_cache", ["block", "reuse"])
 @pytest.mark.parametrize("two_models", [True, False])
-def test_cache_rollback_equals_fresh_computation(pair, qwen2_ckpt, two_models):
+def test_cache_rollback_equals_fresh_computation(pair, qwen2_ckpt, two_models, draft_cache):
+    """The target's cache is exact below target_done after every cycle; with draft_cache "block"
+    the draft's is too, below draft_done (whole blocks). "reuse" keeps stale in-block KV by
+    design: its draft cache is checked only for the blocks before the first one it entered."""
     llm = pair if two_models else LLM.load(qwen2_ckpt, device="cpu")  # self-speculative: some accepted
     engine = llm.new_engine(1, 64, 8, speculative=True)
     seq = engine.add(_prompts([11])[0], llm.decode_config(mode="speculative", max_new_tokens=40,
-                                                          draft_length=6, **SMALL),
+                                                          draft_length=6, draft_cache=draft_cache,
+                                                          **SMALL),
                      stop_token_ids=())
     while engine.running:
         engine.step()
         t, d = seq.target_done, seq.draft_done
         assert t == seq.length - 1 and d % 8 == 0 and d <= seq.length
-        target = _fresh_kv(engine.target, seq.tokens[:t], 1)
-        draft = _fresh_kv(engine.draft, seq.tokens[:d], 8) if d else None
+        if draft_cache == "reuse":
+            d = 8  # the prompt's first block: encoded whole, block-causally, on the first cycle
+        target = _fresh_kv(engine.target, torch.tensor(seq.tokens[:t]), 1)
+        draft = _fresh_kv(engine.draft, torch.tensor(seq.tokens[:d]), 8) if d else None
         for layer in range(engine.target.config.num_layers):
             torch.testing.assert_close(engine.cache.k[layer, 0, :, :t], target.k[layer, 0], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(engine.cache.v[layer, 0, :, :t], target.v[layer, 0], atol=2e-5, rtol=1e-4)
@@ -327,6 +335,9 @@ def test_bad_pairs_and_settings_are_refused(qwen2_ckpt, checkpoint_factory, ckpt
         assert e.value.field == "draft_length"
     with pytest.raises(FastDLLMError, match="draft_steps"):
         pair.generate([1, 2, 3], draft_length=2, draft_steps=3, **SMALL)
+    with pytest.raises(FastDLLMError, match="draft_cache must be one of") as e:
+        pair.generate([1, 2, 3], draft_cache="sub-block", **SMALL)
+    assert e.value.field == "draft_cache"
     with pytest.raises(FastDLLMError, match="self-speculative only"):
         pair.generate([1, 2, 3], merged=True, **SMALL)
     with pytest.raises(FastDLLMError, match="speculative engine"):
@@ -342,10 +353,11 @@ def test_cli_generate_with_a_draft_model(qwen2_ckpt, twin, capsys):
     args = ["generate", "--model", str(qwen2_ckpt), "--prompt-ids", "5,6,7,8,9", "--device", "cpu",
             "--json", "--max-new-tokens", "20", "--block-size", "8", "--sub-block-size", "4"]
     outs = {}
-    for name, extra in (("spec", ["--draft-model", draft, "--draft-length", "4"]), ("ar", ["--mode", "ar"])):
+    for name, extra in (("spec", ["--draft-model", draft, "--draft-length", "4"]), ("ar", ["--mode", "ar"]),
+                        ("block", ["--draft-model", draft, "--draft-length", "4", "--draft-cache", "block"])):
         assert main(args + extra) == 0
         outs[name] = json.loads(capsys.readouterr().out)
-    assert outs["spec"]["token_ids"] == outs["ar"]["token_ids"]
+    assert outs["spec"]["token_ids"] == outs["ar"]["token_ids"] == outs["block"]["token_ids"]
     assert outs["spec"]["cycles"] < len(outs["spec"]["token_ids"])
     assert main(args + ["--draft-model", draft, "--draft-length", "9"]) == 2
     assert "draft_length must be between 1 and the block size (8)" in capsys.readouterr().err
@@ -364,7 +376,7 @@ def test_server_speculative_by_default_with_ar_opt_out(twin):
             return httpx.post(f"{srv.base_url}/completions",
                               json={"model": "tiny", "prompt": "The answer is", **body}, timeout=60)
         spec, ar = post(), post(mode="ar")
-        short = post(draft_length=2)
+        short = post(draft_length=2, draft_cache="block")
         bad = post(mode="diffusion")
     for r in (spec, ar, short):
         assert r.status_code == 200, r.text

@@ -49,6 +49,9 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-steps", type=int, default=None,
                    help="speculative: draft forwards per cycle, 1 = one forward (default), more "
                         "refine the draft left to right")
+    g.add_argument("--draft-cache", choices=("reuse", "block"), default=None,
+                   help="speculative: reuse the draft's KV of the current block across cycles "
+                        "(default), or re-encode the whole block every cycle")
     g.add_argument("--merged", action="store_true",
                    help="self-speculative: verify the last draft and draft the next in one forward")
 
@@ -60,7 +63,7 @@ def decode_overrides(args: argparse.Namespace) -> dict:
         sub_block_cache=False if args.no_sub_block_cache else None,
         block_cache=False if args.no_block_cache else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        draft_length=args.draft_length, draft_steps=args.draft_steps,
+        draft_length=args.draft_length, draft_steps=args.draft_steps, draft_cache=args.draft_cache,
         merged=True if args.merged else None,
     )
 

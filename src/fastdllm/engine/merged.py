@@ -80,7 +80,7 @@ def merged_cycle(model: Transformer, cache: KVCache, scratch: int, mask_token_id
         pad = width - t
         L, k = s.length, s.k
         row = torch.full((width,), s.mask_id, dtype=torch.long)
-        row[: L + k - s.target_done] = s.tokens[s.target_done: L + k].cpu()
+        row[: L + k - s.target_done] = torch.tensor(s.tokens[s.target_done: L + k], dtype=torch.long)
         ids.append(row)
         rope.append(torch.cat([r, torch.zeros(pad, dtype=torch.long)]))
         # padding writes past every group (duplicates among padding only)
@@ -104,9 +104,10 @@ def _apply(s: Speculation, logits: torch.Tensor, mask_token_id: int) -> None:
     verify = logits[: k + 1]
     draft = s.tokens[L:L + k]
     if s.params.greedy:
-        accepted, nxt = accept_greedy(draft.cpu(), verify.argmax(-1).cpu())
+        accepted, nxt = accept_greedy(draft, verify.argmax(-1).tolist())
     else:
-        accepted, nxt = accept_sampled(draft, s.q, _distribution(verify, s.params), s.generator)
+        accepted, nxt = accept_sampled(torch.tensor(draft, device=verify.device), s.q,
+                                       _distribution(verify, s.params), s.generator)
     s.apply_verify(accepted, nxt)
     if s.finished:
         return

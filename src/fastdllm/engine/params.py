@@ -16,6 +16,7 @@ from ..rounding import round_up
 from .selection import RULES
 
 MODES = ("diffusion", "ar", "speculative")
+DRAFT_CACHES = ("block", "reuse")
 # Bounds on what one request may ask for. Temperatures below 1e-3 divide logits into
 # overflow (inf - inf = NaN in the softmax) and above 100 the distribution is uniform noise;
 # seeds are what torch.Generator.manual_seed accepts (a signed 64-bit range, non-negative here).
@@ -49,6 +50,11 @@ class DecodeConfig:
     # draft, and the forwards spent drafting them (1 = one forward; more = refinement steps)
     draft_length: int = 8
     draft_steps: int = 1
+    # the draft's cache inside the block being drafted: "reuse" (default) keeps the block's KV
+    # from earlier cycles (stale, like the sub-block cache) and encodes only the newly accepted
+    # tokens and the k drafts; "block" re-encodes the whole block every cycle (exact block
+    # cache only). Either way the output is the target's: only the acceptance rate can differ
+    draft_cache: str = "reuse"
     merged: bool = False  # self-speculative only: verify and draft in one forward (merged.py)
 
     def __post_init__(self):
@@ -98,6 +104,9 @@ class DecodeConfig:
             raise FastDLLMError(
                 f"draft_steps must be between 1 and draft_length ({self.draft_length}); got "
                 f"{self.draft_steps}", field="draft_steps")
+        if self.draft_cache not in DRAFT_CACHES:
+            raise FastDLLMError(f"draft_cache must be one of {DRAFT_CACHES}, got "
+                                f"{self.draft_cache!r}", field="draft_cache")
         if self.merged and self.draft_steps != 1:
             raise FastDLLMError("the merged form drafts inside the verifying forward, so it takes "
                                 f"draft_steps 1, got {self.draft_steps}", field="draft_steps")

@@ -88,7 +88,7 @@ class ModelRunner:
         if self.static is not None and not entropy_needed and self.static.fits(rows):
             tokens, conf = self.static.run(rows)
         else:
-            logits = self._forward(rows)
+            logits = self.forward_logits(rows)
             self._suppress_mask(logits, rows, spans)
             tokens, conf = draw(logits, spans, settings, [s.generator for s, _ in rows])
             if entropy_needed:
@@ -102,8 +102,10 @@ class ModelRunner:
         return torch.where(self.keys[:key_len] < limits[:, :, None], self._see, self._hide)[:, None]
 
     # ------------------------------------------------------------------ the eager step
-    def _forward(self, rows: list[Row]) -> torch.Tensor:
-        """Logits (R, vocab) of every row's logit positions, concatenated in row order."""
+    def forward_logits(self, rows: list[Row]) -> torch.Tensor:
+        """Logits (R, vocab) of every row's logit positions, concatenated in row order. A row
+        is anything with `tokens` (host list), `block` (1 = causal) and `slot`, with a plan
+        that has start, end, key_len and logit_positions (the speculative engine's rows too)."""
         widths = [p.end - p.start for _, p in rows]
         if all(w == widths[0] for w in widths):
             return self._forward_uniform(rows, widths[0])

@@ -5,12 +5,19 @@ token is kept (see docs/design.md, "Speculative decoding").
 A cycle, for a sequence holding L tokens (prompt + accepted output):
 
     DRAFT   k = min(draft_length, tokens left in L's block, tokens left before max_new_tokens - 1)
-            forward 1: the draft model on [draft_done, block end of L), block-causal: whole
-                       blocks before L's block are known and become the draft's exact block
-                       cache; L's block holds the known tokens, then [MASK] to its end; token
-                       shift: the draft for position i is read from the output at i - 1
-            forwards 2..draft_steps (refinement): L's block again, with the drafts fixed so far
-                       in place; each step fixes the next run of draft positions, left to right
+            forward 1, draft_cache "reuse" (default): the draft model on [draft_valid, L + k):
+                       the tokens accepted since its last forward and k [MASK]s, block-causal,
+                       over the draft cache of everything before and of L's block to its end
+                       (KV from earlier cycles: stale inside the block, as the sub-block cache);
+                       the first forward in a block runs to the block's end, so its [MASK] tail
+                       is in the cache for the later cycles; token shift: the draft for position
+                       i is read from the output at i - 1
+            forward 1, draft_cache "block": the draft model on [draft_done, block end of L):
+                       whole blocks before L's block become the draft's exact block cache; L's
+                       block is encoded whole every cycle: known tokens, then [MASK] to its end
+            forwards 2..draft_steps (refinement): L's block again ("block": whole; "reuse":
+                       [L, L + k)), with the drafts fixed so far in place; each step fixes the
+                       next run of draft positions, left to right
     VERIFY  the target on [target_done, L + k), causal: the last accepted token (whose KV is not
             cached yet) and the k drafts; outputs at L - 1 .. L + k - 1 give the target's
             distributions for positions L .. L + k (verification.py)
@@ -102,8 +109,8 @@ class Speculation:
         self.capacity = params.cache_len(self.prompt_len)
         self.mask_id = mask_token_id
         self.stop_ids = set(stop_token_ids)
-        self.tokens = torch.full((self.capacity,), mask_token_id, dtype=torch.long, device=device)
-        self.tokens[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+        # host state: prompt, accepted output, this cycle's drafts, [MASK] beyond
+        self.tokens = list(prompt_ids) + [mask_token_id] * (self.capacity - self.prompt_len)
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
@@ -111,6 +118,8 @@ class Speculation:
         self.length = self.prompt_len  # tokens known: prompt + accepted output
         self.target_done = 0  # the target's KV is exact below this position
         self.draft_done = 0  # the draft's KV is exact below this position (whole blocks)
+        self.draft_valid = 0  # draft_cache "reuse": KV of the known tokens below this position
+        self.tail_block = -1  # draft_cache "reuse": the block whose [MASK] tail was encoded
         self.stage = Stage.VERIFY
         self.k = 0  # draft tokens this cycle
         self.fixed = 0  # draft tokens fixed so far this cycle
@@ -146,10 +155,16 @@ class Speculation:
     def draft_chunk(self) -> Chunk:
         L, B = self.length, self.block
         block_start, block_end = L // B * B, (L // B + 1) * B
-        start = self.draft_done if self.draft_step == 0 else block_start
         to_fix = self._next_fix()
         logits = tuple(range(L - 1 + self.fixed, L - 1 + to_fix))
-        return Chunk(start, block_end, block_end, logits)
+        if self.params.draft_cache == "block":
+            start = self.draft_done if self.draft_step == 0 else block_start
+            return Chunk(start, block_end, block_end, logits)
+        # reuse: the draft cache holds KV for the known tokens below draft_valid (stale inside
+        # L's block) and, once L's block was entered, [MASK] KV for the rest of the block
+        start = self.draft_valid if self.draft_step == 0 else L
+        end = L + self.k if L // B == self.tail_block else block_end
+        return Chunk(start, end, block_end, logits)
 
     def _next_fix(self) -> int:
         """Draft positions fixed once this step is done: an even left-to-right schedule."""
@@ -160,8 +175,10 @@ class Speculation:
         L = self.length
         if self.draft_step == 0:
             self.draft_done = L // self.block * self.block  # the whole blocks before L's are exact
+            self.draft_valid = L
+            self.tail_block = L // self.block
         to_fix = self._next_fix()
-        self.tokens[L + self.fixed: L + to_fix] = torch.tensor(tokens, device=self.tokens.device)
+        self.tokens[L + self.fixed: L + to_fix] = tokens
         if q is not None:
             self.q = q if self.fixed == 0 else torch.cat([self.q, q])
         self.fixed = to_fix
@@ -173,7 +190,7 @@ class Speculation:
     def set_pending(self, tokens: list[int], q: torch.Tensor | None) -> None:
         """Merged form: the drafts for the next cycle, made by this cycle's forward."""
         L, m = self.length, len(tokens)
-        self.tokens[L:L + m] = torch.tensor(tokens, dtype=torch.long, device=self.tokens.device)
+        self.tokens[L:L + m] = tokens
         self.q, self.pending = q, m
 
     # ------------------------------------------------------------------ verifying
@@ -184,10 +201,10 @@ class Speculation:
 
     def apply_verify(self, accepted: int, next_token: int) -> None:
         L, k = self.length, self.k
-        drafts = self.tokens[L:L + accepted].tolist()
-        emitted = drafts + [next_token]
+        emitted = self.tokens[L:L + accepted] + [next_token]
         self.tokens[L + accepted] = next_token
-        self.tokens[L + accepted + 1: L + k + 1] = self.mask_id  # rejected drafts: masks again
+        rejected = len(self.tokens[L + accepted + 1: L + k + 1])
+        self.tokens[L + accepted + 1: L + accepted + 1 + rejected] = [self.mask_id] * rejected  # masks again
         self.target_done = L + accepted
         self.length = L + accepted + 1
         st = self.stats
@@ -225,7 +242,7 @@ class Speculation:
         return self.stage is Stage.FINISHED
 
     def output_ids(self) -> list[int]:
-        return self.tokens[self.prompt_len:self.final_len].tolist()
+        return self.tokens[self.prompt_len:self.final_len]
 
     def final_ids(self) -> list[int]:
         return self.output_ids()

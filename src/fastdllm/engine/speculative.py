@@ -7,10 +7,9 @@ block-level cache of whole known blocks; the target keeps its causal cache. With
 (`draft is target`, self-speculative) the same weights draft with block-diffusion attention and
 verify with causal attention, each attention with its own cache. A `step()` runs one cycle for
 every running sequence: the draft forwards (one, or `draft_steps` with refinement), then one
-target forward that verifies them (speculation.py has the per-sequence state machine). Rows of
-different widths share a forward: each is padded on the right, and the padding's KV lands past
-the row's own positions (clamped into one scratch position at the end of the cache), where
-nothing is read before the next forward rewrites it.
+target forward that verifies them (speculation.py has the per-sequence state machine). Each
+model's forwards go through its own `ModelRunner` (runner.py), as the plain engine's do: rows of
+different widths share one forward, packed without padding, inputs shipped in one copy.
 
 Same interface as `Engine` (add, abort, step -> `Step`, stream, room, running, stats, cache,
 max_len), so the one driver loop (`LLM.stream`, the server's scheduler) drives either one. Requests in mode "ar" run here as
@@ -21,17 +20,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from ..errors import FastDLLMError
-from ..model.kv_cache import CacheAccess, KVCache
 from ..model.transformer import Transformer
-from .attention import attention_limits, limit_mask
 from .engine import Delta, EngineStats, Step
 from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
-from .params import DecodeConfig
+from .params import DecodeConfig, RunnerConfig
+from .runner import ModelRunner
 from .speculation import Chunk, Speculation, Stage
 from .speculation import draft_or_target_distribution as _distribution
 from .verification import accept_greedy, accept_sampled
@@ -72,10 +70,15 @@ class SpeculativeEngine:
         self.mask_token_id = mask_token_id
         self.stop_token_ids = stop_token_ids
         self._max_len = max_len
-        # + 1: the scratch position that right padding writes to once a row reaches the end;
-        # self-speculative: room for the merged form's draft groups after it (merged.py)
-        self.cache = _cache_for(target, max_slots, max_len + 1 + (merged_room() if draft is target else 0))
-        self.draft_cache = _cache_for(draft, max_slots, max_len + 1)
+        # self-speculative: room for the merged form's draft groups after the sequences'
+        # positions (merged.py); + 1: the position the merged form's padding writes to
+        eager = RunnerConfig(enforce_eager=True)
+        room = 1 + (merged_room() if draft is target else 0)
+        self.target_runner = ModelRunner(target, max_slots=max_slots, max_len=max_len + room,
+                                         mask_token_id=None, config=eager)
+        self.draft_runner = ModelRunner(draft, max_slots=max_slots, max_len=max_len,
+                                        mask_token_id=None, config=eager)
+        self.cache, self.draft_cache = self.target_runner.cache, self.draft_runner.cache
         self._free_slots = list(range(max_slots))
         self.running: list[Speculation] = []
         self.stats = EngineStats()
@@ -158,73 +161,45 @@ class SpeculativeEngine:
     # ------------------------------------------------------------------ the two forwards
     def _draft(self, seqs: list[Speculation]) -> None:
         chunks = [s.draft_chunk() for s in seqs]
-        logits = self.forward(self.draft, self.draft_cache, seqs, chunks, [s.block for s in seqs])
-        logits[..., self.mask_token_id] = float("-inf")  # a draft is never [MASK]
+        logits = self.draft_runner.forward_logits([(_Row(s.tokens, s.block, s.slot), c)
+                                                   for s, c in zip(seqs, chunks)])
+        logits[:, self.mask_token_id] = float("-inf")  # a draft is never [MASK]
         self.stats.forward_calls += 1
         greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
-        for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
-            n = len(chunk.logit_positions)
+        a = 0
+        for seq, chunk in zip(seqs, chunks):
+            b = a + len(chunk.logit_positions)
             if seq.params.greedy:
-                row = greedy[i][:n] if greedy is not None else logits[i, :n].argmax(-1).tolist()
-                seq.apply_draft(row, None)
+                seq.apply_draft(greedy[a:b] if greedy is not None else logits[a:b].argmax(-1).tolist(), None)
             else:
-                q = _distribution(logits[i, :n], seq.params)
+                q = _distribution(logits[a:b], seq.params)
                 seq.apply_draft(torch.multinomial(q, 1, generator=seq.generator)[:, 0].tolist(), q)
+            a = b
 
     def _verify(self, seqs: list[Speculation]) -> None:
         chunks = [s.verify_chunk() for s in seqs]
-        logits = self.forward(self.target, self.cache, seqs, chunks, [1] * len(seqs))
-        greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
-        for i, seq in enumerate(seqs):
-            k, L = seq.k, seq.length
-            draft = seq.tokens[L:L + k]
-            if seq.params.greedy:
-                target = (torch.tensor(greedy[i][:k + 1]) if greedy is not None
-                          else logits[i, :k + 1].argmax(-1).cpu())
-                seq.apply_verify(*accept_greedy(draft.cpu(), target))
-            else:
-                p = _distribution(logits[i, :k + 1], seq.params)
-                seq.apply_verify(*accept_sampled(draft, seq.q, p, seq.generator))
+        logits = self.target_runner.forward_logits([(_Row(s.tokens, 1, s.slot), c)
+                                                    for s, c in zip(seqs, chunks)])
         self.stats.forward_calls += 1
-
-    def forward(self, model: Transformer, cache: KVCache, seqs: list[Speculation],
-                chunks: list[Chunk], blocks: list[int], mask: torch.Tensor | None = None,
-                cache_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """One batched forward of `model`: row i is seqs[i]'s tokens over chunks[i], padded on
-        the right to the widest row, attending block-causally with block size blocks[i] (1 =
-        causal) unless `mask` is given. Returns the logits (n, K, V) at each row's
-        logit_positions (padded by repeating the last one)."""
-        dev = self.device
-        width = max(c.end - c.start for c in chunks)
-        rows = []
-        for seq, c in zip(seqs, chunks):
-            row = seq.tokens[c.start:c.end]
-            rows.append(torch.nn.functional.pad(row, (0, width - row.shape[0]), value=seq.mask_id))
-        input_ids = torch.stack(rows)  # (n, W)
-        starts = torch.tensor([c.start for c in chunks], device=dev)[:, None]
-        positions = starts + torch.arange(width, device=dev)[None, :]  # (n, W)
-        key_len = max(c.key_len for c in chunks)
-        if mask is None:
-            block = torch.tensor(blocks, device=dev)[:, None]
-            mask = limit_mask(attention_limits(positions, block), key_len)
-        if cache_positions is None:  # padding past a row's end lands on the scratch position
-            cache_positions = positions.clamp(max=cache.max_len - 1)
-        k_max = max(len(c.logit_positions) for c in chunks)
-        logit_idx = torch.tensor([_pad([x - c.start for x in c.logit_positions], k_max)
-                                  for c in chunks], device=dev)
-        slots = [s.slot for s in seqs]
-        rows_sel = (slice(slots[0], slots[0] + len(slots))
-                    if slots == list(range(slots[0], slots[0] + len(slots)))
-                    else torch.tensor(slots, device=dev))
-        access = CacheAccess(cache, rows_sel, cache_positions, mask.shape[-1])
-        return model(input_ids, positions.clamp(max=cache.max_len - 1), mask, access,
-                     logits_slice=logit_idx)
+        greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
+        a = 0
+        for seq, chunk in zip(seqs, chunks):
+            b = a + len(chunk.logit_positions)  # k + 1
+            draft = seq.tokens[seq.length:seq.length + seq.k]
+            if seq.params.greedy:
+                target = greedy[a:b] if greedy is not None else logits[a:b].argmax(-1).tolist()
+                seq.apply_verify(*accept_greedy(draft, target))
+            else:
+                p = _distribution(logits[a:b], seq.params)
+                seq.apply_verify(*accept_sampled(torch.tensor(draft, device=p.device), seq.q, p,
+                                                 seq.generator))
+            a = b
 
 
-def _cache_for(model: Transformer, slots: int, length: int) -> KVCache:
-    cfg, p = model.config, next(model.parameters())
-    return KVCache(cfg.num_layers, slots, length, cfg.num_kv_heads, cfg.head_dim, p.dtype, p.device)
+class _Row(NamedTuple):
+    """What the runner reads of a row: the sequence's tokens, the attention's block size for
+    this forward (1: causal, the target's verification) and the cache slot."""
 
-
-def _pad(xs: list[int], n: int) -> list[int]:
-    return xs + [xs[-1] if xs else 0] * (n - len(xs))
+    tokens: list[int]
+    block: int
+    slot: int

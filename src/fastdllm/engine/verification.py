@@ -15,14 +15,15 @@ the target has not seen before position i; the drafter guarantees it (speculatio
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
-def accept_greedy(draft: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, int]:
-    """draft (k,), target_argmax (k + 1,). Returns (accepted drafts, the target's next token)."""
-    k = draft.shape[0]
-    mismatch = (draft != target_argmax[:k]).int()
-    n = int(mismatch.argmax()) if bool(mismatch.any()) else k
+def accept_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> tuple[int, int]:
+    """draft (k,), target_argmax (k + 1,), host lists. Returns (accepted drafts, the target's
+    next token)."""
+    n = next((i for i, (d, t) in enumerate(zip(draft, target_argmax)) if d != t), len(draft))
     return n, int(target_argmax[n])
 
 

@@ -79,6 +79,7 @@ class _Sampling(_Strict):
     # "mode": "ar" opts a request out (the target alone, same output, one token per forward)
     draft_length: int | None = None
     draft_steps: int | None = None
+    draft_cache: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -175,7 +175,7 @@ class Server:
                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, mode=req.mode,
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
                 threshold=req.threshold, rule=req.rule, draft_length=req.draft_length,
-                draft_steps=req.draft_steps)
+                draft_steps=req.draft_steps, draft_cache=req.draft_cache)
         except FastDLLMError as e:
             raise APIError.from_user_error(e) from None
         if prompt_len + params.max_new_tokens > self.max_len:
