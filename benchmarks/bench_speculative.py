@@ -48,7 +48,7 @@ from fastdllm.tasks import score  # noqa: E402
 
 WARMUP = 2
 COLUMNS = ["batch", "config", "accuracy_%", "identical_%", "tokens_per_cycle", "tokens_per_forward",
-           "target_forwards", "draft_forwards", "tokens_per_s", "speedup_vs_ar"]
+           "target_forwards", "draft_forwards", "draft_width", "tokens_per_s", "speedup_vs_ar"]
 
 
 def run_interleaved(configs: list[tuple[str, LLM, dict]], prompts: list[list[int]], batch: int,
@@ -64,7 +64,7 @@ def run_interleaved(configs: list[tuple[str, LLM, dict]], prompts: list[list[int
         llm.generate_batch(prompts[:min(batch, WARMUP)], config=params)  # warm-up
         prepared.append((name, llm, params))
     acc = {name: {"outputs": [], "texts": [], "seconds": 0.0, "forward_calls": 0, "target_forwards": 0,
-                  "draft_forwards": 0, "cycles": 0} for name, _, _ in configs}
+                  "draft_forwards": 0, "draft_positions": 0, "cycles": 0} for name, _, _ in configs}
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         for name, llm, params in prepared:
@@ -79,6 +79,7 @@ def run_interleaved(configs: list[tuple[str, LLM, dict]], prompts: list[list[int
                 a["forward_calls"] += st["forward_calls"]
                 a["target_forwards"] += st.get("target_forwards", st["forward_calls"])
                 a["draft_forwards"] += st.get("draft_forwards", 0)
+                a["draft_positions"] += st.get("draft_positions", 0)
                 a["cycles"] += st.get("cycles", st["forward_calls"])
         print(f"  batch {batch}: {min(i + batch, len(prompts))}/{len(prompts)} problems", flush=True)
     return acc
@@ -90,6 +91,7 @@ def _summary(a: dict, refs: list[str]) -> dict:
             "seconds": round(a["seconds"], 4), "tokens_per_s": round(tokens / a["seconds"], 2),
             "forward_calls": a["forward_calls"], "target_forwards": a["target_forwards"],
             "draft_forwards": a["draft_forwards"], "cycles": a["cycles"],
+            "draft_width": round(a["draft_positions"] / a["draft_forwards"], 2) if a["draft_forwards"] else None,
             "tokens_per_cycle": round(tokens / a["cycles"], 3),
             "tokens_per_forward": round(tokens / a["forward_calls"], 3)}
 
@@ -105,6 +107,9 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
                ("diffusion t=0.9 (adapted model)", adapted, dict(mode="diffusion", threshold=0.9), None)]
     configs += [(f"speculative k={k}", pair, dict(mode="speculative", draft_length=k), AR)
                 for k in args.draft_lengths]
+    configs += [(f"speculative k={k}, block draft cache", pair,
+                 dict(mode="speculative", draft_length=k, draft_cache="block"), AR)
+                for k in args.block_cache_lengths]
     configs += [(f"speculative k={k}, {args.refine_steps} draft forwards", pair,
                  dict(mode="speculative", draft_length=k, draft_steps=args.refine_steps), AR)
                 for k in args.refine_lengths]
@@ -162,18 +167,30 @@ def forward_latencies(widths: list[int], repeats: int, context: int) -> dict:
     return out
 
 
+def latency_at(lat: dict, width: float) -> float:
+    """Forward latency at `width` tokens, interpolated linearly between the measured widths."""
+    ws = sorted(int(key.split("_")[1]) for key in lat if key.startswith("width_"))
+    lo = max((w for w in ws if w <= width), default=ws[0])
+    hi = min((w for w in ws if w >= width), default=ws[-1])
+    if hi == lo:
+        return lat[f"width_{lo}"]
+    f = (width - lo) / (hi - lo)
+    return (1 - f) * lat[f"width_{lo}"] + f * lat[f"width_{hi}"]
+
+
 def projections(lat: dict, rows: list[dict], block: int) -> list[dict]:
     """Tokens/s the large model would reach at batch 1, from its forward latencies and this
-    run's tokens per cycle: a cycle costs one draft forward (width block, or 2 blocks when a
-    block is crossed, taken as the mean of the two) plus one verify forward (width k + 1)."""
+    run's tokens per cycle: a cycle costs one draft forward (of the row's measured mean draft
+    width) plus one verify forward (width k + 1)."""
     t_ar = lat["width_1"]
     out = []
     for r in rows:
         if r["batch"] != 1 or not r["config"].startswith("speculative k=") or "draft forwards" in r["config"]:
             continue
-        k = int(r["config"].split("=")[1])
-        t_cycle = (lat[f"width_{block}"] + lat[f"width_{2 * block}"]) / 2 + lat[f"width_{k + 1}"]
+        k = int(r["config"].split("=")[1].split(",")[0])
+        t_cycle = latency_at(lat, r["draft_width"]) + lat[f"width_{k + 1}"]
         out.append({"config": r["config"], "tokens_per_cycle": r["tokens_per_cycle"],
+                    "draft_width": r["draft_width"],
                     "cycle_seconds": round(t_cycle, 5), "ar_forward_seconds": round(t_ar, 5),
                     "projected_speedup_vs_ar": round(r["tokens_per_cycle"] * t_ar / t_cycle, 2)})
     return out
@@ -188,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--draft-lengths", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--refine-lengths", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--block-cache-lengths", type=int, nargs="+", default=[8],
+                    help="draft lengths also run with draft_cache block (the whole block re-encoded)")
     ap.add_argument("--refine-steps", type=int, default=2)
     ap.add_argument("--merged-lengths", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -202,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"problems": source, "max_new_tokens": args.max_new_tokens, "rows": rows}
     if not args.no_large:
         block = LARGE["bd_size"]
-        widths = sorted({1, block, 2 * block} | {k + 1 for k in args.draft_lengths})
+        widths = sorted({1, 8, 16, block, 2 * block} | {k + 1 for k in args.draft_lengths})
         lat = forward_latencies(widths, repeats=5, context=256)
         proj = projections(lat, rows, block)
         payload["large_model"] = {"latencies": lat, "projections": proj}
@@ -211,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         sections += [(f"Large random model ({lat['parameters'] / 1e6:.0f}M parameters, official layout): "
                       "forward latency at context 256", lat_rows, ["width", "seconds", "x_width_1"]),
                      ("Projected batch-1 speedup of the large model at this run's acceptance",
-                      proj, ["config", "tokens_per_cycle", "cycle_seconds", "ar_forward_seconds",
+                      proj, ["config", "tokens_per_cycle", "draft_width", "cycle_seconds", "ar_forward_seconds",
                              "projected_speedup_vs_ar"])]
     machine["load_average_after"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     notes = (f"{source}; greedy, max_new_tokens {args.max_new_tokens}, fp32, CPU. "

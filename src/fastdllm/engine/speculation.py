@@ -71,6 +71,7 @@ class SpeculationStats:
     cycles: int = 0
     drafted: int = 0
     accepted: int = 0
+    draft_positions: int = 0  # positions the draft forwards encoded (their widths, summed)
     new_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
@@ -92,6 +93,7 @@ class SpeculationStats:
             "tokens_per_cycle": round(self.new_tokens / self.cycles, 4) if self.cycles else 0.0,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "draft_positions": self.draft_positions,
         }
 
 
@@ -170,14 +172,16 @@ class Speculation:
         """Draft positions fixed once this step is done: an even left-to-right schedule."""
         return (self.draft_step + 1) * self.k // self.steps_this_cycle
 
-    def apply_draft(self, tokens: list[int], q: torch.Tensor | None) -> None:
-        """Drafted tokens (and their distributions when sampling) for this step's positions."""
+    def apply_draft(self, tokens: list[int], q: torch.Tensor | None, width: int) -> None:
+        """Drafted tokens (and their distributions when sampling) for this step's positions;
+        `width`: the positions this step's forward encoded for this sequence."""
         L = self.length
         if self.draft_step == 0:
             self.draft_done = L // self.block * self.block  # the whole blocks before L's are exact
             self.draft_valid = L
             self.tail_block = L // self.block
         to_fix = self._next_fix()
+        self.stats.draft_positions += width
         self.tokens[L + self.fixed: L + to_fix] = tokens
         if q is not None:
             self.q = q if self.fixed == 0 else torch.cat([self.q, q])

@@ -168,12 +168,13 @@ class SpeculativeEngine:
         greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
         a = 0
         for seq, chunk in zip(seqs, chunks):
-            b = a + len(chunk.logit_positions)
+            b, width = a + len(chunk.logit_positions), chunk.end - chunk.start
             if seq.params.greedy:
-                seq.apply_draft(greedy[a:b] if greedy is not None else logits[a:b].argmax(-1).tolist(), None)
+                seq.apply_draft(greedy[a:b] if greedy is not None else logits[a:b].argmax(-1).tolist(),
+                                None, width)
             else:
                 q = _distribution(logits[a:b], seq.params)
-                seq.apply_draft(torch.multinomial(q, 1, generator=seq.generator)[:, 0].tolist(), q)
+                seq.apply_draft(torch.multinomial(q, 1, generator=seq.generator)[:, 0].tolist(), q, width)
             a = b
 
     def _verify(self, seqs: list[Speculation]) -> None:
