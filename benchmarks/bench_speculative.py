@@ -145,25 +145,53 @@ LARGE = {"model_type": "Fast_dLLM_Qwen", "vocab_size": 1024, "hidden_size": 1024
 
 
 @torch.inference_mode()
-def forward_latencies(widths: list[int], repeats: int, context: int) -> dict:
-    """Median seconds of one forward of `width` tokens after `context` cached tokens, for a
-    random model in the official layout (config.json as published: Fast_dLLM_Qwen, bd_size)."""
-    cfg = ModelConfig.from_hf(LARGE)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    cache = KVCache(cfg.num_layers, 1, context + 2 * max(widths), cfg.num_kv_heads, cfg.head_dim,
+def forward_latencies(widths: list[int], repeats: int, context: int, model: Transformer | None = None,
+                      rows: int = 1) -> dict:
+    """Median seconds of one forward of `rows` rows of `width` tokens each after `context`
+    cached tokens; by default for a random model in the official layout (config.json as
+    published: Fast_dLLM_Qwen, bd_size)."""
+    if model is None:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_hf(LARGE)).eval()
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, rows, context + 2 * max(widths), cfg.num_kv_heads, cfg.head_dim,
                     torch.float32, "cpu")
-    out = {"parameters": model.num_parameters(), "config": LARGE, "context": context}
+    out = {"parameters": model.num_parameters(), "config": LARGE, "context": context, "rows": rows}
     for w in widths:
-        pos = torch.arange(context, context + w)[None]
-        mask = limit_mask(attention_limits(pos, torch.tensor([[1]])), context + w)
-        ids = torch.randint(0, cfg.vocab_size, (1, w))
+        pos = torch.arange(context, context + w)[None].expand(rows, -1)
+        mask = limit_mask(attention_limits(pos, torch.ones(rows, 1, dtype=torch.long)), context + w)
+        ids = torch.randint(0, cfg.vocab_size, (rows, w))
         times = []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            model(ids, pos, mask, CacheAccess(cache, slice(0, 1), pos, context + w), logits_slice=slice(-1, None))
+            model(ids, pos, mask, CacheAccess(cache, slice(0, rows), pos, context + w), logits_slice=slice(-1, None))
             times.append(time.perf_counter() - t0)
         out[f"width_{w}"] = sorted(times[1:])[len(times[1:]) // 2]
+    return out
+
+
+def batch_bounds(pair: LLM, rows: list[dict], widths: list[int], context: int = 128) -> list[dict]:
+    """For each batched speculative row, the speedup over AR its forwards alone allow:
+    tokens_per_cycle x cost(AR step of b rows) / (cost(b rows of the mean draft width) +
+    cost(b rows of k + 1)), with forward costs of the shipped models measured here at full
+    batch (the decode's tail, where rows have finished, is not modelled). On a compute-bound
+    CPU a forward's cost grows with its tokens, which is what caps batched speculation."""
+    out = []
+    for r in rows:
+        if not r["config"].startswith("speculative k=") or "draft forwards" in r["config"] or r["batch"] == 1:
+            continue
+        b, k = r["batch"], int(r["config"].split("=")[1].split(",")[0])
+        dw = r["draft_width"]
+        need = sorted({1, k + 1, int(dw), int(dw) + 1} | set(widths))
+        lat_t = forward_latencies(need, 9, context, pair.model, rows=b)
+        lat_d = forward_latencies(need, 9, context, pair.draft.model, rows=b)
+        cycle = latency_at(lat_d, dw) + lat_t[f"width_{k + 1}"]
+        out.append({"batch": b, "config": r["config"], "tokens_per_cycle": r["tokens_per_cycle"],
+                    "draft_width": dw, "ar_step_ms": round(1000 * lat_t["width_1"], 3),
+                    "draft_forward_ms": round(1000 * latency_at(lat_d, dw), 3),
+                    "verify_forward_ms": round(1000 * lat_t[f"width_{k + 1}"], 3),
+                    "forward_estimate_vs_ar": round(r["tokens_per_cycle"] * lat_t["width_1"] / cycle, 3),
+                    "measured_vs_ar": r["speedup_vs_ar"]})
     return out
 
 
@@ -204,11 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--draft-lengths", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--refine-lengths", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--refine-lengths", type=int, nargs="*", default=[8, 16])
     ap.add_argument("--block-cache-lengths", type=int, nargs="+", default=[8],
                     help="draft lengths also run with draft_cache block (the whole block re-encoded)")
     ap.add_argument("--refine-steps", type=int, default=2)
-    ap.add_argument("--merged-lengths", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--merged-lengths", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--no-large", action="store_true", help="skip the large random model")
     ap.add_argument("--out", type=Path, default=Path("docs/results/speculative_bench"))
@@ -219,6 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = benchmark(args, problems)
     sections = [("Shipped pair, greedy", rows, COLUMNS)]
     payload = {"problems": source, "max_new_tokens": args.max_new_tokens, "rows": rows}
+    if any(b > 1 for b in args.batch_sizes):
+        pair = LLM.load(args.target, device="cpu", draft_model=args.draft_model)
+        bounds = batch_bounds(pair, rows, [8, 16])
+        payload["batch_bounds"] = bounds
+        sections.append(("Batched rows: the speedup the cost of a cycle's two forwards allows (shipped "
+                         "models, full batch, context 128)", bounds, ["batch", "config", "tokens_per_cycle", "draft_width",
+                                                  "ar_step_ms", "draft_forward_ms", "verify_forward_ms",
+                                                  "forward_estimate_vs_ar", "measured_vs_ar"]))
     if not args.no_large:
         block = LARGE["bd_size"]
         widths = sorted({1, 8, 16, block, 2 * block} | {k + 1 for k in args.draft_lengths})
