@@ -128,11 +128,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/results/adaptation"))
     ap.add_argument("--plot", action="store_true", help="also <out>.png: accuracy vs adaptation tokens")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of an existing <out>.json (same split) that this run does not "
+                         "measure again: a curve evaluated checkpoint by checkpoint as training goes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = load_split(args.split, args.val_file, args.limit)
-    rows = []
+    rows, models = [], {}
+    old = args.out.with_suffix(".json")
+    if args.append and old.is_file():
+        prev = json.loads(old.read_text())
+        if prev.get("split") != args.split:
+            ap.error(f"{old} holds the {prev.get('split')} split; --append needs the same split")
+        rows, models = prev["rows"], prev.get("models", {})
     for label, path in args.model:
         llm = LLM.load(path, device=args.device, dtype=args.dtype)
         for setting in args.settings:
@@ -147,6 +156,7 @@ def main() -> None:
             if decode["mode"] == "diffusion" and llm.config.bd_size is None:
                 continue  # an AR checkpoint (no block size): causal only
             r = evaluate(llm, problems, args.batch_size, args.max_new_tokens, f"{label} {setting}", **decode)
+            rows = [x for x in rows if (x["model"], x["setting"]) != (label, setting)]
             rows.append({"model": label, "setting": setting, **r})
             print(f"{label:28s} {setting:14s} acc {100 * r['accuracy']:5.1f}%  "
                   f"tok/fwd {r['tokens_per_forward']:.2f}", flush=True)
@@ -155,7 +165,8 @@ def main() -> None:
              f"{args.max_new_tokens}, batch {args.batch_size}, {args.dtype} on {args.device}.")
     write_results(args.out, f"Adaptation: accuracy on the {args.split} split", machine_info(args.device),
                   [("Accuracy", rows, cols)], {"split": args.split, "rows": rows,
-                                               "models": {lbl: str(p) for lbl, p in args.model}}, notes)
+                                               "models": {**models, **{lbl: str(p) for lbl, p in args.model}}},
+                  notes)
     if args.plot:
         plot_curve(rows, args.out.with_suffix(".png"))
 

@@ -20,7 +20,7 @@ from fastdllm.tasks import FAMILIES  # noqa: E402
 MODELS = {"ar": ROOT / "models" / "fastdllm-wp-ar", "diffusion": ROOT / "models" / "fastdllm-wp-diffusion"}
 BENCH = ROOT / "docs" / "results" / "gsm_bench.json"
 # accuracy of the adapted model per decoding setting (benchmarks/bench_adaptation.py, bench_rules.py)
-ADAPTATION = [ROOT / "docs" / "results" / "adaptation" / "test_w1.json", ROOT / "docs" / "results" / "rules_test.json"]
+ADAPTATION = [ROOT / "docs" / "results" / "adaptation" / "test_shipped.json"]
 
 
 def _summary(d: Path) -> dict:
@@ -78,6 +78,8 @@ def _adaptation_section() -> str:
             setting = setting.replace("threshold rule", "official rule")
             if setting.startswith("t="):
                 setting = f"official rule, {setting}"
+            elif setting.startswith("la="):
+                setting = f"left-anchored rule, t={setting[3:]}" + (" (default)" if setting == "la=0.9" else "")
             lines.append(f"| {setting} | {100 * r['accuracy']:.1f}% | {r['tokens_per_forward']:.2f} |")
     if len(lines) == 2:
         return ""
@@ -104,7 +106,7 @@ def card(which: str, bench: dict) -> str:
                       "blocks of 32, per-block mask ratio t ~ U(0,1) (eps 1e-3), complementary masks, "
                       "noisy+clean concatenation with the block-diffusion attention mask, token shift, "
                       "blocks padded with loss-bearing end-of-turn tokens, plus the causal next-token "
-                      "(AR) loss of the clean rows with weight 1. Saved in the official "
+                      "(AR) loss of the clean rows with weight 3. Saved in the official "
                       "Fast_dLLM_v2 layout (`Fast_dLLM_QwenForCausalLM`, `bd_size` 32, `|<MASK>|`)."),
     }[which]
     usage = {"ar": "--mode ar", "diffusion": "--threshold 0.9"}[which]
