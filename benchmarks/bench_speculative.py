@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gsm import chat_prompts, load_problems  # noqa: E402
 from common import machine_info, write_results  # noqa: E402
 
-from fastdllm.model.config import ModelConfig  # noqa: E402
 from fastdllm.engine.attention import attention_limits, limit_mask  # noqa: E402
 from fastdllm.model.kv_cache import CacheAccess, KVCache  # noqa: E402
 from fastdllm.llm import LLM  # noqa: E402
@@ -139,9 +138,7 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- a memory-bound model
-LARGE = {"model_type": "Fast_dLLM_Qwen", "vocab_size": 1024, "hidden_size": 1024,
-         "intermediate_size": 4096, "num_hidden_layers": 12, "num_attention_heads": 16,
-         "num_key_value_heads": 2, "max_position_embeddings": 1024, "bd_size": 32, "mask_token_id": 3}
+LARGE_SHAPE = "qwen2.5-0.5b"  # bench_engine.SHAPES: Qwen2.5-0.5B's published shape, official layout
 
 
 @torch.inference_mode()
@@ -151,12 +148,15 @@ def forward_latencies(widths: list[int], repeats: int, context: int, model: Tran
     cached tokens; by default for a random model in the official layout (config.json as
     published: Fast_dLLM_Qwen, bd_size)."""
     if model is None:
-        torch.manual_seed(0)
-        model = Transformer(ModelConfig.from_hf(LARGE)).eval()
+        from bench_engine import build
+
+        model = build(LARGE_SHAPE, "cpu", torch.bfloat16)
     cfg = model.config
+    dtype = next(model.parameters()).dtype
     cache = KVCache(cfg.num_layers, rows, context + 2 * max(widths), cfg.num_kv_heads, cfg.head_dim,
-                    torch.float32, "cpu")
-    out = {"parameters": model.num_parameters(), "config": LARGE, "context": context, "rows": rows}
+                    dtype, "cpu")
+    out = {"parameters": model.num_parameters(), "dtype": str(dtype).replace("torch.", ""),
+           "context": context, "rows": rows}
     for w in widths:
         pos = torch.arange(context, context + w)[None].expand(rows, -1)
         mask = limit_mask(attention_limits(pos, torch.ones(rows, 1, dtype=torch.long)), context + w)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--draft-lengths", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--refine-lengths", type=int, nargs="*", default=[8, 16])
-    ap.add_argument("--block-cache-lengths", type=int, nargs="+", default=[8],
+    ap.add_argument("--block-cache-lengths", type=int, nargs="*", default=[8],
                     help="draft lengths also run with draft_cache block (the whole block re-encoded)")
     ap.add_argument("--refine-steps", type=int, default=2)
     ap.add_argument("--merged-lengths", type=int, nargs="*", default=[4, 8])
@@ -256,15 +256,16 @@ def main(argv: list[str] | None = None) -> None:
                                                   "ar_step_ms", "draft_forward_ms", "verify_forward_ms",
                                                   "forward_estimate_vs_ar", "measured_vs_ar"]))
     if not args.no_large:
-        block = LARGE["bd_size"]
-        widths = sorted({1, 8, 16, block, 2 * block} | {k + 1 for k in args.draft_lengths})
+        block = 32  # the large model's bd_size (official layout)
+        widths = sorted({1, 8, 16, 24, block, 2 * block} | {k + 1 for k in args.draft_lengths})
         lat = forward_latencies(widths, repeats=5, context=256)
         proj = projections(lat, rows, block)
         payload["large_model"] = {"latencies": lat, "projections": proj}
         lat_rows = [{"width": w, "seconds": round(lat[f"width_{w}"], 5),
                      "x_width_1": round(lat[f"width_{w}"] / lat["width_1"], 2)} for w in widths]
-        sections += [(f"Large random model ({lat['parameters'] / 1e6:.0f}M parameters, official layout): "
-                      "forward latency at context 256", lat_rows, ["width", "seconds", "x_width_1"]),
+        sections += [(f"Large random model ({LARGE_SHAPE} shape, {lat['parameters'] / 1e6:.0f}M parameters, "
+                      f"{lat['dtype']}, official layout): forward latency at context 256", lat_rows,
+                      ["width", "seconds", "x_width_1"]),
                      ("Projected batch-1 speedup of the large model at this run's acceptance",
                       proj, ["config", "tokens_per_cycle", "draft_width", "cycle_seconds", "ar_forward_seconds",
                              "projected_speedup_vs_ar"])]
