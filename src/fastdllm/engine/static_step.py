@@ -179,7 +179,10 @@ class StaticSteps:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        4 * len(self.widths) * len(self.batches)
                                                        * len(self.key_lens))
-            self._compiled = torch.compile(StaticShape.step, dynamic=False)
+            # cpp_wrapper: the compiled step calls its kernels from C++, not from Python; on the
+            # 2-core CPU that is what makes compiling pay (docs/design.md, "Static steps")
+            self._compiled = torch.compile(StaticShape.step, dynamic=False,
+                                           options={"cpp_wrapper": True})
         return self._compiled(shape)
 
     # ------------------------------------------------------------------ warm-up
