@@ -9,13 +9,16 @@ Rerun in one command (e.g. after the diffusion model is retrained), on the CPU i
 At each batch size, on the first `--limit` held-out problems, greedy:
 - two-model: the AR base (`--target`) alone, and verifying drafts of the adapted model
   (`--draft-model`) at draft lengths `--draft-lengths`, one draft forward per cycle, plus
-  refined drafts (`--refine-steps` forwards) at each draft length in `--refine-lengths`;
+  refined drafts (`--refine-steps` forwards) at each draft length in `--refine-lengths`, and
+  the whole block re-encoded every cycle (`draft_cache="block"`) at `--block-cache-lengths`;
 - the adapted model decoding diffusion at its default (threshold 0.9);
 - self-speculative (the adapted model alone): its own causal decoding (mode ar), speculative
   with block-diffusion drafts (k = 8) and the merged form (k = 4, 8), whose output is that
   causal decoding's;
-and, once, forward latencies of a larger random-weights model in the official layout (a CPU
-forward bound by reading the weights), with the speedup they imply at this run's acceptance.
+and, once, forward latencies of a larger random-weights model in the official layout (the
+Qwen2.5-0.5B shape in bf16, whose CPU forward is bound by reading the weights), with the
+speedup they imply at this run's acceptance; and for batches above 1, the speedup that the
+measured costs of a cycle's two forwards allow (forward_estimate_vs_ar).
 
 Configurations run round robin over each batch of problems (see `run_interleaved`), so the
 ratios hold on a loaded machine. Identity: a speculative row's outputs must equal, token for token, the AR outputs of its target
