@@ -7,6 +7,7 @@ to the same bytes they were loaded from."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -136,6 +137,37 @@ def test_static_step_equals_eager_token_for_token(llm, mode):
     # prompts longer than the widest static width prefill eagerly; the rest went static
     widths = {w for w, _, _ in used}
     assert widths <= {1, S, B}
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU (inductor) needs a C++ compiler")
+def test_compiled_cpu_step_equals_eager_token_for_token(llm, capsys):
+    """cpu_static="compile": one AR shape (width 1, batch 1, one key bucket) compiled at engine
+    start, then every AR step of the decode runs compiled and gives the eager tokens."""
+    compiled = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
+                   runner=RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
+    p = params("ar", max_new_tokens=20)
+    engine = compiled.engine(1, 64)
+    assert "1 shapes compiled" in capsys.readouterr().err
+    assert engine.runner.static.ready == {(1, 1, 64)}
+    for ids in (prompt(3), prompt(13)):
+        assert compiled.generate(ids, config=p).token_ids == llm.generate(ids, config=p).token_ids
+
+
+def test_failed_cpu_compile_falls_back_to_eager(llm, monkeypatch, capsys):
+    from fastdllm.engine import static_step
+
+    def broken(self, shape):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(static_step.StaticSteps, "compiled", broken)
+    compiled = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
+                   runner=RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
+    p = params("ar", max_new_tokens=12)
+    engine = compiled.engine(1, 64)
+    assert "compiling failed (RuntimeError: no C++ compiler); every step runs eagerly" in capsys.readouterr().err
+    assert not engine.runner.static.ready
+    assert compiled.generate(prompt(5), config=p).token_ids == llm.generate(prompt(5), config=p).token_ids
 
 
 def test_static_step_with_rows_joining_and_leaving(llm):

@@ -77,12 +77,15 @@ class LLM:
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
              mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
-             draft_model: str | Path | None = None, enforce_eager: bool = False) -> "LLM":
+             draft_model: str | Path | None = None, enforce_eager: bool = False,
+             cpu_compile: bool = False) -> "LLM":
         """`draft_model`: a block-diffusion model (same tokenizer) whose drafts this model
         verifies: decoding then defaults to mode "speculative" and gives this model's own output
         at several tokens per forward. `mask_token_id` is the draft's when a draft is given.
         `enforce_eager`: no CUDA graphs (on the GPU, static decode steps are captured when an
-        engine is built, with a progress line and a time cap; see RunnerConfig)."""
+        engine is built, with a progress line and a time cap; see RunnerConfig). `cpu_compile`:
+        on the CPU, compile the static decode steps with torch.compile when an engine is built
+        (faster steps after a warm-up of seconds per shape; docs/design.md, "Static steps")."""
         draft = None
         if draft_model is not None:
             draft = cls.load(draft_model, device=device, dtype=dtype, mask_token_id=mask_token_id,
@@ -101,7 +104,8 @@ class LLM:
             check_pair(model, draft.model, draft.special.mask_token_id)
             check_same_tokenizer(model_dir, tokenizer, draft.model_dir, draft.tokenizer)
             block = draft.default_block_size
-        runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block))
+        runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block),
+                              cpu_static="compile" if cpu_compile else "off")
         return cls(model, tokenizer, model_dir, special, default_block_size=block, draft=draft,
                    runner=runner)
 

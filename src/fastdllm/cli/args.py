@@ -16,6 +16,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="stop token id (repeatable); default: the checkpoint's eos ids")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs / compiled static steps)")
+    p.add_argument("--cpu-compile", action="store_true",
+                   help="on the CPU, torch.compile the decode steps at start (a warm-up of about "
+                        "15 s per shape, capped; then faster steps: for servers and long runs)")
     p.add_argument("--draft-model", default=None,
                    help="a block-diffusion model (same tokenizer) drafting for --model, which "
                         "verifies: --model's exact output, several tokens per forward "
@@ -73,4 +76,4 @@ def load_llm(args: argparse.Namespace):
 
     return LLM.load(args.model, device=args.device, dtype=args.dtype, mask_token_id=args.mask_token_id,
                     stop_token_ids=args.stop_token_id, draft_model=args.draft_model,
-                    enforce_eager=args.enforce_eager)
+                    enforce_eager=args.enforce_eager, cpu_compile=args.cpu_compile)

@@ -206,7 +206,13 @@ class StaticSteps:
                 if self.mode == "graph":
                     shape.capture(self.pool)
                 else:
-                    self.compiled(shape)
+                    try:
+                        self.compiled(shape)
+                    except Exception as e:  # e.g. no C++ compiler for inductor on this machine
+                        print(file=sys.stderr, flush=True)
+                        log(f"static steps: compiling failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); every step runs eagerly")
+                        return
                 self.ready.add(key)
                 done += 1
                 print(f"\rstatic steps: {done}/{len(keys)} shapes ready "
