@@ -5,6 +5,7 @@ Rerun in one command (e.g. after the diffusion model is retrained), on the CPU i
 
     OMP_NUM_THREADS=1 python benchmarks/bench_speculative.py            # 100 problems, batch 1 and 8
     python benchmarks/bench_speculative.py --limit 500 --draft-model DIR
+    python benchmarks/bench_speculative.py --device cuda --out docs/results/speculative_bench_cuda
 
 At each batch size, on the first `--limit` held-out problems, greedy:
 - two-model: the AR base (`--target`) alone, and verifying drafts of the adapted model
@@ -100,8 +101,8 @@ def _summary(a: dict, refs: list[str]) -> dict:
 
 def benchmark(args, problems: list[dict]) -> list[dict]:
     refs = [p["answer"] for p in problems]
-    pair = LLM.load(args.target, device="cpu", draft_model=args.draft_model)
-    adapted = LLM.load(args.draft_model, device="cpu")
+    pair = LLM.load(args.target, device=args.device, draft_model=args.draft_model)
+    adapted = LLM.load(args.draft_model, device=args.device)
     prompts = chat_prompts(pair, problems)
     AR, OWN = "AR target", "adapted model, causal (mode ar)"
     # (name, model, decoding, the AR row whose outputs it must reproduce)
@@ -146,31 +147,39 @@ LARGE_SHAPE = "qwen2.5-0.5b"  # bench_engine.SHAPES: Qwen2.5-0.5B's published sh
 
 @torch.inference_mode()
 def forward_latencies(widths: list[int], repeats: int, context: int, model: Transformer | None = None,
-                      rows: int = 1) -> dict:
+                      rows: int = 1, device: str = "cpu") -> dict:
     """Median seconds of one forward of `rows` rows of `width` tokens each after `context`
     cached tokens; by default for a random model in the official layout (config.json as
     published: Fast_dLLM_Qwen, bd_size)."""
     if model is None:
         from bench_engine import build
 
-        model = build(LARGE_SHAPE, "cpu", torch.bfloat16)
+        model = build(LARGE_SHAPE, device, torch.bfloat16)
     cfg = model.config
-    dtype = next(model.parameters()).dtype
+    p = next(model.parameters())
+    dtype, dev = p.dtype, p.device
     cache = KVCache(cfg.num_layers, rows, context + 2 * max(widths), cfg.num_kv_heads, cfg.head_dim,
-                    dtype, "cpu")
+                    dtype, dev)
     out = {"parameters": model.num_parameters(), "dtype": str(dtype).replace("torch.", ""),
            "context": context, "rows": rows}
     for w in widths:
-        pos = torch.arange(context, context + w)[None].expand(rows, -1)
-        mask = limit_mask(attention_limits(pos, torch.ones(rows, 1, dtype=torch.long)), context + w)
-        ids = torch.randint(0, cfg.vocab_size, (rows, w))
+        pos = torch.arange(context, context + w, device=dev)[None].expand(rows, -1)
+        mask = limit_mask(attention_limits(pos, torch.ones(rows, 1, dtype=torch.long, device=dev)), context + w)
+        ids = torch.randint(0, cfg.vocab_size, (rows, w), device=dev)
         times = []
         for _ in range(repeats + 1):
+            _sync(dev)
             t0 = time.perf_counter()
             model(ids, pos, mask, CacheAccess(cache, slice(0, rows), pos, context + w), logits_slice=slice(-1, None))
+            _sync(dev)
             times.append(time.perf_counter() - t0)
         out[f"width_{w}"] = sorted(times[1:])[len(times[1:]) // 2]
     return out
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def batch_bounds(pair: LLM, rows: list[dict], widths: list[int], context: int = 128) -> list[dict]:
@@ -187,7 +196,7 @@ def batch_bounds(pair: LLM, rows: list[dict], widths: list[int], context: int = 
         dw = r["draft_width"]
         need = sorted({1, k + 1, int(dw), int(dw) + 1} | set(widths))
         lat_t = forward_latencies(need, 9, context, pair.model, rows=b)
-        lat_d = forward_latencies(need, 9, context, pair.draft.model, rows=b)
+        lat_d = forward_latencies(need, 9, context, pair.draft.model, rows=b)  # on the models' device
         cycle = latency_at(lat_d, dw) + lat_t[f"width_{k + 1}"]
         out.append({"batch": b, "config": r["config"], "tokens_per_cycle": r["tokens_per_cycle"],
                     "draft_width": dw, "ar_step_ms": round(1000 * lat_t["width_1"], 3),
@@ -242,16 +251,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merged-lengths", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--no-large", action="store_true", help="skip the large random model")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (models in fp32 on the CPU, bf16 on a GPU)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/speculative_bench"))
     args = ap.parse_args(argv)
     problems, source = load_problems(args.test_file, args.limit)
-    machine = machine_info("cpu")
+    machine = machine_info(args.device)
     machine["load_average_1_5_15_min"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = benchmark(args, problems)
     sections = [("Shipped pair, greedy", rows, COLUMNS)]
     payload = {"problems": source, "max_new_tokens": args.max_new_tokens, "rows": rows}
     if any(b > 1 for b in args.batch_sizes):
-        pair = LLM.load(args.target, device="cpu", draft_model=args.draft_model)
+        pair = LLM.load(args.target, device=args.device, draft_model=args.draft_model)
         bounds = batch_bounds(pair, rows, [8, 16])
         payload["batch_bounds"] = bounds
         sections.append(("Batched rows: the speedup the cost of a cycle's two forwards allows (shipped "
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_large:
         block = 32  # the large model's bd_size (official layout)
         widths = sorted({1, 8, 16, 24, block, 2 * block} | {k + 1 for k in args.draft_lengths})
-        lat = forward_latencies(widths, repeats=5, context=256)
+        lat = forward_latencies(widths, repeats=5, context=256, device=args.device)
         proj = projections(lat, rows, block)
         payload["large_model"] = {"latencies": lat, "projections": proj}
         lat_rows = [{"width": w, "seconds": round(lat[f"width_{w}"], 5),
@@ -273,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                       proj, ["config", "tokens_per_cycle", "draft_width", "cycle_seconds", "ar_forward_seconds",
                              "projected_speedup_vs_ar"])]
     machine["load_average_after"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    notes = (f"{source}; greedy, max_new_tokens {args.max_new_tokens}, fp32, CPU. "
+    where = "fp32, CPU" if args.device == "cpu" else f"bf16, {args.device}"
+    notes = (f"{source}; greedy, max_new_tokens {args.max_new_tokens}, {where}. "
              "`identical_%`: outputs equal token for token to the AR decoding of the row's target "
              "in this run (the AR base for two-model rows; the adapted model's own causal "
              "decoding for self-speculative rows). target/draft forwards are per problem. "
