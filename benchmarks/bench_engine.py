@@ -51,7 +51,12 @@ SHAPES = {
 }
 
 
+SHIPPED_AR = Path(__file__).resolve().parents[1] / "models" / "fastdllm-wp-ar"
+
+
 def build(shape: str, device: str, dtype: torch.dtype) -> Transformer:
+    if shape == "shipped-ar":  # the shipped AR model's real weights (step costs only)
+        return LLM.load(SHIPPED_AR, device=device).model.to(dtype).eval()
     official = shape != "tiny"  # the published Fast_dLLM_v2 layout: Qwen2 weights + bd_size
     cfg = ModelConfig(**SHAPES[shape], qkv_bias=True, max_position_embeddings=4096,
                       model_type="Fast_dLLM_Qwen" if official else "qwen2", bd_size=32 if official else None,
@@ -196,7 +201,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="tiny model; default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--big-dtype", default="bfloat16", help="the 0.5B shape (default bfloat16)")
-    ap.add_argument("--models", nargs="+", default=["tiny", "qwen2.5-0.5b"], choices=list(SHAPES))
+    ap.add_argument("--models", nargs="+", default=["tiny", "qwen2.5-0.5b"],
+                    choices=list(SHAPES) + ["shipped-ar"])
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--sub-block-size", type=int, default=8)
@@ -204,6 +210,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--cpu-compile", action="store_true",
+                    help="CPU: also the step compiled by torch.compile (cpu_static compile), next to a "
+                         "second floor measurement; the 0.5B shape is skipped (compiling it takes minutes)")
     ap.add_argument("--out", default="docs/results/engine_bench")
     args = ap.parse_args()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -211,10 +220,10 @@ def main() -> None:
 
     cost_rows, speed_rows, mixed_rows = [], [], []
     for shape in args.models:
-        mdtype = dtype if shape == "tiny" else dtypes[args.big_dtype]
+        mdtype = dtype if shape in ("tiny", "shipped-ar") else dtypes[args.big_dtype]
         model = build(shape, args.device, mdtype)
         n_params = model.num_parameters()
-        big = shape != "tiny" and args.device == "cpu"
+        big = shape == "qwen2.5-0.5b" and args.device == "cpu"
         reps = max(3, args.reps // 3) if big else args.reps
         costs = {}
         for width in (1, args.sub_block_size, args.block_size):
@@ -226,12 +235,21 @@ def main() -> None:
             if args.device.startswith("cuda"):  # the same step replayed from a CUDA graph
                 extra["graph_ms_per_step"] = round(step_cost(_llm(model), width, args.context,
                                                              args.block_size, args.device, reps), 3)
+            elif args.cpu_compile and not big:  # the same step compiled (cpu_static="compile")
+                compiled = _llm(model, RunnerConfig(cpu_static="compile", widths=(width,), max_batch=1))
+                c_ms = step_cost(compiled, width, args.context, args.block_size, args.device, reps)
+                floor_again = matmul_floor(model, width, args.device, reps)  # measured next to it
+                extra.update(compiled_ms_per_step=round(c_ms, 3),
+                             compiled_overhead_pct=round(100 * (1 - floor_again / c_ms), 1))
             cost_rows.append({"model": shape, "dtype": str(mdtype).replace("torch.", ""),
                               "params_M": round(n_params / 1e6, 1), "width": width,
                               "context": args.context, "ms_per_step": round(ms, 3),
                               "ms_per_token": round(ms / width, 3), "matmul_floor_ms": round(floor, 3),
                               "overhead_%": round(100 * (1 - floor / ms), 1), **extra})
             print(cost_rows[-1], flush=True)
+        if shape == "shipped-ar":  # step costs only: decoding speed is bench_gsm's job
+            del model
+            continue
         if not big:
             for mix, widths in MIXES.items():
                 m = mixed_step_cost(model, widths, args.context, args.block_size, args.device, reps)
@@ -258,7 +276,8 @@ def main() -> None:
         out, "Engine benchmark (random weights)", machine,
         [("Cost of one engine step against a warm cache, and the matrix-product floor", cost_rows,
           ["model", "dtype", "params_M", "width", "context", "ms_per_step", "ms_per_token",
-           "matmul_floor_ms", "overhead_%"] + (["graph_ms_per_step"] if args.device != "cpu" else [])),
+           "matmul_floor_ms", "overhead_%"] + (["graph_ms_per_step"] if args.device != "cpu" else [])
+          + (["compiled_ms_per_step", "compiled_overhead_pct"] if args.cpu_compile and args.device == "cpu" else [])),
          ("One step over rows of different widths: packed, padded, or one forward per width",
           mixed_rows, ["model", "rows", "tokens", "packed_ms", "padded_ms", "per_width_ms"]),
          ("AR vs diffusion decoding on the same engine", speed_rows,
