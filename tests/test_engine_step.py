@@ -34,6 +34,11 @@ def llm(checkpoint_factory) -> LLM:
     return LLM.load(checkpoint_factory("qwen2", lm_head_scale=12.0), device="cpu")
 
 
+def with_runner(llm: LLM, runner: RunnerConfig) -> LLM:
+    """The same model, tokenizer and block size, its steps run as `runner` says."""
+    return LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B, runner=runner)
+
+
 def params(mode: str = "diffusion", **kw) -> DecodeConfig:
     base = dict(block_size=B, sub_block_size=S, threshold=0.6, max_new_tokens=21)
     if mode == "ar":
@@ -118,10 +123,8 @@ def test_seeded_sampling_in_a_mixed_batch_equals_alone(llm):
 def test_static_step_equals_eager_token_for_token(llm, mode):
     """The padded, bucketed step that CUDA graphs capture, run eagerly on the CPU: batch buckets
     with spare rows, rows padded up to the step width, KV of spare places in the scratch slot."""
-    static = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
-                 runner=RunnerConfig(cpu_static="eager", widths=(1, S, B)))
-    eager = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
-                runner=RunnerConfig(enforce_eager=True))
+    static = with_runner(llm, RunnerConfig(cpu_static="eager", widths=(1, S, B)))
+    eager = with_runner(llm, RunnerConfig(enforce_eager=True))
     prompts = [prompt(n, n) for n in (3, 8, 13, 16, 5)]  # shorter than, equal to, longer than B
     for kw in ({}, {"sub_block_cache": False}, {"threshold": 1.0}):
         p = params(mode, **kw) if mode == "diffusion" else params("ar")
@@ -144,8 +147,7 @@ def test_static_step_equals_eager_token_for_token(llm, mode):
 def test_compiled_cpu_step_equals_eager_token_for_token(llm, capsys):
     """cpu_static="compile": one AR shape (width 1, batch 1, one key bucket) compiled at engine
     start, then every AR step of the decode runs compiled and gives the eager tokens."""
-    compiled = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
-                   runner=RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
+    compiled = with_runner(llm, RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
     p = params("ar", max_new_tokens=20)
     engine = compiled.engine(1, 64)
     assert "1 shapes compiled" in capsys.readouterr().err
@@ -161,8 +163,7 @@ def test_failed_cpu_compile_falls_back_to_eager(llm, monkeypatch, capsys):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(static_step.StaticSteps, "compiled", broken)
-    compiled = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
-                   runner=RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
+    compiled = with_runner(llm, RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
     p = params("ar", max_new_tokens=12)
     engine = compiled.engine(1, 64)
     assert "compiling failed (RuntimeError: no C++ compiler); every step runs eagerly" in capsys.readouterr().err
@@ -171,8 +172,7 @@ def test_failed_cpu_compile_falls_back_to_eager(llm, monkeypatch, capsys):
 
 
 def test_static_step_with_rows_joining_and_leaving(llm):
-    static = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
-                 runner=RunnerConfig(cpu_static="eager", widths=(1, S, B)))
+    static = with_runner(llm, RunnerConfig(cpu_static="eager", widths=(1, S, B)))
     seqs, _ = run_schedule(static.engine(8, 64), mixed_schedule())
     for seq in seqs:
         assert seq.output_ids() == alone(llm, seq.tokens[: seq.prompt_len], seq.params).token_ids
@@ -219,7 +219,7 @@ def count_syncs(monkeypatch):
 @pytest.mark.parametrize("runner", [RunnerConfig(enforce_eager=True),
                                     RunnerConfig(cpu_static="eager", widths=(1, S, B))])
 def test_each_step_reads_back_from_the_device_once(llm, count_syncs, runner):
-    user = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B, runner=runner)
+    user = with_runner(llm, runner)
     engine = user.engine(10, 64)
     schedule = mixed_schedule()
     schedule[1] = [(prompt(6), params(temperature=0.8, seed=3))]
@@ -242,7 +242,7 @@ def test_every_decoding_rule_keeps_one_read_per_step_and_decodes_as_alone(llm, c
     """Rows of the three parallel-decoding rules (selection.py) in one engine: the entropies the
     entropy-bounded rule spends come back in the step's one transfer, and a step holding such a
     row runs eagerly even where static steps are on, with the same output."""
-    user = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B, runner=runner)
+    user = with_runner(llm, runner)
     engine = user.engine(6, 64)
     rows = [(prompt(3 + 4 * i, i), params(rule=rule, threshold=t))
             for i, (rule, t) in enumerate([("threshold", 0.6), ("left_anchored", 0.6), ("entropy_bounded", 0.6),

@@ -62,6 +62,24 @@ class EngineStats:
     seconds: float = 0.0
 
 
+class StepRecord:
+    """What a step remembers of its sequences before it runs, to report afterwards what it made
+    final (the Step) and to count it in the engine's stats; shared by both engines."""
+
+    def __init__(self, seqs: list, stats: EngineStats):
+        self.t0 = time.perf_counter()
+        self.seqs, self.stats = seqs, stats
+        self.final_before = [s.final_len for s in seqs]
+        self.calls_before = stats.forward_calls
+
+    def finish(self) -> Step:
+        self.stats.steps += 1
+        self.stats.seconds += time.perf_counter() - self.t0
+        deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
+                       for s, start in zip(self.seqs, self.final_before))
+        return Step(deltas, self.stats.forward_calls - self.calls_before)
+
+
 class Engine:
     def __init__(self, model: Transformer, *, max_slots: int, max_len: int,
                  mask_token_id: int | None, stop_token_ids: tuple[int, ...],
@@ -150,10 +168,8 @@ class Engine:
         and the sequences batched with it advance as if it had not been there. When the batched
         forward raises, its rows are retried one by one, so only the culprit fails (a step is
         then one forward per row: only after a failure)."""
-        t0 = time.perf_counter()
         seqs = list(self.running)
-        final_before = [s.final_len for s in seqs]
-        calls_before = self.stats.forward_calls
+        record = StepRecord(seqs, self.stats)
         rows: list[Row] = []
         for seq in seqs:
             if not seq.finished:
@@ -171,11 +187,7 @@ class Engine:
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self._release(seq)
-        self.stats.steps += 1
-        self.stats.seconds += time.perf_counter() - t0
-        deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
-                       for s, start in zip(seqs, final_before))
-        return Step(deltas, self.stats.forward_calls - calls_before)
+        return record.finish()
 
     def _draw(self, rows: list[Row]) -> list:
         """[(rows, (tokens, conf, entropy, spans))]: the step's one forward and draw, or, when it raises,

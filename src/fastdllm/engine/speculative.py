@@ -19,14 +19,13 @@ cycles without a draft (the server's per-request opt-out).
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Iterator, NamedTuple
 
 import torch
 
 from ..errors import FastDLLMError
 from ..model.transformer import Transformer
-from .engine import Delta, EngineStats, Step
+from .engine import EngineStats, Step, StepRecord
 from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
 from .params import DecodeConfig, RunnerConfig
 from .runner import ModelRunner
@@ -134,10 +133,8 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def step(self) -> Step:
         """One draft + verify cycle for every running sequence; finished ones leave `running`."""
-        t0 = time.perf_counter()
         seqs = list(self.running)
-        final_before = [s.final_len for s in seqs]
-        calls_before = self.stats.forward_calls
+        record = StepRecord(seqs, self.stats)
         active = [s for s in seqs if not s.finished]
         for seq in active:
             seq.begin_cycle()
@@ -152,11 +149,7 @@ class SpeculativeEngine:
             self._verify(plain)
         for seq in [s for s in self.running if s.finished]:
             self.abort(seq)
-        self.stats.steps += 1
-        self.stats.seconds += time.perf_counter() - t0
-        deltas = tuple(Delta(s, start, max(start, s.final_len), s.finished)
-                       for s, start in zip(seqs, final_before))
-        return Step(deltas, self.stats.forward_calls - calls_before)
+        return record.finish()
 
     # ------------------------------------------------------------------ the two forwards
     def _draft(self, seqs: list[Speculation]) -> None:
