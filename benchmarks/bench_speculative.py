@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gsm import chat_prompts, load_problems  # noqa: E402
+from bench_gsm import _sync, chat_prompts, load_problems  # noqa: E402
 from common import machine_info, write_results  # noqa: E402
 
 from fastdllm.engine.attention import attention_limits, limit_mask  # noqa: E402
@@ -175,11 +175,6 @@ def forward_latencies(widths: list[int], repeats: int, context: int, model: Tran
             times.append(time.perf_counter() - t0)
         out[f"width_{w}"] = sorted(times[1:])[len(times[1:]) // 2]
     return out
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def batch_bounds(pair: LLM, rows: list[dict], widths: list[int], context: int = 128) -> list[dict]:

@@ -216,6 +216,18 @@ def count_syncs(monkeypatch):
     return mode
 
 
+def steps_with_one_read_each(engine, count_syncs) -> int:
+    """Step the engine to the end, asserting one host read per step; returns the steps."""
+    steps = 0
+    while engine.running:
+        count_syncs.count = 0
+        with count_syncs:
+            engine.step()
+        assert count_syncs.count == 1, f"step {steps}: {count_syncs.count} host reads"
+        steps += 1
+    return steps
+
+
 @pytest.mark.parametrize("runner", [RunnerConfig(enforce_eager=True),
                                     RunnerConfig(cpu_static="eager", widths=(1, S, B))])
 def test_each_step_reads_back_from_the_device_once(llm, count_syncs, runner):
@@ -226,13 +238,7 @@ def test_each_step_reads_back_from_the_device_once(llm, count_syncs, runner):
     for k in sorted(schedule):
         for ids, p in schedule[k]:
             engine.add(ids, p)
-    steps = 0
-    while engine.running:
-        count_syncs.count = 0
-        with count_syncs:
-            engine.step()
-        assert count_syncs.count == 1, f"step {steps}: {count_syncs.count} host reads"
-        steps += 1
+    steps = steps_with_one_read_each(engine, count_syncs)
     assert steps > 5
 
 
@@ -249,13 +255,7 @@ def test_every_decoding_rule_keeps_one_read_per_step_and_decodes_as_alone(llm, c
                                            ("entropy_bounded", 0.9), ("left_anchored", 0.9)])]
     rows.append((prompt(7, 9), params(rule="entropy_bounded", temperature=0.8, seed=5)))
     seqs = [engine.add(ids, p) for ids, p in rows]
-    steps = 0
-    while engine.running:
-        count_syncs.count = 0
-        with count_syncs:
-            engine.step()
-        assert count_syncs.count == 1, f"step {steps}: {count_syncs.count} host reads"
-        steps += 1
+    steps_with_one_read_each(engine, count_syncs)
     for seq, (ids, p) in zip(seqs, rows):
         solo = alone(llm, ids, p)
         assert seq.output_ids() == solo.token_ids, p.rule

@@ -62,6 +62,17 @@ class EngineStats:
     seconds: float = 0.0
 
 
+def check_room(prompt_len: int, params: DecodeConfig, max_len: int) -> None:
+    """A request must fit an engine slot (prompt + max_new_tokens, rounded as its decoding
+    needs); checked before a sequence allocates anything. Shared by both engines."""
+    needed = params.cache_len(prompt_len)
+    if needed > max_len:
+        raise FastDLLMError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) "
+            f"needs {needed} positions but the engine holds {max_len}",
+            field="max_new_tokens")
+
+
 class StepRecord:
     """What a step remembers of its sequences before it runs, to report afterwards what it made
     final (the Step) and to count it in the engine's stats; shared by both engines."""
@@ -124,12 +135,7 @@ class Engine:
                 "(no mask_token_id in config.json, no |<MASK>| in the tokenizer): give its id, "
                 "decode autoregressively, or adapt the model with `fastdllm train`",
                 field="mode", fixes=[("mask_token_id", None), ("mode", "ar")])
-        needed = params.cache_len(len(prompt_ids))
-        if needed > self.max_len:  # checked before the sequence allocates its buffers
-            raise FastDLLMError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"needs {needed} positions but the engine holds {self.max_len}",
-                field="max_new_tokens")
+        check_room(len(prompt_ids), params, self.max_len)
         seq = Sequence(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                        stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                        device=self.device)

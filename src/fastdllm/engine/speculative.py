@@ -25,7 +25,7 @@ import torch
 
 from ..errors import FastDLLMError
 from ..model.transformer import Transformer
-from .engine import EngineStats, Step, StepRecord
+from .engine import EngineStats, Step, StepRecord, check_room
 from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
 from .params import DecodeConfig, RunnerConfig
 from .runner import ModelRunner
@@ -111,12 +111,7 @@ class SpeculativeEngine:
         if params.merged and params.draft_length > MAX_MERGED_DRAFT:
             raise FastDLLMError(f"the merged form drafts at most {MAX_MERGED_DRAFT} tokens per "
                                 f"cycle, got draft_length {params.draft_length}", field="draft_length")
-        needed = params.cache_len(len(prompt_ids))
-        if needed > self.max_len:
-            raise FastDLLMError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"needs {needed} positions but the engine holds {self.max_len}",
-                field="max_new_tokens")
+        check_room(len(prompt_ids), params, self.max_len)
         seq = Speculation(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                           stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                           device=self.device)
