@@ -231,9 +231,10 @@ def run_hf(model, decode_text, prompts: list[list[int]], refs: list[str], batch:
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_ar_engine / speedup_vs_transformers for every row, at the same batch size."""
     base = {(r["kind"], r["batch"]): r["tokens_per_s"] for r in rows
-            if r["kind"] in ("ar_engine", "ar_transformers") and r["status"] == "ok"}
+            if r["kind"] in ("ar_engine", "ar_engine_compiled", "ar_transformers") and r["status"] == "ok"}
     for r in rows:
         for kind, key in (("ar_engine", "speedup_vs_ar_engine"),
+                          ("ar_engine_compiled", "speedup_vs_ar_compiled"),
                           ("ar_transformers", "speedup_vs_transformers")):
             ref = base.get((kind, r["batch"]))
             ok = r["status"] == "ok" and ref
@@ -316,15 +317,20 @@ def lean_goals_markdown(rows: list[dict], batch_sizes: list[int]) -> str:
                 lines.append(f"- batch {b}, {what} >= {goal:g}x transformers' generate: "
                              f"{ar['speedup_vs_transformers']:.2f}x {'**reached**' if ok else '**not reached**'}")
         base = _find(rows, kind="baseline", batch=b, threshold=GOAL_THRESHOLD)
-        if base and base.get("ours_over_baseline"):
-            ok = base["ours_over_baseline"] >= GOAL_DIFFUSION_VS_BASELINE
-            lines.append(f"- batch {b}, diffusion t={GOAL_THRESHOLD:g} >= {GOAL_DIFFUSION_VS_BASELINE:g}x the "
-                         f"baseline engine: {base['ours_over_baseline']:.2f}x, same tokens: "
-                         f"{base['same_tokens']} {'**reached**' if ok else '**not reached**'}")
-        dif = _find(rows, kind="diffusion", batch=b, threshold=GOAL_THRESHOLD, sub_block_cache=True)
-        if dif and dif.get("bound_vs_ar") is not None:
-            lines.append(f"- batch {b}, diffusion t={GOAL_THRESHOLD:g} over our AR: {dif['speedup_vs_ar_engine']:.2f}x "
-                         f"measured, bound tokens_per_forward x cost(1)/cost(S) = {dif['bound_vs_ar']:.2f}x")
+        for prefix, what in (("", ""), ("compiled_", ", compiled")):
+            if base and base.get(f"{prefix}ours_over_baseline"):
+                x = base[f"{prefix}ours_over_baseline"]
+                lines.append(f"- batch {b}, diffusion t={GOAL_THRESHOLD:g} (official rule{what}) >= "
+                             f"{GOAL_DIFFUSION_VS_BASELINE:g}x the baseline engine: {x:.2f}x, same tokens: "
+                             f"{base[f'{prefix}same_tokens']} "
+                             f"{'**reached**' if x >= GOAL_DIFFUSION_VS_BASELINE else '**not reached**'}")
+        for kind, what, ref in (("diffusion", "", "speedup_vs_ar_engine"),
+                                ("diffusion_compiled", ", compiled", "speedup_vs_ar_compiled")):
+            dif = _find(rows, kind=kind, batch=b, threshold=GOAL_THRESHOLD, sub_block_cache=True)
+            if dif and dif.get("bound_vs_ar") is not None and dif.get(ref) is not None:
+                lines.append(f"- batch {b}, diffusion t={GOAL_THRESHOLD:g}{what} over our AR{what}: "
+                             f"{dif[ref]:.2f}x measured, bound tokens_per_forward x cost(1)/cost(S) = "
+                             f"{dif['bound_vs_ar']:.2f}x")
     return "\n".join(lines)
 
 
@@ -382,10 +388,14 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
     dif = _load(args.diffusion_model, args)
     dif_prompts = chat_prompts(dif, problems)
     common = dict(max_new_tokens=args.max_new_tokens)
-    compiled = None
-    if args.compiled:  # the AR engine with compiled static steps (RunnerConfig.cpu_static)
+    compiled = dif_compiled = None
+    if args.compiled:  # both models again, with compiled static steps (RunnerConfig.cpu_static)
         compiled = _load(args.ar_model, args)
         compiled.runner = RunnerConfig(cpu_static="compile", widths=(1,), warmup_seconds=args.compile_cap)
+        dif_compiled = _load(args.diffusion_model, args)
+        block = dif_compiled.default_block_size
+        dif_compiled.runner = RunnerConfig(cpu_static="compile", widths=(block // 4, block),
+                                           warmup_seconds=args.compile_cap)
 
     rows = []
 
@@ -405,9 +415,11 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
                     lambda c, b=b: run_hf(hf, ar.decode, prompts[c], refs[c], b, stop_ids=stop_ids,
                                           pad_id=pad_id, **common))]
         if compiled is not None:
-            t0 = time.perf_counter()  # compile every static shape before anything is timed
-            compiled.engine(b, max(compiled.decode_config(**common).cache_len(len(p)) for p in prompts))
-            print(f"compiled AR engine for batch {b}: {time.perf_counter() - t0:.0f} s of warm-up", flush=True)
+            for name, llm, ps in (("AR", compiled, prompts), ("diffusion", dif_compiled, dif_prompts)):
+                t0 = time.perf_counter()  # compile every static shape before anything is timed
+                llm.engine(b, max(llm.decode_config(**common).cache_len(len(p)) for p in ps))
+                print(f"compiled {name} engine for batch {b}: {time.perf_counter() - t0:.0f} s of warm-up",
+                      flush=True)
             configs.insert(1, ("AR (fastdllm engine, compiled)", ("ar_engine_compiled", args.ar_model, b),
                                lambda c, b=b: run_engine(compiled, prompts[c], refs[c], b, mode="ar", **common)))
         for t in args.thresholds:
@@ -417,11 +429,26 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
                                 lambda c, b=b, t=t, cache=cache: run_engine(
                                     dif, dif_prompts[c], refs[c], b, mode="diffusion", threshold=t,
                                     sub_block_cache=cache, **common)))
+            if compiled is not None and t == GOAL_THRESHOLD:
+                configs.append((f"diffusion t={t:g}, compiled",
+                                ("diffusion_compiled", args.diffusion_model, b, t, True, True),
+                                lambda c, b=b, t=t: run_engine(dif_compiled, dif_prompts[c], refs[c], b,
+                                                               mode="diffusion", threshold=t, **common)))
         if args.baseline_src:
             configs.append(("AR (baseline engine)", ("baseline", args.ar_model, b),
                             lambda c, b=b: run_baseline(args.baseline_src, args.ar_model, ar, prompts[c],
                                                         refs[c], b, mode="ar", args=args, **common)))
             for t in args.baseline_thresholds:
+                # the baseline code knows only the official rule: ours decodes with it too, so the
+                # two must give the same tokens
+                for llm, kind, what in ((dif, "diffusion_official", ""),
+                                        (dif_compiled, "diffusion_official_compiled", ", compiled")):
+                    if llm is not None:
+                        configs.append((f"diffusion t={t:g}, official rule{what}",
+                                        (kind, args.diffusion_model, b, t, True, True),
+                                        lambda c, b=b, t=t, llm=llm: run_engine(
+                                            llm, dif_prompts[c], refs[c], b, mode="diffusion", threshold=t,
+                                            rule="threshold", **common)))
                 configs.append((f"diffusion t={t:g} (baseline engine)",
                                 ("baseline", args.diffusion_model, b, t, True, True),
                                 lambda c, b=b, t=t: run_baseline(
@@ -437,8 +464,12 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
         merged = {name: _row(name, *spec, **merge_metrics(parts[name])) for name, spec, _ in configs}
         for name, row in merged.items():
             if name.endswith("(baseline engine)"):
-                ours = "AR (fastdllm engine)" if name.startswith("AR") else name.replace(" (baseline engine)", "")
-                _compare(row, merged.get(ours))
+                if name.startswith("AR"):
+                    ours, ours_compiled = "AR (fastdllm engine)", "AR (fastdllm engine, compiled)"
+                else:
+                    ours = name.replace(" (baseline engine)", ", official rule")
+                    ours_compiled = ours + ", compiled"
+                _compare(row, merged.get(ours), merged.get(ours_compiled))
             add(row)
     b = max(args.batch_sizes)
     if args.skip_diagnostics:
@@ -485,30 +516,41 @@ def merge_metrics(parts: list[dict]) -> dict:
     return out
 
 
-def _compare(base: dict, ours: dict | None) -> dict:
-    """Our row's speed over the baseline's, and whether both decoded the same tokens."""
-    if ours is not None:
-        base["ours_over_baseline"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 3)
-        base["same_tokens"] = ours["outputs"] == base["outputs"]
+def _compare(base: dict, ours: dict | None, ours_compiled: dict | None = None) -> dict:
+    """Our rows' speed (eager, compiled) over the baseline's, and whether each decoded the
+    baseline's tokens."""
+    for row, prefix in ((ours, ""), (ours_compiled, "compiled_")):
+        if row is not None:
+            base[f"{prefix}ours_over_baseline"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
+            base[f"{prefix}same_tokens"] = row["outputs"] == base["outputs"]
     return base
 
 
-def step_bound(llm: LLM, sub_block: int, block: int, device: str) -> dict:
-    """Engine-step cost (ms) of 1 and S tokens on this model at a 256-token context."""
+def step_bound(llm: LLM, sub_block: int, block: int, device: str, compiled: bool = False) -> dict:
+    """Engine-step cost (ms) of 1 and S tokens on this model at a 256-token context (and of
+    the same steps compiled, for the compiled rows' bound)."""
     from bench_engine import step_cost
 
-    one = step_cost(llm, 1, 256, block, device, 30)
-    sub = step_cost(llm, sub_block, 256, block, device, 30)
+    out = {"S": sub_block}
+    for prefix, runner in (("", None), ("compiled_", RunnerConfig(cpu_static="compile", widths=(1, sub_block),
+                                                                  max_batch=1))):
+        if runner is None or compiled:
+            llm.runner, llm._engine = runner or llm.runner, None
+            out[f"{prefix}cost_1_ms"] = round(step_cost(llm, 1, 256, block, device, 30), 4)
+            out[f"{prefix}cost_S_ms"] = round(step_cost(llm, sub_block, 256, block, device, 30), 4)
     llm._engine = None
-    return {"cost_1_ms": round(one, 4), "cost_S_ms": round(sub, 4), "S": sub_block}
+    return out
 
 
 def add_bounds(rows: list[dict], cost: dict) -> None:
     """bound = tokens_per_forward * cost(1) / cost(S) for each diffusion row (what its speedup
-    over AR would be if every forward cost an S-token step and nothing else cost time)."""
+    over AR would be if every forward cost an S-token step and nothing else cost time); the
+    compiled rows' bound uses the compiled steps' costs."""
     for r in rows:
-        if r["kind"] in ("diffusion", "ablation", "diagnostic") and r["status"] == "ok":
-            r["bound_vs_ar"] = round(r["tokens_per_forward"] * cost["cost_1_ms"] / cost["cost_S_ms"], 3)
+        if (r["kind"].startswith("diffusion") or r["kind"] in ("ablation", "diagnostic")) and r["status"] == "ok":
+            prefix = "compiled_" if r["kind"].endswith("_compiled") and "compiled_cost_1_ms" in cost else ""
+            r["bound_vs_ar"] = round(r["tokens_per_forward"] * cost[f"{prefix}cost_1_ms"]
+                                     / cost[f"{prefix}cost_S_ms"], 3)
 
 
 def profile(args, problems: list[dict]) -> Path:
@@ -584,14 +626,15 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = benchmark(args, problems)
     dif = _load(args.diffusion_model, args)
-    cost = step_bound(dif, 8, dif.default_block_size, args.device)
+    cost = step_bound(dif, 8, dif.default_block_size, args.device, compiled=args.compiled)
     add_bounds(rows, cost)
     gs = goals(rows, args.batch_sizes)
     machine = machine_info(args.device)
     machine["dtype"] = args.dtype
     cols = ["config", "accuracy_%", "correct", "new_tokens", "seconds", "tokens_per_s",
-            "tokens_per_forward", "speedup_vs_ar_engine", "bound_vs_ar", "speedup_vs_transformers",
-            "ours_over_baseline", "same_tokens", "forwards_per_answer", "stopped"]
+            "tokens_per_forward", "speedup_vs_ar_engine", "speedup_vs_ar_compiled", "bound_vs_ar",
+            "speedup_vs_transformers", "ours_over_baseline", "same_tokens", "compiled_ours_over_baseline",
+            "compiled_same_tokens", "forwards_per_answer", "stopped"]
     extra = ("ablation", "diagnostic")
     sections = [(f"Batch {b}", [_md_row(r) for r in rows if r["batch"] == b and r["kind"] not in extra],
                  cols) for b in args.batch_sizes]
@@ -608,9 +651,14 @@ def main(argv: list[str] | None = None) -> None:
              "max_new_tokens). Speedups are against the AR base at the same batch size. "
              f"`bound_vs_ar` = tokens_per_forward x cost(1) / cost(S) with the adapted model's engine-step "
              f"costs measured in this run (cost(1) {cost['cost_1_ms']} ms, cost(S={cost['S']}) "
-             f"{cost['cost_S_ms']} ms); `ours_over_baseline`: this engine's tokens/s over the baseline "
-             "code's (`--baseline-src`) at the same configuration and batch, `same_tokens`: both "
-             "decoded identical outputs.\n\n"
+             f"{cost['cost_S_ms']} ms"
+             + (f"; compiled rows: the compiled steps' cost(1) {cost['compiled_cost_1_ms']} ms, cost(S) "
+                f"{cost['compiled_cost_S_ms']} ms" if "compiled_cost_1_ms" in cost else "")
+             + "); `speedup_vs_ar_compiled`: over the compiled AR engine; `ours_over_baseline`: this "
+             "engine's tokens/s over the baseline code's (`--baseline-src`) at the same configuration "
+             "and batch (diffusion: ours with the official rule, the only one the baseline has), "
+             "`same_tokens`: both decoded identical outputs; `compiled_*`: the same for our engine "
+             "with compiled static steps (`--compiled`).\n\n"
              + goals_markdown(gs) + "\n\n" + lean_goals_markdown(rows, args.batch_sizes))
     args_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args_json["ablation"] = [[n, str(p), s] for n, p, s in args.ablation]

@@ -18,12 +18,17 @@ from matplotlib.lines import Line2D
 
 from fastdllm.atomic import atomic_write_bytes
 
-COLORS = {"ar_engine": "black", "ar_transformers": "tab:gray", "diffusion": "tab:blue",
-          "diffusion_no_sub_cache": "tab:orange", "ablation": "tab:red",
-          "diagnostic": "tab:purple"}
+COLORS = {"ar_engine": "black", "ar_engine_compiled": "tab:olive", "ar_transformers": "tab:gray",
+          "diffusion": "tab:blue", "diffusion_compiled": "tab:cyan", "diffusion_official": "tab:pink",
+          "diffusion_official_compiled": "tab:brown", "diffusion_no_sub_cache": "tab:orange",
+          "ablation": "tab:red", "diagnostic": "tab:purple"}
 LABELS = {"ar_engine": "AR base (fastdllm engine)",
+          "ar_engine_compiled": "AR base (fastdllm engine, compiled)",
           "ar_transformers": "AR base (transformers generate)",
           "diffusion": "diffusion, sub-block cache",
+          "diffusion_compiled": "diffusion, compiled",
+          "diffusion_official": "diffusion, official rule",
+          "diffusion_official_compiled": "diffusion, official rule, compiled",
           "diffusion_no_sub_cache": "diffusion, no sub-block cache",
           "ablation": "ablation (t=0.9)",
           "diagnostic": "adapted, left to right"}
@@ -50,14 +55,14 @@ def plot_accuracy_vs_speed(rows: list[dict], path: str | os.PathLike, title: str
         s = series(r)
         ax.scatter(r["tokens_per_s"], 100 * r["accuracy"], c=COLORS[s], marker=marker[r["batch"]],
                    s=45, zorder=3)
-        if r["kind"] == "diffusion":
+        if r["kind"].startswith("diffusion"):
             label = f"{r['threshold']:g}"
         elif r["kind"] == "ablation":
             label = r["config"].split(" t=")[0]
         elif r["kind"] == "diagnostic":
             label = "L2R"
         else:
-            label = {"ar_engine": "AR", "ar_transformers": "HF"}[r["kind"]]
+            label = {"ar_engine": "AR", "ar_engine_compiled": "AR c", "ar_transformers": "HF"}[r["kind"]]
         ax.annotate(label, (r["tokens_per_s"], 100 * r["accuracy"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7, color=COLORS[s])
     for b in batches:
