@@ -92,15 +92,37 @@ def _llm(model: Transformer, runner: RunnerConfig | None = None) -> LLM:
 
 
 @torch.inference_mode()
-def step_cost(llm: LLM, width: int, context: int, block: int, device: str, reps: int) -> float:
-    """Median ms of one engine step whose one row is `width` tokens at [context, context + width)
-    (prompt of `context` tokens in the cache); every position's logit is drawn."""
+def _interleaved_ms(fns: dict, device: str, reps: int) -> dict:
+    """Median ms of each callable, the callables taking turns rep by rep (so drift in the
+    machine's background load hits all of them alike)."""
+    times = {k: [] for k in fns}
+    for i in range(reps + 3):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= 3:
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.inference_mode()
+def step_fn(llm: LLM, width: int, context: int, block: int):
+    """One engine step whose one row is `width` tokens at [context, context + width) (prompt of
+    `context` tokens in the cache), every position's logit drawn, as a callable."""
     engine = llm.engine(1, context + block)
     seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
     plan = ForwardPlan(PlanKind.FULL_BLOCK, context, context + width, context + block,
                        tuple(range(context, context + width)))
-    ms = _median_ms(lambda: engine.runner.run([(seq, plan)]), device, reps)
-    engine.abort(seq)
+    return lambda: engine.runner.run([(seq, plan)])
+
+
+@torch.inference_mode()
+def step_cost(llm: LLM, width: int, context: int, block: int, device: str, reps: int) -> float:
+    """Median ms of `step_fn`'s step."""
+    ms = _median_ms(step_fn(llm, width, context, block), device, reps)
+    llm._engine = None
     return ms
 
 
@@ -137,15 +159,15 @@ def mixed_step_cost(model: Transformer, widths: tuple[int, ...], context: int, b
     return out
 
 
-@torch.inference_mode()
-def matmul_floor(model: Transformer, width: int, device: str, reps: int) -> float:
-    """Median ms of the same forward's matrix products alone, at the same shapes."""
+def matmul_floor(model: Transformer, width: int, device: str):
+    """The same forward's matrix products alone, at the same shapes, as a callable."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     x = torch.randn(width, cfg.hidden_size, device=device, dtype=dtype)
     a = torch.randn(width, cfg.num_heads * cfg.head_dim, device=device, dtype=dtype)
     m = torch.randn(width, cfg.intermediate_size, device=device, dtype=dtype)
 
+    @torch.inference_mode()
     def products():
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -155,7 +177,7 @@ def matmul_floor(model: Transformer, width: int, device: str, reps: int) -> floa
             F.linear(m, mlp.down_proj.weight, mlp.down_proj.bias)
         F.linear(x, model.lm_head.weight)
 
-    return _median_ms(products, device, reps)
+    return products
 
 
 def decode_speed(model: Transformer, device: str, prompt_len: int, new_tokens: int, runs: int,
@@ -230,20 +252,26 @@ def main() -> None:
         reps = max(3, args.reps // 3) if big else args.reps
         costs = {}
         for width in (1, args.sub_block_size, args.block_size):
-            ms = step_cost(_llm(model, RunnerConfig(enforce_eager=True)), width, args.context,
-                           args.block_size, args.device, reps)
-            floor = matmul_floor(model, width, args.device, reps)
+            # the eager step, the matrix-product floor and (GPU) the graph or (CPU, --cpu-compile)
+            # the compiled step, taking turns rep by rep
+            fns = {"eager": step_fn(_llm(model, RunnerConfig(enforce_eager=True)), width, args.context,
+                                    args.block_size),
+                   "floor": matmul_floor(model, width, args.device)}
+            if args.device.startswith("cuda"):
+                fns["graph"] = step_fn(_llm(model), width, args.context, args.block_size)
+            elif args.cpu_compile and not big:
+                fns["compiled"] = step_fn(_llm(model, RunnerConfig(cpu_static="compile", widths=(width,),
+                                                                    max_batch=1)),
+                                          width, args.context, args.block_size)
+            t = _interleaved_ms(fns, args.device, reps)
+            ms, floor = t["eager"], t["floor"]
             costs[width] = ms
             extra = {}
-            if args.device.startswith("cuda"):  # the same step replayed from a CUDA graph
-                extra["graph_ms_per_step"] = round(step_cost(_llm(model), width, args.context,
-                                                             args.block_size, args.device, reps), 3)
-            elif args.cpu_compile and not big:  # the same step compiled (cpu_static="compile")
-                compiled = _llm(model, RunnerConfig(cpu_static="compile", widths=(width,), max_batch=1))
-                c_ms = step_cost(compiled, width, args.context, args.block_size, args.device, reps)
-                floor_again = matmul_floor(model, width, args.device, reps)  # measured next to it
-                extra.update(compiled_ms_per_step=round(c_ms, 3),
-                             compiled_overhead_pct=round(100 * (1 - floor_again / c_ms), 1))
+            if "graph" in t:
+                extra["graph_ms_per_step"] = round(t["graph"], 3)
+            if "compiled" in t:
+                extra.update(compiled_ms_per_step=round(t["compiled"], 3),
+                             compiled_overhead_pct=round(100 * (1 - floor / t["compiled"]), 1))
             cost_rows.append({"model": shape, "dtype": str(mdtype).replace("torch.", ""),
                               "params_M": round(n_params / 1e6, 1), "width": width,
                               "context": args.context, "ms_per_step": round(ms, 3),

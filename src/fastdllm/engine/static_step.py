@@ -10,8 +10,10 @@ the GEMM shape is part of what decides the last bits of a logit; a bucket per ba
 the number of distinct shapes small while every step of one shape computes alike.
 
 Everything a step varies (token ids, positions, write slots, attention limits, read slots, which
-rows suppress [MASK]) is one long input buffer per shape, filled by one copy; the graph reads
-it, writes greedy tokens and confidences of every place, and `run` picks the planned positions.
+rows suppress [MASK], which places' logits are drawn) is one long input buffer per shape, filled
+by one copy; the graph reads it and writes greedy tokens and confidences of P places per row
+(P = the width, or the sub-block width for a full-block shape: a step never draws more), and
+`run` picks the planned ones.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ class StaticShape:
     """One (W, n, K) shape: its input buffer and the step function run on it (eagerly, compiled,
     or replayed from a CUDA graph)."""
 
-    def __init__(self, runner, width: int, batch: int, key_len: int):
+    def __init__(self, runner, width: int, batch: int, key_len: int, picks: int):
         self.runner, self.width, self.batch, self.key_len = runner, width, batch, key_len
+        self.picks = picks  # P: places per row whose logits are drawn
         places = batch * width
-        self.sizes = [places, places, places, places, batch, places]  # ids pos slots limits rows suppress
+        # ids pos slots limits rows suppress picks
+        self.sizes = [places, places, places, places, batch, batch, batch * picks]
         self.buffer = torch.zeros(sum(self.sizes), dtype=torch.long, device=runner.device)
         self.buffer.copy_(torch.tensor(self.idle_inputs(), dtype=torch.long))
         self.graph = None
@@ -59,17 +63,19 @@ class StaticShape:
         """Every row a spare row: writes and reads only the scratch slot."""
         W, n, scratch = self.width, self.batch, self.runner.scratch_slot
         return ([0] * (n * W) + list(range(W)) * n + [scratch] * (n * W) + [1] * (n * W)
-                + [scratch] * n + [0] * (n * W))
+                + [scratch] * n + [0] * n + [0] * (n * self.picks))
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy tokens and confidences (n * W,) of every place, from the input buffer."""
-        r, W, n, K = self.runner, self.width, self.batch, self.key_len
-        ids, pos, slots, limits, rows, suppress = self.buffer.split(self.sizes)
+        """Greedy tokens and confidences (n * P,) of each row's picked places, from the input
+        buffer."""
+        r, W, n, K, P = self.runner, self.width, self.batch, self.key_len, self.picks
+        ids, pos, slots, limits, rows, suppress, picks = self.buffer.split(self.sizes)
         mask = r.attention_mask(limits.view(n, W), K)  # (n, 1, W, K)
         access = CacheAccess(r.cache, rows, pos.view(n, W), K, token_slots=slots.view(n, W))
-        logits = r.model(ids.view(n, W), pos.view(n, W), mask, access).flatten(0, 1)  # (n*W, V)
+        logits = r.model(ids.view(n, W), pos.view(n, W), mask, access,
+                         logits_slice=picks.view(n, P)).flatten(0, 1)  # (n*P, V)
         if r.mask_token_id is not None:
-            logits[:, r.mask_token_id].masked_fill_(suppress.bool(), float("-inf"))
+            logits[:, r.mask_token_id].masked_fill_(suppress.repeat_interleave(P).bool(), float("-inf"))
         conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         return tokens, conf
 
@@ -99,6 +105,10 @@ class StaticSteps:
         top = min(config.max_batch or runner.max_slots, runner.max_slots)
         self.batches = buckets(top)
         self.widths = sorted(set(config.widths))
+        # the widest shape draws at most the next width's places (a full-block forward draws one
+        # sub-block); a narrower one draws all of its places
+        self.picks = {w: min(w, self.widths[-2]) if len(self.widths) > 1 and w == self.widths[-1] else w
+                      for w in self.widths}
         self.key_lens = buckets(runner.max_len, first=min(64, runner.max_len))
         self.shapes: dict[tuple[int, int, int], StaticShape] = {}
         self.ready: set[tuple[int, int, int]] = set()  # captured/compiled (eager: every shape)
@@ -124,7 +134,7 @@ class StaticSteps:
         W = smallest_at_least(self.widths, max(p.end - p.start for _, p in rows))
         n = smallest_at_least(self.batches, len(rows))
         K = smallest_at_least(self.key_lens, max(p.key_len for _, p in rows))
-        if W is None or n is None or K is None:
+        if W is None or n is None or K is None or max(len(p.logit_positions) for _, p in rows) > self.picks[W]:
             return None
         key = (W, n, K)
         return key if self.mode == "eager" or key in self.ready else None
@@ -134,7 +144,7 @@ class StaticSteps:
 
     def shape(self, key: tuple[int, int, int]) -> StaticShape:
         if key not in self.shapes:
-            self.shapes[key] = StaticShape(self.runner, *key)
+            self.shapes[key] = StaticShape(self.runner, *key, picks=self.picks[key[0]])
         return self.shapes[key]
 
     # ------------------------------------------------------------------ running
@@ -143,7 +153,8 @@ class StaticSteps:
         r = self.runner
         W, n, K = key = self.shape_for(rows)
         shape = self.shape(key)
-        ids, pos, slots, limits, read, suppress, pick = [], [], [], [], [], [], []
+        P = shape.picks
+        ids, pos, slots, limits, read, suppress, picks, sel = [], [], [], [], [], [], [], []
         for i, (seq, plan) in enumerate(rows):
             w, block = plan.end - plan.start, seq.block
             ids += seq.tokens[plan.start:plan.end] + [0] * (W - w)
@@ -152,17 +163,19 @@ class StaticSteps:
             lim = row_limits(plan.start, plan.end, block)
             limits += lim + [lim[-1]] * (W - w)
             read.append(seq.slot)
-            flag = 1 if seq.params.diffusion else 0
-            suppress += [flag] * W
-            pick += [i * W + x - plan.start for x in plan.logit_positions]
+            suppress.append(1 if seq.params.diffusion else 0)
+            idx = [x - plan.start for x in plan.logit_positions]
+            picks += idx + [idx[-1]] * (P - len(idx))
+            sel += range(i * P, i * P + len(idx))
         spare = n - len(rows)
         ids += [0] * (spare * W)
         pos += list(range(W)) * spare
         slots += [r.scratch_slot] * (spare * W)
         limits += [1] * (spare * W)
         read += [r.scratch_slot] * spare
-        suppress += [0] * (spare * W)
-        flat = torch.tensor(ids + pos + slots + limits + read + suppress + pick, dtype=torch.long)
+        suppress += [0] * spare
+        picks += [0] * (spare * P)
+        flat = torch.tensor(ids + pos + slots + limits + read + suppress + picks + sel, dtype=torch.long)
         flat = flat.to(r.device, non_blocking=True)
         shape.buffer.copy_(flat[: shape.buffer.numel()])
         tokens, conf = shape()
