@@ -182,6 +182,21 @@ def test_compiled_cpu_diffusion_equals_eager_token_for_token(llm, capsys):
     assert len(ran) > 50 and {1, 2} <= set(ran)
 
 
+def test_compiled_cpu_steps_leave_wasteful_padding_to_the_packed_step():
+    """On the CPU a padded place costs full compute: the diffusion mix of batch 8 (3 rows of 32,
+    5 of 8) padded to 8 x 32 would nearly double its work, so it runs packed; uniform steps and
+    AR batches padded up to their bucket stay static."""
+    from fastdllm.engine.static_step import pads_too_much
+
+    assert pads_too_much([32, 32, 32, 8, 8, 8, 8, 8], 32, 8)  # 136 real places, 256 padded
+    assert pads_too_much([8] * 7 + [32], 32, 8)
+    assert not pads_too_much([32] * 8, 32, 8)
+    assert not pads_too_much([8] * 8, 8, 8)
+    assert not pads_too_much([1] * 5, 1, 8)  # an AR batch of 5 in the bucket of 8
+    assert pads_too_much([32, 8], 32, 2)  # 24 spare places for 40 real ones
+    assert not pads_too_much([32, 24], 32, 2)  # 8 spare places
+
+
 def test_failed_cpu_compile_falls_back_to_eager(llm, monkeypatch, capsys):
     from fastdllm.engine import static_step
 

@@ -31,6 +31,21 @@ from .params import RunnerConfig
 # a row is one (Sequence, ForwardPlan) of the step
 
 
+# CPU (compiled) static steps only: a step whose padding (spare rows, rows padded up to the
+# step width) would add more than this many places, or this fraction of its real places, runs
+# as the packed eager step instead. On the CPU a padded place costs as much compute as a real
+# one; a mixed diffusion batch at batch 8 (3 rows of 32 and 5 of 8) would nearly double its work
+# (docs/design.md, "Static steps"). CUDA graphs pad freely: there the launches are the cost.
+PAD_SLACK_TOKENS = 16
+PAD_SLACK_FRACTION = 0.25
+
+
+def pads_too_much(widths: list[int], W: int, n: int) -> bool:
+    """Whether rows of these widths, padded to n rows of W places, waste more than the slack."""
+    real = sum(widths)
+    return n * W - real > max(PAD_SLACK_TOKENS, PAD_SLACK_FRACTION * real)
+
+
 def buckets(limit: int, first: int = 1) -> list[int]:
     """Powers of two from `first` below `limit`, then `limit` itself."""
     out, b = [], first
@@ -131,11 +146,14 @@ class StaticSteps:
     def shape_for(self, rows: list[tuple]) -> tuple[int, int, int] | None:
         if any(not s.params.greedy for s, _ in rows):
             return None
-        W = smallest_at_least(self.widths, max(p.end - p.start for _, p in rows))
+        widths = [p.end - p.start for _, p in rows]
+        W = smallest_at_least(self.widths, max(widths))
         n = smallest_at_least(self.batches, len(rows))
         K = smallest_at_least(self.key_lens, max(p.key_len for _, p in rows))
         if W is None or n is None or K is None or max(len(p.logit_positions) for _, p in rows) > self.picks[W]:
             return None
+        if self.mode == "compile" and pads_too_much(widths, W, n):
+            return None  # the packed eager step is cheaper
         key = (W, n, K)
         return key if self.mode == "eager" or key in self.ready else None
 
