@@ -108,21 +108,23 @@ def _interleaved_ms(fns: dict, device: str, reps: int) -> dict:
 
 
 @torch.inference_mode()
-def step_fn(llm: LLM, width: int, context: int, block: int):
+def step_fn(llm: LLM, width: int, context: int, block: int, draws: int | None = None):
     """One engine step whose one row is `width` tokens at [context, context + width) (prompt of
-    `context` tokens in the cache), every position's logit drawn, as a callable."""
+    `context` tokens in the cache), drawing the logits of its first `draws` places (all by
+    default), as a callable; and a callable that ends the row."""
     engine = llm.engine(1, context + block)
     seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
     plan = ForwardPlan(PlanKind.FULL_BLOCK, context, context + width, context + block,
-                       tuple(range(context, context + width)))
-    return lambda: engine.runner.run([(seq, plan)])
+                       tuple(range(context, context + (draws or width))))
+    return (lambda: engine.runner.run([(seq, plan)])), (lambda: engine.abort(seq))
 
 
 @torch.inference_mode()
 def step_cost(llm: LLM, width: int, context: int, block: int, device: str, reps: int) -> float:
     """Median ms of `step_fn`'s step."""
-    ms = _median_ms(step_fn(llm, width, context, block), device, reps)
-    llm._engine = None
+    step, end = step_fn(llm, width, context, block)
+    ms = _median_ms(step, device, reps)
+    end()
     return ms
 
 
@@ -148,8 +150,9 @@ def mixed_step_cost(model: Transformer, widths: tuple[int, ...], context: int, b
         rows = []
         for w in widths:
             seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
+            # a full-block row draws one sub-block (8 places), as in decoding
             rows.append((seq, ForwardPlan(PlanKind.FULL_BLOCK, context, context + w, context + block,
-                                          tuple(range(context, context + w)))))
+                                          tuple(range(context, context + min(w, 8))))))
         out[name] = _median_ms(lambda: engine.runner.run(rows), device, reps)
         if name == "packed":
             groups = {}
@@ -255,14 +258,15 @@ def main() -> None:
             # the eager step, the matrix-product floor and (GPU) the graph or (CPU, --cpu-compile)
             # the compiled step, taking turns rep by rep
             fns = {"eager": step_fn(_llm(model, RunnerConfig(enforce_eager=True)), width, args.context,
-                                    args.block_size),
+                                    args.block_size)[0],
                    "floor": matmul_floor(model, width, args.device)}
+            one_shape = dict(widths=(width,), max_batch=1)  # a shape of this width drawing every place
             if args.device.startswith("cuda"):
-                fns["graph"] = step_fn(_llm(model), width, args.context, args.block_size)
+                fns["graph"] = step_fn(_llm(model, RunnerConfig(**one_shape)), width, args.context,
+                                       args.block_size)[0]
             elif args.cpu_compile and not big:
-                fns["compiled"] = step_fn(_llm(model, RunnerConfig(cpu_static="compile", widths=(width,),
-                                                                    max_batch=1)),
-                                          width, args.context, args.block_size)
+                fns["compiled"] = step_fn(_llm(model, RunnerConfig(cpu_static="compile", **one_shape)),
+                                          width, args.context, args.block_size)[0]
             t = _interleaved_ms(fns, args.device, reps)
             ms, floor = t["eager"], t["floor"]
             costs[width] = ms

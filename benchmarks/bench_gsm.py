@@ -393,8 +393,8 @@ def benchmark(args, problems: list[dict]) -> list[dict]:
         compiled = _load(args.ar_model, args)
         compiled.runner = RunnerConfig(cpu_static="compile", widths=(1,), warmup_seconds=args.compile_cap)
         dif_compiled = _load(args.diffusion_model, args)
-        block = dif_compiled.default_block_size
-        dif_compiled.runner = RunnerConfig(cpu_static="compile", widths=(block // 4, block),
+        d = dif_compiled.decode_config(mode="diffusion")
+        dif_compiled.runner = RunnerConfig(cpu_static="compile", widths=(d.sub_block_size, d.block_size),
                                            warmup_seconds=args.compile_cap)
 
     rows = []

@@ -169,7 +169,7 @@ def test_compiled_cpu_diffusion_equals_eager_token_for_token(llm, capsys):
     assert engine.runner.static.ready == {(w, n, 64) for w in (S, B) for n in (1, 2)}
     static, ran = engine.runner.static, []
     run = static.run
-    static.run = lambda rows: ran.append(len(rows)) or run(rows)  # counts the compiled steps
+    static.run = lambda rows: ran.append(static.shape_for(rows)) or run(rows)  # the compiled steps
     prompts = [prompt(n, n) for n in (3, 8, 13, 16)]
     for kw in ({}, {"rule": "threshold"}, {"threshold": 1.0}):
         p = params("diffusion", trace=True, **kw)
@@ -179,7 +179,9 @@ def test_compiled_cpu_diffusion_equals_eager_token_for_token(llm, capsys):
                 assert x.token_ids == y.token_ids, kw
                 assert [t["positions"] for t in x.trace] == [t["positions"] for t in y.trace], kw
     assert compiled._engine is engine  # every decode above ran on the compiled engine
-    assert len(ran) > 50 and {1, 2} <= set(ran)
+    # every width and batch bucket ran compiled, the full-block width drawing S of its B places
+    assert len(ran) > 50 and set(ran) == engine.runner.static.ready
+    assert static.picks == {S: S, B: S}
 
 
 def test_compiled_cpu_steps_leave_wasteful_padding_to_the_packed_step():

@@ -90,7 +90,8 @@ class StaticShape:
         logits = r.model(ids.view(n, W), pos.view(n, W), mask, access,
                          logits_slice=picks.view(n, P)).flatten(0, 1)  # (n*P, V)
         if r.mask_token_id is not None:
-            logits[:, r.mask_token_id].masked_fill_(suppress.repeat_interleave(P).bool(), float("-inf"))
+            hide = suppress[:, None].expand(n, P).reshape(-1).bool()  # per row -> per drawn place
+            logits[:, r.mask_token_id].masked_fill_(hide, float("-inf"))
         conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         return tokens, conf
 
@@ -120,10 +121,11 @@ class StaticSteps:
         top = min(config.max_batch or runner.max_slots, runner.max_slots)
         self.batches = buckets(top)
         self.widths = sorted(set(config.widths))
-        # the widest shape draws at most the next width's places (a full-block forward draws one
-        # sub-block); a narrower one draws all of its places
-        self.picks = {w: min(w, self.widths[-2]) if len(self.widths) > 1 and w == self.widths[-1] else w
-                      for w in self.widths}
+        # the widest (full-block) shape draws at most the next width's places, a full-block
+        # forward drawing one sub-block, unless that next width is the AR step's 1; every other
+        # shape draws all of its places
+        sub = self.widths[-2] if len(self.widths) > 1 and self.widths[-2] > 1 else None
+        self.picks = {w: sub if sub and w == self.widths[-1] else w for w in self.widths}
         self.key_lens = buckets(runner.max_len, first=min(64, runner.max_len))
         self.shapes: dict[tuple[int, int, int], StaticShape] = {}
         self.ready: set[tuple[int, int, int]] = set()  # captured/compiled (eager: every shape)
@@ -150,8 +152,10 @@ class StaticSteps:
         W = smallest_at_least(self.widths, max(widths))
         n = smallest_at_least(self.batches, len(rows))
         K = smallest_at_least(self.key_lens, max(p.key_len for _, p in rows))
-        if W is None or n is None or K is None or max(len(p.logit_positions) for _, p in rows) > self.picks[W]:
+        if W is None or n is None or K is None:
             return None
+        if max(len(p.logit_positions) for _, p in rows) > self.picks[W]:
+            return None  # draws more places than this width's shapes do
         if self.mode == "compile" and pads_too_much(widths, W, n):
             return None  # the packed eager step is cheaper
         key = (W, n, K)
@@ -183,7 +187,7 @@ class StaticSteps:
             read.append(seq.slot)
             suppress.append(1 if seq.params.diffusion else 0)
             idx = [x - plan.start for x in plan.logit_positions]
-            picks += idx + [idx[-1]] * (P - len(idx))
+            picks += idx + [idx[-1] if idx else 0] * (P - len(idx))
             sel += range(i * P, i * P + len(idx))
         spare = n - len(rows)
         ids += [0] * (spare * W)
@@ -207,9 +211,12 @@ class StaticSteps:
             import torch._dynamo
 
             # one entry per shape; the default limit (8) would silently fall back to eager
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       4 * len(self.widths) * len(self.batches)
-                                                       * len(self.key_lens))
+            # (the cache is per code object: every engine's shapes count towards the accumulated
+            # limit too)
+            shapes = len(self.widths) * len(self.batches) * len(self.key_lens)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * shapes)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 4096)
             # cpp_wrapper: the compiled step calls its kernels from C++, not from Python; freezing:
             # the weights are constants of the compiled step, so inductor packs them for its
             # matrix products once; the guard filter drops the per-call checks on the model's
