@@ -217,14 +217,13 @@ class StaticSteps:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * shapes)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 4096)
-            # cpp_wrapper: the compiled step calls its kernels from C++, not from Python; freezing:
-            # the weights are constants of the compiled step, so inductor packs them for its
-            # matrix products once; the guard filter drops the per-call checks on the model's
-            # modules and weights (they never change under an engine). Measured in docs/design.md,
-            # "Static steps".
+            # cpp_wrapper: the compiled step calls its kernels from C++, not from Python; the guard
+            # filter drops the per-call checks on the model's modules and weights (they never
+            # change under an engine); freezing: see warm_up. Measured in docs/design.md, "Static
+            # steps".
             self._compiled = torch.compile(
                 StaticShape.step, dynamic=False,
-                options={"cpp_wrapper": True, "freezing": True,
+                options={"cpp_wrapper": True,
                          "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         return self._compiled(shape)
 
@@ -241,7 +240,12 @@ class StaticSteps:
         if self.mode == "graph" and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         done = 0
-        with torch.inference_mode():
+        # freezing: the weights become constants of the compiled steps, so inductor packs them
+        # for its matrix products once. It is read outside torch.compile's `options` (passed there
+        # it has no effect), so it is patched around the compiling, which happens here only.
+        import torch._inductor.config as inductor_config
+
+        with torch.inference_mode(), inductor_config.patch(freezing=True):
             for key in keys:
                 if time.perf_counter() - start > self.config.warmup_seconds:
                     break
