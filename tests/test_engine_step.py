@@ -199,6 +199,22 @@ def test_compiled_cpu_steps_leave_wasteful_padding_to_the_packed_step():
     assert not pads_too_much([32, 24], 32, 2)  # 8 spare places
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU (inductor) needs a C++ compiler")
+def test_compiled_cpu_step_without_freezing_past_the_budget(llm, monkeypatch, capsys):
+    """Frozen weights are copied into every compiled shape: past the budget the steps compile
+    unfrozen (one log line) and still give the eager tokens."""
+    from fastdllm.engine import static_step
+
+    monkeypatch.setattr(static_step, "FREEZE_BUDGET_BYTES", 0)
+    compiled = with_runner(llm, RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
+    compiled.engine(1, 64)
+    err = capsys.readouterr().err
+    assert "frozen weight copies; compiling without freezing" in err and "1 shapes compiled" in err
+    p = params("ar", max_new_tokens=12)
+    assert compiled.generate(prompt(9), config=p).token_ids == llm.generate(prompt(9), config=p).token_ids
+
+
 def test_failed_cpu_compile_falls_back_to_eager(llm, monkeypatch, capsys):
     from fastdllm.engine import static_step
 

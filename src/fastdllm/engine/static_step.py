@@ -40,6 +40,14 @@ PAD_SLACK_TOKENS = 16
 PAD_SLACK_FRACTION = 0.25
 
 
+# CPU (compiled) static steps freeze the weights into each compiled shape while the copies
+# stay under this budget: measured on the shipped AR model (11 MiB of fp32 weights), a frozen
+# shape costs about 24 MiB more memory than an unfrozen one, i.e. about 2 weight copies
+# (docs/design.md, "Static steps").
+FREEZE_COPIES = 2
+FREEZE_BUDGET_BYTES = 2 * 2**30
+
+
 def pads_too_much(widths: list[int], W: int, n: int) -> bool:
     """Whether rows of these widths, padded to n rows of W places, waste more than the slack."""
     real = sum(widths)
@@ -241,11 +249,18 @@ class StaticSteps:
             self.pool = torch.cuda.graph_pool_handle()
         done = 0
         # freezing: the weights become constants of the compiled steps, so inductor packs them
-        # for its matrix products once. It is read outside torch.compile's `options` (passed there
-        # it has no effect), so it is patched around the compiling, which happens here only.
+        # for its matrix products once. Each shape then holds its own packed copy, so a model
+        # whose copies would pass FREEZE_BUDGET_BYTES compiles unfrozen. Freezing is read outside
+        # torch.compile's `options` (passed there it has no effect), so it is patched around the
+        # compiling, which happens here only.
         import torch._inductor.config as inductor_config
 
-        with torch.inference_mode(), inductor_config.patch(freezing=True):
+        weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        freeze = self.mode == "compile" and FREEZE_COPIES * weights * len(keys) <= FREEZE_BUDGET_BYTES
+        if self.mode == "compile" and not freeze:
+            log(f"static steps: {len(keys)} shapes of a {weights / 2**20:.0f} MiB model would pass "
+                f"{FREEZE_BUDGET_BYTES / 2**30:g} GiB of frozen weight copies; compiling without freezing")
+        with torch.inference_mode(), inductor_config.patch(freezing=freeze):
             for key in keys:
                 if time.perf_counter() - start > self.config.warmup_seconds:
                     break
