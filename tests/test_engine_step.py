@@ -215,6 +215,24 @@ def test_compiled_cpu_step_without_freezing_past_the_budget(llm, monkeypatch, ca
     assert compiled.generate(prompt(9), config=p).token_ids == llm.generate(prompt(9), config=p).token_ids
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU (inductor) needs a C++ compiler")
+def test_two_compiled_models_in_one_process_keep_their_own_weights(llm, checkpoint_factory):
+    """Compiled steps hold their model's weights as constants: a second model of the same
+    shape, compiled in the same process at the same shapes, must not run the first one's."""
+    other = LLM.load(checkpoint_factory("qwen2", lm_head_scale=12.0, seed=7), device="cpu")
+    runner = RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1)
+    first, second = with_runner(llm, runner), with_runner(other, runner)
+    first.engine(1, 64)
+    second.engine(1, 64)
+    p = params("ar", max_new_tokens=16)
+    for ids in (prompt(5), prompt(11, 4)):
+        a, b = llm.generate(ids, config=p).token_ids, other.generate(ids, config=p).token_ids
+        assert first.generate(ids, config=p).token_ids == a
+        assert second.generate(ids, config=p).token_ids == b
+    assert a != b  # the two models do decode differently
+
+
 def test_failed_cpu_compile_falls_back_to_eager(llm, monkeypatch, capsys):
     from fastdllm.engine import static_step
 

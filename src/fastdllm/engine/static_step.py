@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 
 import torch
 
@@ -46,6 +47,19 @@ PAD_SLACK_FRACTION = 0.25
 # (docs/design.md, "Static steps").
 FREEZE_COPIES = 2
 FREEZE_BUDGET_BYTES = 2 * 2**30
+
+
+def own_code(fn):
+    """`fn` under a code object of its own. Dynamo keeps compiled code per code object, guarded
+    by shapes, not by which model: a compiled step holds its model's weights as constants
+    (freezing), so one engine's compiled steps must never be found by another's (a second model
+    of the same shape in the process would run the first one's weights)."""
+    own_code.made += 1
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{own_code.made}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+own_code.made = 0
 
 
 def pads_too_much(widths: list[int], W: int, n: int) -> bool:
@@ -230,7 +244,7 @@ class StaticSteps:
             # change under an engine); freezing: see warm_up. Measured in docs/design.md, "Static
             # steps".
             self._compiled = torch.compile(
-                StaticShape.step, dynamic=False,
+                own_code(StaticShape.step), dynamic=False,
                 options={"cpp_wrapper": True,
                          "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         return self._compiled(shape)
