@@ -18,6 +18,7 @@ by one copy; the graph reads it and writes greedy tokens and confidences of P pl
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 import types
@@ -54,12 +55,11 @@ def own_code(fn):
     by shapes, not by which model: a compiled step holds its model's weights as constants
     (freezing), so one engine's compiled steps must never be found by another's (a second model
     of the same shape in the process would run the first one's weights)."""
-    own_code.made += 1
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{own_code.made}")
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_CODES)}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-own_code.made = 0
+_CODES = itertools.count(1)
 
 
 def pads_too_much(widths: list[int], W: int, n: int) -> bool:
