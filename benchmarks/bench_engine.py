@@ -75,15 +75,7 @@ def _sync(device: str) -> None:
 
 
 def _median_ms(fn, device: str, reps: int) -> float:
-    times = []
-    for i in range(reps + 3):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= 3:
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return _interleaved_ms({"fn": fn}, device, reps)["fn"]
 
 
 def _llm(model: Transformer, runner: RunnerConfig | None = None) -> LLM:

@@ -531,13 +531,15 @@ def step_bound(llm: LLM, sub_block: int, block: int, device: str, compiled: bool
     the same steps compiled, for the compiled rows' bound)."""
     from bench_engine import step_cost
 
-    out = {"S": sub_block}
-    for prefix, runner in (("", None), ("compiled_", RunnerConfig(cpu_static="compile", widths=(1, sub_block),
-                                                                  max_batch=1))):
-        if runner is None or compiled:
-            llm.runner, llm._engine = runner or llm.runner, None
-            out[f"{prefix}cost_1_ms"] = round(step_cost(llm, 1, 256, block, device, 30), 4)
-            out[f"{prefix}cost_S_ms"] = round(step_cost(llm, sub_block, 256, block, device, 30), 4)
+    def costs(prefix: str) -> dict:
+        llm._engine = None  # a fresh engine under llm.runner
+        return {f"{prefix}cost_1_ms": round(step_cost(llm, 1, 256, block, device, 30), 4),
+                f"{prefix}cost_S_ms": round(step_cost(llm, sub_block, 256, block, device, 30), 4)}
+
+    out = {"S": sub_block, **costs("")}
+    if compiled:
+        llm.runner = RunnerConfig(cpu_static="compile", widths=(1, sub_block), max_batch=1)
+        out.update(costs("compiled_"))
     llm._engine = None
     return out
 
