@@ -42,6 +42,7 @@ CASES = [
     ("spec-self-merged", "self", {"mode": "speculative", "merged": True}),
 ]
 MAX_NEW = 48
+KW: dict = {}  # LLM.load options of the run (the test runs both prefix-caching settings)
 
 
 def prompts(llm) -> list[list[int]]:
@@ -54,8 +55,8 @@ def load(which: str):
     from fastdllm import LLM
 
     if which == "pair":
-        return LLM.load(AR, draft_model=DIFF)
-    return LLM.load(AR if which == "ar" else DIFF)
+        return LLM.load(AR, draft_model=DIFF, **KW)
+    return LLM.load(AR if which == "ar" else DIFF, **KW)
 
 
 def mixed_batch(llm) -> list[list[int]]:

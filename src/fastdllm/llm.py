@@ -22,7 +22,7 @@ import torch
 
 from .chat_template import TemplateLimits, render_chat
 from .engine.engine import Engine, Step
-from .engine.params import DecodeConfig, RunnerConfig, slot_len
+from .engine.params import CacheConfig, DecodeConfig, RunnerConfig
 from .engine.sequence import Sequence
 from .engine.speculation import Speculation
 from .engine.speculative import SpeculativeEngine, check_pair
@@ -36,7 +36,9 @@ from .model.checkpoint import (
     resolve_special_tokens,
 )
 from .model.config import ModelConfig
+from .model.kv_cache import KVCache
 from .model.transformer import Transformer
+from .rounding import round_up
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -69,6 +71,7 @@ class LLM:
     special: SpecialTokens
     default_block_size: int = 32
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     draft: "LLM | None" = None  # the block-diffusion draft model of speculative decoding
     _engine: Engine | None = field(default=None, repr=False)
     _spec_engine: SpeculativeEngine | None = field(default=None, repr=False)
@@ -78,14 +81,19 @@ class LLM:
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
              mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
              draft_model: str | Path | None = None, enforce_eager: bool = False,
-             cpu_compile: bool = False) -> "LLM":
+             cpu_compile: bool = False, kv_cache_memory: int | float | None = None,
+             prefix_caching: bool = True) -> "LLM":
         """`draft_model`: a block-diffusion model (same tokenizer) whose drafts this model
         verifies: decoding then defaults to mode "speculative" and gives this model's own output
         at several tokens per forward. `mask_token_id` is the draft's when a draft is given.
         `enforce_eager`: no CUDA graphs (on the GPU, static decode steps are captured when an
         engine is built, with a progress line and a time cap; see RunnerConfig). `cpu_compile`:
         on the CPU, compile the static decode steps with torch.compile when an engine is built
-        (faster steps after a warm-up of seconds per shape; docs/design.md, "Static steps")."""
+        (faster steps after a warm-up of seconds per shape; docs/design.md, "Static steps").
+        `kv_cache_memory`: the paged KV cache's size, bytes or a fraction of free memory
+        (default: half the free GPU memory, 1 GiB on the CPU; see CacheConfig);
+        `prefix_caching`: reuse the KV of committed blocks shared with earlier prompts."""
+        cache = CacheConfig(kv_cache_memory, prefix_caching)
         draft = None
         if draft_model is not None:
             draft = cls.load(draft_model, device=device, dtype=dtype, mask_token_id=mask_token_id,
@@ -107,7 +115,7 @@ class LLM:
         runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block),
                               cpu_static="compile" if cpu_compile else "off")
         return cls(model, tokenizer, model_dir, special, default_block_size=block, draft=draft,
-                   runner=runner)
+                   runner=runner, cache=cache)
 
     @property
     def config(self) -> ModelConfig:
@@ -194,30 +202,50 @@ class LLM:
     # ------------------------------------------------------------------ engine
     def new_engine(self, slots: int, needed: int, block: int = 1, context: int | None = None, *,
                    speculative: bool = False) -> Engine | SpeculativeEngine:
-        """A fresh engine of `slots` slots, each of `slot_len(needed, context, block)` positions
-        (`context`: the model's unless a front end serves less). `speculative`: this model
-        verifies drafts of `draft`, or of itself (self-speculative) when it has none; that
-        engine also decodes mode "ar". An `Engine`'s static steps are captured here (CUDA
+        """A fresh engine for `slots` sequences of up to `context` positions (the model's unless
+        a front end serves less; at least `needed`, rounded to whole blocks of `block`), over a
+        paged KV cache of `self.cache.memory` (pages of the model's block size). `speculative`:
+        this model verifies drafts of `draft`, or of itself (self-speculative) when it has none;
+        that engine also decodes mode "ar". An `Engine`'s static steps are captured here (CUDA
         graphs; a progress line and a time cap, see RunnerConfig), which is also when a server
         warms up."""
-        max_len = slot_len(needed, context or self.context_length, block)
+        page = self.default_block_size
+        max_len = round_up(round_up(max(needed, context or self.context_length), block), page)
+        pages = self.pool_pages(max_len, page, two_models=speculative)
         if speculative:
             draft = self.draft or self
             return SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
+                                     num_pages=pages, page_size=page,
                                      mask_token_id=draft.special.mask_token_id,
                                      stop_token_ids=self.special.stop_token_ids)
-        engine = Engine(self.model, max_slots=slots, max_len=max_len,
+        engine = Engine(self.model, max_slots=slots, max_len=max_len, num_pages=pages, page_size=page,
                         mask_token_id=self.special.mask_token_id,
-                        stop_token_ids=self.special.stop_token_ids, runner=self.runner)
+                        stop_token_ids=self.special.stop_token_ids, runner=self.runner,
+                        prefix_caching=self.cache.prefix_caching)
         engine.warm_up()
         return engine
 
+    def pool_pages(self, max_len: int, page: int, *, two_models: bool = False) -> int:
+        """Pages of the KV pool: the memory budget over one page's bytes (a speculative engine
+        splits it between its two caches), never fewer than one longest sequence needs."""
+        p = next(self.model.parameters())
+        cfg = self.model.config
+        per_page = KVCache.bytes_per_page(cfg.num_layers, page, cfg.num_kv_heads, cfg.head_dim, p.dtype)
+        budget = self.cache.budget(p.device) // (2 if two_models else 1)
+        return max(budget // per_page, -(-max_len // page) + 1)
+
     def engine(self, slots: int, needed: int, block: int = 1, *,
                speculative: bool = False) -> Engine | SpeculativeEngine:
-        """The engine this LLM reuses across calls, with at least `slots` slots of `needed`
-        positions; a new one (`new_engine`) only when it is too small or busy."""
+        """The engine this LLM reuses across calls (its prefix cache with it), with room for at
+        least `slots` sequences of `needed` positions; a new one (`new_engine`) only when it is
+        too small or busy."""
         e = self._spec_engine if speculative else self._engine
-        if e is None or e.cache.slots < slots or e.max_len < needed or e.running:
+        if e is None or e.max_slots < slots or e.max_len < needed or e.running:
+            e = None  # the old engine's cache is freed before the new one takes its memory
+            if speculative:
+                self._spec_engine = None
+            else:
+                self._engine = None
             e = self.new_engine(slots, needed, block, speculative=speculative)
             if speculative:
                 self._spec_engine = e

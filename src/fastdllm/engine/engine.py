@@ -24,6 +24,8 @@ import torch
 from ..errors import FastDLLMError
 from ..model.transformer import Transformer
 from .params import DecodeConfig, RunnerConfig
+from .block_manager import BlockManager
+from .pages import Pages
 from .runner import ModelRunner, Row
 from .sequence import Sequence
 
@@ -62,14 +64,21 @@ class EngineStats:
     seconds: float = 0.0
 
 
-def check_room(prompt_len: int, params: DecodeConfig, max_len: int) -> None:
-    """A request must fit an engine slot (prompt + max_new_tokens, rounded as its decoding
-    needs); checked before a sequence allocates anything. Shared by both engines."""
+def check_room(prompt_len: int, params: DecodeConfig, max_len: int, pool_positions: int) -> None:
+    """A request must fit the engine's positions (prompt + max_new_tokens, rounded as its
+    decoding needs) and, alone, the whole KV pool; checked before a sequence allocates
+    anything. Shared by both engines."""
     needed = params.cache_len(prompt_len)
     if needed > max_len:
         raise FastDLLMError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) "
             f"needs {needed} positions but the engine holds {max_len}",
+            field="max_new_tokens")
+    if needed > pool_positions:
+        raise FastDLLMError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
+            f"{needed} KV-cache positions but the whole KV cache holds {pool_positions}; lower "
+            "max_new_tokens or give the cache more memory (kv_cache_memory)",
             field="max_new_tokens")
 
 
@@ -92,19 +101,23 @@ class StepRecord:
 
 
 class Engine:
-    def __init__(self, model: Transformer, *, max_slots: int, max_len: int,
-                 mask_token_id: int | None, stop_token_ids: tuple[int, ...],
-                 runner: RunnerConfig | None = None):
-        self.runner = ModelRunner(model, max_slots=max_slots, max_len=max_len,
-                                  mask_token_id=mask_token_id, config=runner or RunnerConfig())
+    def __init__(self, model: Transformer, *, max_slots: int, max_len: int, num_pages: int,
+                 page_size: int, mask_token_id: int | None, stop_token_ids: tuple[int, ...],
+                 runner: RunnerConfig | None = None, prefix_caching: bool = True):
+        """`max_slots` sequences at most; positions up to `max_len` per sequence; a KV pool of
+        `num_pages` pages of `page_size` positions shared by all of them."""
+        self.runner = ModelRunner(model, num_pages=num_pages, page_size=page_size, max_len=max_len,
+                                  max_slots=max_slots, mask_token_id=mask_token_id,
+                                  config=runner or RunnerConfig())
         self.model = model
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.cache = self.runner.cache
+        self.pages = Pages(self.runner, BlockManager(num_pages, page_size,
+                                                     prefix_caching=prefix_caching))
         self.mask_token_id = mask_token_id
         self.stop_token_ids = stop_token_ids
         self.max_slots = max_slots
-        self._free_slots = list(range(max_slots))
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # admitted and unfinished, in the order they joined
         self.stats = EngineStats()
         self._ids = itertools.count()
 
@@ -118,12 +131,17 @@ class Engine:
 
     @property
     def room(self) -> int:
-        """Sequences that can be added now (free slots)."""
-        return len(self._free_slots)
+        """Sequences that can be added now: free batch places while every admitted sequence
+        holds its pages (a sequence waiting for pages is served before any new one)."""
+        if self.pages.waiting(self.running):
+            return 0
+        return self.max_slots - len(self.running)
 
     def add(self, prompt_ids: list[int], params: DecodeConfig, *,
             stop_token_ids: tuple[int, ...] | None = None) -> Sequence:
-        if not self._free_slots:
+        """Admit a sequence. It takes its pages (reusing the longest cached prefix) before its
+        first forward; while the pool has too few free pages it waits inside the engine."""
+        if len(self.running) >= self.max_slots:
             raise FastDLLMError("the engine is full: every batch slot is in use")
         if params.speculative:
             raise FastDLLMError("speculative decoding needs the speculative engine "
@@ -135,27 +153,17 @@ class Engine:
                 "(no mask_token_id in config.json, no |<MASK>| in the tokenizer): give its id, "
                 "decode autoregressively, or adapt the model with `fastdllm train`",
                 field="mode", fixes=[("mask_token_id", None), ("mode", "ar")])
-        check_room(len(prompt_ids), params, self.max_len)
+        check_room(len(prompt_ids), params, self.max_len, self.pages.positions)
         seq = Sequence(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                        stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                        device=self.device)
-        seq.slot = self._free_slots.pop(0)
-        try:
-            seq.begin()
-        except BaseException:
-            self._release(seq)  # a sequence that never started gives its slot back
-            raise
         self.running.append(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            self._release(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        self._free_slots.append(seq.slot)
-        self._free_slots.sort()
+            self.pages.release(seq)
 
     def stream(self) -> Iterator[Step]:
         """Step until no sequence is left running. Sequences may join (`add`) or leave
@@ -166,8 +174,13 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> Step:
-        """One forward for every running sequence, whatever their phases; finished sequences
-        leave `running`.
+        """One forward for every running sequence that holds its pages, whatever their phases;
+        finished sequences leave `running`.
+
+        Before the forward, every sequence takes the pages its forward needs; when the pool runs
+        short, the most recently admitted sequence is preempted (its pages given back, its KV
+        recomputed when it resumes) and waiting sequences resume or start as pages free up
+        (`Pages.schedule`).
 
         A failure that belongs to one sequence (planning it, sampling its row, advancing it)
         ends that sequence alone: it leaves `running` with `seq.error` set (its Delta says so),
@@ -177,7 +190,7 @@ class Engine:
         seqs = list(self.running)
         record = StepRecord(seqs, self.stats)
         rows: list[Row] = []
-        for seq in seqs:
+        for seq in self.pages.schedule(self.running, self._fail):
             if not seq.finished:
                 try:
                     rows.append((seq, seq.plan()))
@@ -192,7 +205,9 @@ class Engine:
                     self._fail(seq, e)
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
-            self._release(seq)
+            self.pages.release(seq)
+        for seq in self.running:
+            self.pages.share(seq)
         return record.finish()
 
     def _draw(self, rows: list[Row]) -> list:

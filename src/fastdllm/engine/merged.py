@@ -28,16 +28,17 @@ import torch
 
 from ..model.kv_cache import CacheAccess, KVCache
 from ..model.transformer import Transformer
+from .block_manager import NULL_PAGE
 from .speculation import Speculation
 from .speculation import draft_or_target_distribution as _distribution
 from .verification import accept_greedy, accept_sampled
 
-MAX_MERGED_DRAFT = 32  # the scratch region holds (K + 1)^2 positions per slot
+MAX_MERGED_DRAFT = 32  # the scratch region holds (K + 1)^2 positions per sequence
 
 
-def merged_room() -> int:
-    """Scratch positions per slot: every group, plus one where padding rows write."""
-    return (MAX_MERGED_DRAFT + 1) ** 2 + 1
+def merged_room(draft_length: int) -> int:
+    """Scratch positions a sequence needs past its own: one group per possible outcome."""
+    return (draft_length + 1) ** 2
 
 
 def merged_layout(L: int, k: int, K: int, target_done: int, scratch: int):
@@ -64,16 +65,17 @@ def merged_layout(L: int, k: int, K: int, target_done: int, scratch: int):
     return rope, cache, prefix, lo, hi, torch.cat([v_logits, g_logits])
 
 
-def merged_cycle(model: Transformer, cache: KVCache, scratch: int, mask_token_id: int,
+def merged_cycle(model: Transformer, cache: KVCache, page_size: int, mask_token_id: int,
                  seqs: list[Speculation]) -> None:
-    """One forward of `model` for every sequence in merged self-speculative mode; the draft
-    groups' KV goes to cache positions from `scratch` on."""
+    """One forward of `model` for every sequence in merged self-speculative mode; each one's
+    draft groups' KV goes to its scratch positions (`seq.scratch` on, pages of its table)."""
     dev = next(model.parameters()).device
-    layouts = [merged_layout(s.length, s.k, s.params.draft_length, s.target_done, scratch) for s in seqs]
+    layouts = [merged_layout(s.length, s.k, s.params.draft_length, s.target_done, s.scratch) for s in seqs]
     width = max(lay[0].shape[0] for lay in layouts)
-    key_len = cache.max_len
+    pages = max(len(s.target_table) for s in seqs)
+    key_len = pages * page_size
     n_logits = max(lay[5].shape[0] for lay in layouts)
-    ids, rope, writes, masks, logit_idx = [], [], [], [], []
+    ids, rope, writes, masks, logit_idx, tables = [], [], [], [], [], []
     keys = torch.arange(key_len)
     for s, (r, c, prefix, lo, hi, li) in zip(seqs, layouts):
         t = r.shape[0]
@@ -83,14 +85,16 @@ def merged_cycle(model: Transformer, cache: KVCache, scratch: int, mask_token_id
         row[: L + k - s.target_done] = torch.tensor(s.tokens[s.target_done: L + k], dtype=torch.long)
         ids.append(row)
         rope.append(torch.cat([r, torch.zeros(pad, dtype=torch.long)]))
-        # padding writes past every group (duplicates among padding only)
-        writes.append(torch.cat([c, torch.full((pad,), key_len - 1, dtype=torch.long)]))
+        table = torch.tensor(s.target_table + [NULL_PAGE] * (pages - len(s.target_table)))
+        # cache position -> pool index; padding writes go to the null page
+        writes.append(torch.cat([table[c // page_size] * page_size + c % page_size,
+                                 torch.full((pad,), NULL_PAGE * page_size, dtype=torch.long)]))
+        tables.append(table)
         m = (keys[None, :] < prefix[:, None]) | ((keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]))
         masks.append(torch.cat([m, torch.zeros(pad, key_len, dtype=torch.bool)]) if pad else m)
         masks[-1][t:, 0] = True  # padding rows see one key, so softmax stays finite
         logit_idx.append(torch.cat([li, li[-1:].expand(n_logits - li.shape[0])]))
-    slots = [s.slot for s in seqs]
-    access = CacheAccess(cache, torch.tensor(slots, device=dev), torch.stack(writes).to(dev), key_len)
+    access = CacheAccess(cache, torch.stack(tables).to(dev), torch.stack(writes).to(dev), key_len)
     with torch.inference_mode():
         logits = model(torch.stack(ids).to(dev), torch.stack(rope).to(dev),
                                torch.stack(masks)[:, None].to(dev), access,

@@ -197,3 +197,86 @@ class RunnerConfig:
         if self.warmup_seconds < 0:
             raise FastDLLMError(f"warmup_seconds must be >= 0, got {self.warmup_seconds}",
                                 field="warmup_seconds")
+
+
+# The KV pool's default size when none is given: on a GPU half of the memory free when the
+# engine is built (the weights are loaded by then; activations, graphs and the allocator's
+# slack need the rest); on the CPU 1 GiB, which costs only what is used (pages are written
+# when first handed out) and holds ~350k positions of the shipped model.
+DEFAULT_GPU_FRACTION = 0.5
+DEFAULT_CPU_BYTES = 1 << 30
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12,
+          "tib": 1 << 40}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache (engine/block_manager.py).
+
+    memory: the pool's size: bytes (an int >= 1), or a fraction in (0, 1) of the memory free on
+        the device when the engine is built; None: DEFAULT_GPU_FRACTION on a GPU,
+        DEFAULT_CPU_BYTES on the CPU. Never less than one longest request.
+    prefix_caching: reuse the KV of whole committed blocks shared with earlier requests (a
+        system prompt, earlier chat turns); exact, on by default.
+    """
+
+    memory: int | float | None = None
+    prefix_caching: bool = True
+
+    def __post_init__(self):
+        m = self.memory
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+                raise FastDLLMError(f"kv_cache_memory must be a number of bytes or a fraction, got "
+                                    f"{m!r}", field="kv_cache_memory")
+            if isinstance(m, float) and not m.is_integer() and not 0 < m < 1:
+                raise FastDLLMError(f"kv_cache_memory must be a whole number of bytes or a fraction "
+                                    f"in (0, 1) of free memory, got {m}", field="kv_cache_memory")
+            if m <= 0:
+                raise FastDLLMError(f"kv_cache_memory must be > 0, got {m}", field="kv_cache_memory")
+        if not isinstance(self.prefix_caching, bool):
+            raise FastDLLMError(f"prefix_caching must be true or false, got {self.prefix_caching!r}",
+                                field="prefix_caching")
+
+    def budget(self, device) -> int:
+        """The pool's size in bytes on `device` (a torch.device)."""
+        m = self.memory
+        if m is not None and (isinstance(m, int) or m >= 1):
+            return int(m)
+        fraction = m if m is not None else (DEFAULT_GPU_FRACTION if device.type == "cuda" else None)
+        if fraction is None:
+            return DEFAULT_CPU_BYTES
+        return int(fraction * free_memory(device))
+
+
+def free_memory(device) -> int:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return DEFAULT_CPU_BYTES * 4
+
+
+def parse_memory(text: str) -> int | float:
+    """'4GiB', '512M', '1073741824' (bytes) or '0.5' (a fraction of free memory)."""
+    t = text.strip().lower().replace("_", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):].strip()
+    try:
+        value = float(num)
+    except ValueError:
+        value = None
+    if value is None or unit not in _UNITS or not math.isfinite(value):
+        raise FastDLLMError(f"kv_cache_memory must be bytes (e.g. 4GiB, 512MiB, 1073741824) or a "
+                            f"fraction of free memory (e.g. 0.5), got {text!r}", field="kv_cache_memory")
+    if unit == "" and 0 < value < 1:
+        return value
+    return int(value * _UNITS[unit])

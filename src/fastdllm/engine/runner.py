@@ -1,7 +1,7 @@
 """The model runner: one engine step = one forward, one draw, one device-to-host transfer.
 
 It owns the model, the KV cache and what a step needs prepared once (key positions, RoPE
-tables, a scratch cache slot, static steps). `run(rows)` takes every running sequence's plan
+tables, the paged KV pool, static steps). `run(rows)` takes every running sequence's plan
 and, whatever the mix of phases (prefill, full block, sub-block, commit, AR step):
 
 1. builds the step's inputs on the host as Python lists and ships them in one tensor;
@@ -22,15 +22,17 @@ from __future__ import annotations
 import torch
 
 from ..model.kv_cache import CacheAccess, KVCache, RowGroup
+from .block_manager import NULL_PAGE
 from ..model.transformer import Transformer
 from .attention import row_limits
-from .params import RunnerConfig
+from .params import DecodeConfig, RunnerConfig
 from .sampling import draw, draw_entropy
 from .selection import needs_entropy
-from .sequence import ForwardPlan, Sequence
+from .sequence import ForwardPlan, PlanKind, Sequence
 from .static_step import StaticSteps
 
 Row = tuple[Sequence, ForwardPlan]
+GREEDY = DecodeConfig()
 
 
 def to_host(tokens: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor | None = None
@@ -43,19 +45,20 @@ def to_host(tokens: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor | No
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, *, max_slots: int, max_len: int, mask_token_id: int | None,
-                 config: RunnerConfig):
+    def __init__(self, model: Transformer, *, num_pages: int, page_size: int, max_len: int,
+                 max_slots: int, mask_token_id: int | None, config: RunnerConfig):
+        """A pool of `num_pages` pages of `page_size` positions; sequences up to `max_len`
+        positions; at most `max_slots` sequences in a step (the static steps' batch buckets)."""
         cfg = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
         self.device, self.dtype = p.device, p.dtype
         self.mask_token_id = mask_token_id
         self.max_slots = max_slots
-        # one scratch slot after the sequences' slots: padded places of a static step write
-        # their KV there, so they never touch a sequence's cache
-        self.cache = KVCache(cfg.num_layers, max_slots, max_len, cfg.num_kv_heads, cfg.head_dim,
-                             self.dtype, self.device, scratch_slots=1)
-        self.scratch_slot = max_slots
+        self.page_size = page_size
+        self._max_len = max_len
+        self.cache = KVCache(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim,
+                             self.dtype, self.device, positions=max_len)
         self.keys = torch.arange(max_len, device=self.device)  # key positions, for every mask
         # the mask goes to attention additive (0 / -inf in the model dtype), built once per step
         # for all layers: a boolean mask would be converted inside attention, once per layer
@@ -64,9 +67,35 @@ class ModelRunner:
         model.rope_tables(max_len)
         self.static = StaticSteps.for_runner(self) if StaticSteps.enabled(config, self.device) else None
 
+    # ------------------------------------------------------------------ pages
+    def write_index(self, pages: list[int], start: int, end: int) -> list[int]:
+        """Flat pool indices (page * P + offset) of positions [start, end) of a sequence."""
+        P = self.page_size
+        return [pages[x // P] * P + x % P for x in range(start, end)]
+
+    def table(self, pages: list[int], key_len: int, width: int) -> list[int]:
+        """The first pages a row reads for `key_len` keys, padded with the null page to `width`."""
+        n = -(-key_len // self.page_size)
+        return pages[:n] + [NULL_PAGE] * (width - n)
+
+    def save(self, pages: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of positions [start, end)'s KV in every layer (a preempted block-local cache)."""
+        idx = torch.tensor(self.write_index(pages, start, end), device=self.device)
+        k, v = self.cache.k, self.cache.v
+        return (k.view(k.shape[0], -1, *k.shape[3:]).index_select(1, idx).clone(),
+                v.view(v.shape[0], -1, *v.shape[3:]).index_select(1, idx).clone())
+
+    def restore(self, pages: list[int], start: int, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        idx = torch.tensor(self.write_index(pages, start, start + saved[0].shape[1]), device=self.device)
+        for pool, data in zip((self.cache.k, self.cache.v), saved):
+            pool.view(pool.shape[0], -1, *pool.shape[3:])[:, idx] = data
+
+    def pages_for(self, key_len: int) -> int:
+        return -(-key_len // self.page_size)
+
     @property
     def max_len(self) -> int:
-        return self.cache.max_len
+        return self._max_len
 
     def warm_up(self, log=None) -> None:
         if self.static is not None:
@@ -81,7 +110,10 @@ class ModelRunner:
         for _, plan in rows:
             spans.append((start, start + len(plan.logit_positions)))
             start = spans[-1][1]
-        settings = [s.params for s, _ in rows]
+        # a recomputing row (after preemption) draws nothing it keeps: greedy, so a sampled
+        # sequence's generator advances exactly as it would have without the preemption
+        settings = [GREEDY if p.kind is PlanKind.RECOMPUTE else s.params for s, p in rows]
+        generators = [None if p.kind is PlanKind.RECOMPUTE else s.generator for s, p in rows]
         # static steps capture tokens and confidences only: a step that needs entropies is eager
         entropy_needed = any(p.diffusion and needs_entropy(p.rule) for p in settings)
         entropy = None
@@ -90,7 +122,7 @@ class ModelRunner:
         else:
             logits = self.forward_logits(rows)
             self._suppress_mask(logits, rows, spans)
-            tokens, conf = draw(logits, spans, settings, [s.generator for s, _ in rows])
+            tokens, conf = draw(logits, spans, settings, generators)
             if entropy_needed:
                 entropy = draw_entropy(logits, spans, settings)
         toks, confs, ents = to_host(tokens, conf, entropy)
@@ -104,14 +136,14 @@ class ModelRunner:
     # ------------------------------------------------------------------ the eager step
     def forward_logits(self, rows: list[Row]) -> torch.Tensor:
         """Logits (R, vocab) of every row's logit positions, concatenated in row order. A row
-        is anything with `tokens` (host list), `block` (1 = causal) and `slot`, with a plan
+        is anything with `tokens` (host list), `block` (1 = causal) and `pages`, with a plan
         that has start, end, key_len and logit_positions (the speculative engine's rows too)."""
         widths = [p.end - p.start for _, p in rows]
         if all(w == widths[0] for w in widths):
             return self._forward_uniform(rows, widths[0])
         # packed: rows ordered by width, so each width's rows are one contiguous range of tokens
         order = sorted(range(len(rows)), key=lambda r: widths[r])
-        ids, pos, limits, token_slots, offsets = [], [], [], [], [0] * len(rows)
+        ids, pos, limits, writes, offsets = [], [], [], [], [0] * len(rows)
         groups: list[list[int]] = []  # row indices per width
         for r in order:
             seq, plan = rows[r]
@@ -122,25 +154,24 @@ class ModelRunner:
             ids += seq.tokens[plan.start:plan.end]
             pos += range(plan.start, plan.end)
             limits += row_limits(plan.start, plan.end, seq.block)
-            token_slots += [seq.slot] * widths[r]
+            writes += self.write_index(seq.pages, plan.start, plan.end)
         logit_idx = [offsets[r] + x - plan.start for r, (_, plan) in enumerate(rows) for x in plan.logit_positions]
-        group_slots = [[rows[r][0].slot for r in g] for g in groups]
-        gather = [sl for sl in group_slots if not _contiguous(sl)]
-        parts = [ids, pos, limits, token_slots, logit_idx, *gather]
+        group_keys = [max(rows[r][1].key_len for r in g) for g in groups]
+        group_tables = [self._tables([rows[r] for r in g], k) for g, k in zip(groups, group_keys)]
+        gather = [t for t in group_tables if not isinstance(t, slice)]
+        parts = [ids, pos, limits, writes, logit_idx, *[sum(t, []) for t in gather]]
         tensors = self._ship(parts)
-        ids_t, pos_t, lim_t, slots_t, lidx_t = tensors[:5]
+        ids_t, pos_t, lim_t, writes_t, lidx_t = tensors[:5]
         gathered = iter(tensors[5:])
         row_groups = []
-        for g, sl in zip(groups, group_slots):
+        for g, key_len, tab in zip(groups, group_keys, group_tables):
             n, W = len(g), widths[g[0]]
             start = offsets[g[0]]
-            key_len = max(rows[r][1].key_len for r in g)
-            read = slice(sl[0], sl[0] + n) if _contiguous(sl) else next(gathered)
+            read = tab if isinstance(tab, slice) else next(gathered).view(n, -1)
             mask = self.attention_mask(lim_t[start:start + n * W].view(n, W), key_len)
             row_groups.append(RowGroup(start, n, W, read, key_len, mask))
         T = len(ids)
-        access = CacheAccess(self.cache, None, pos_t.view(1, T), 0, token_slots=slots_t.view(1, T),
-                             groups=tuple(row_groups))
+        access = CacheAccess(self.cache, None, writes_t.view(1, T), 0, groups=tuple(row_groups))
         return self.model(ids_t.view(1, T), pos_t.view(1, T), None, access,
                           logits_slice=lidx_t.view(1, -1)).flatten(0, 1)
 
@@ -148,27 +179,38 @@ class ModelRunner:
         """Rows of one width: an (n, W) batch."""
         n = len(rows)
         key_len = max(p.key_len for _, p in rows)
-        slots = [s.slot for s, _ in rows]
         k_max = max(len(p.logit_positions) for _, p in rows)
-        ids, pos, limits, logit_idx = [], [], [], []
+        ids, pos, limits, writes, logit_idx = [], [], [], [], []
         for seq, plan in rows:
             ids += seq.tokens[plan.start:plan.end]
             pos += range(plan.start, plan.end)
             limits += row_limits(plan.start, plan.end, seq.block)
+            writes += self.write_index(seq.pages, plan.start, plan.end)
             idx = [x - plan.start for x in plan.logit_positions]
             logit_idx += idx + [idx[-1]] * (k_max - len(idx))
-        contiguous = _contiguous(slots)
-        tensors = self._ship([ids, pos, limits, logit_idx] + ([] if contiguous else [slots]))
-        ids_t, pos_t, lim_t, lidx_t = tensors[:4]
-        read = slice(slots[0], slots[0] + n) if contiguous else tensors[4]
+        tables = self._tables(rows, key_len)
+        gather = not isinstance(tables, slice)
+        tensors = self._ship([ids, pos, limits, writes, logit_idx] + ([sum(tables, [])] if gather else []))
+        ids_t, pos_t, lim_t, writes_t, lidx_t = tensors[:5]
+        read = tensors[5].view(n, -1) if gather else tables
         mask = self.attention_mask(lim_t.view(n, W), key_len)
-        access = CacheAccess(self.cache, read, pos_t.view(n, W), key_len)
+        access = CacheAccess(self.cache, read, writes_t.view(n, W), key_len)
         logits = self.model(ids_t.view(n, W), pos_t.view(n, W), mask, access,
                             logits_slice=lidx_t.view(n, k_max)).flatten(0, 1)
         if any(len(p.logit_positions) < k_max for _, p in rows):
             keep = [r * k_max + j for r, (_, p) in enumerate(rows) for j in range(len(p.logit_positions))]
             logits = logits[torch.tensor(keep, device=self.device)]
         return logits
+
+    def _tables(self, rows: list, key_len: int) -> slice | list[list[int]]:
+        """What the rows read for `key_len` keys: one row's consecutive pages as a slice (the
+        read is a view), else each row's table padded to the same width (the read gathers)."""
+        width = self.pages_for(key_len)
+        if len(rows) == 1:
+            pages = rows[0][0].pages[:width]
+            if len(pages) == width and _consecutive(pages):
+                return slice(pages[0], pages[0] + width)
+        return [self.table(s.pages, p.key_len, width) for s, p in rows]
 
     def _ship(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """Host lists -> device tensors, as one tensor and one copy."""
@@ -188,5 +230,5 @@ class ModelRunner:
                     logits[a:b, self.mask_token_id] = float("-inf")
 
 
-def _contiguous(slots: list[int]) -> bool:
-    return slots == list(range(slots[0], slots[0] + len(slots)))
+def _consecutive(pages: list[int]) -> bool:
+    return pages == list(range(pages[0], pages[0] + len(pages)))

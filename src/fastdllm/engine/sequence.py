@@ -52,6 +52,7 @@ class PlanKind(Enum):
     SUB_BLOCK = "sub_block"  # only the active sub-block, against the block-local cache
     COMMIT = "commit"  # the finished block's exact KV into the block cache
     AR_STEP = "ar_step"  # one AR token
+    RECOMPUTE = "recompute"  # after preemption: the committed positions' KV, written again
 
 
 @dataclass(frozen=True)
@@ -124,21 +125,66 @@ class Sequence:
         self.final_len = self.prompt_len  # tokens before this are final (safe to stream)
         self.stats = SequenceStats()
         self.trace: list[dict] | None = [] if params.trace else None
-        self.slot: int = -1
+        self.pages: list[int] = []  # the page table: position p lives in pages[p // page_size]
+        self.hashes: list[bytes] = []  # prefix-cache hash chain of its full committed pages
+        self.cached = 0  # positions whose KV came from the prefix cache at admission
+        self.resume_from: int | None = None  # preempted: KV below this is to be recomputed
+        self.stash = None  # preempted mid-block: the block-local cache, restored on resumption
         self.error: Exception | None = None  # set by the engine when this sequence failed alone
 
     def begin(self) -> None:
-        """A diffusion prompt shorter than one block has nothing to prefill: its tail starts
-        the first decoding block directly."""
-        if self.params.diffusion and self.prompt_len < self.block:
+        """A diffusion prompt shorter than one block has nothing to prefill (nor one whose
+        prefill is all in the prefix cache and draws nothing): its tail starts the first
+        decoding block directly."""
+        if self.params.diffusion and self.committed == self.prefill_end() and not self._prefill_draws():
             self._enter_next_phase()
 
     # ------------------------------------------------------------------ planning
+    def prefill_end(self) -> int:
+        return round_down(self.prompt_len, self.block)  # AR (block 1): the whole prompt
+
+    def shareable_prefix(self) -> int:
+        """Prompt positions whose KV another sequence's prefill computed alike: the prefill's,
+        less the last one when the prefill draws the first new token from its logit."""
+        end = self.prefill_end()
+        return end - 1 if self._prefill_draws() else end
+
+    def _prefill_draws(self) -> bool:
+        return not self.params.diffusion or self.prompt_len % self.block == 0
+
+    def reuse_prefix(self, positions: int) -> None:
+        """The KV of positions [0, positions) is already in this sequence's pages (a prefix
+        cache hit): the prefill starts after it. Call before `begin`."""
+        if positions > self.shareable_prefix():
+            raise ValueError(f"a prefix of {positions} positions leaves nothing to prefill")
+        self.committed = self.cached = positions
+
+    def skipped_prefill_draw(self, vocab_size: int) -> None:
+        """The whole prefill came from the prefix cache, so its forward never runs; but that
+        forward draws a token (unused when the prompt does not fill its last block) and, when
+        sampling, advances the sequence's generator: advance it alike (a draw of the same
+        shape), so seeded output does not depend on what the cache held."""
+        if self.generator is not None and not self.params.greedy and self.prefill_end() > 0:
+            torch.multinomial(torch.ones(1, vocab_size, device=self.generator.device), 1,
+                              generator=self.generator)
+
+    def needed_positions(self) -> int:
+        """Cache positions the next forward writes or reads (pages must cover them)."""
+        if self.resume_from is not None:
+            return max(self.committed, self._next_plan().key_len)
+        return self.plan().key_len
+
     def plan(self) -> ForwardPlan:
+        if self.resume_from is not None:  # preempted: first the committed KV again
+            a, b = self.resume_from, self.committed
+            return ForwardPlan(PlanKind.RECOMPUTE, a, b, b, (b - 1,))
+        return self._next_plan()
+
+    def _next_plan(self) -> ForwardPlan:
         p = self.params
         if self.phase is Phase.PREFILL:
-            end = round_down(self.prompt_len, self.block)  # AR (block 1): the whole prompt
-            return ForwardPlan(PlanKind.PREFILL, 0, end, end, (end - 1,))
+            end = self.prefill_end()
+            return ForwardPlan(PlanKind.PREFILL, self.committed, end, end, (end - 1,))
         if self.phase is Phase.AR_STEP:
             pos = self.length - 1  # the last drawn token, whose KV is not cached yet
             start = pos if p.block_cache else 0
@@ -175,6 +221,9 @@ class Sequence:
         self.stats.forward_calls += 1
         kinds = self.stats.forwards_by_kind
         kinds[plan.kind.value] = kinds.get(plan.kind.value, 0) + 1
+        if plan.kind is PlanKind.RECOMPUTE:
+            self.resume_from = None  # the KV below `committed` is exact again; nothing is drawn
+            return
         if plan.kind in (PlanKind.FULL_BLOCK, PlanKind.SUB_BLOCK):
             self._refine(plan, tokens, conf, entropy)
             return

@@ -134,7 +134,9 @@ class Speculation:
         self.final_len = self.prompt_len
         self.stats = SpeculationStats()
         self.trace: list[dict] | None = [] if params.trace else None
-        self.slot = -1
+        self.target_table: list[int] = []  # page tables of the target's and the draft's caches
+        self.draft_table: list[int] = []
+        self.scratch = 0  # merged form: where its draft groups' KV goes (positions past capacity)
 
     # ------------------------------------------------------------------ cycle start
     def begin_cycle(self) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import FastDLLMError
 from ..model.transformer import Transformer
+from .block_manager import BlockManager
 from .engine import EngineStats, Step, StepRecord, check_room
 from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
 from .params import DecodeConfig, RunnerConfig
@@ -61,7 +62,13 @@ def check_pair(target: Transformer, draft: Transformer, mask_token_id: int | Non
 
 class SpeculativeEngine:
     def __init__(self, target: Transformer, draft: Transformer, *, max_slots: int, max_len: int,
-                 mask_token_id: int | None, stop_token_ids: tuple[int, ...]):
+                 num_pages: int, page_size: int, mask_token_id: int | None,
+                 stop_token_ids: tuple[int, ...]):
+        """Each model's KV cache is a pool of `num_pages` pages of `page_size` positions. A
+        sequence takes all the pages it can need when it starts (its whole prompt +
+        max_new_tokens, and the merged form's scratch groups), so a cycle never runs short and
+        nothing is ever preempted; a sequence the pools cannot hold yet waits in the engine.
+        No prefix caching here (docs/design.md, "Paged KV cache")."""
         check_pair(target, draft, mask_token_id)
         p = next(target.parameters())
         self.target, self.draft = target, draft
@@ -69,16 +76,19 @@ class SpeculativeEngine:
         self.mask_token_id = mask_token_id
         self.stop_token_ids = stop_token_ids
         self._max_len = max_len
-        # self-speculative: room for the merged form's draft groups after the sequences'
-        # positions (merged.py); + 1: the position the merged form's padding writes to
+        self.max_slots = max_slots
+        self.page_size = page_size
         eager = RunnerConfig(enforce_eager=True)
-        room = 1 + (merged_room() if draft is target else 0)
-        self.target_runner = ModelRunner(target, max_slots=max_slots, max_len=max_len + room,
+        # + the merged form's draft groups: their rope positions stay below max_len + K + 1
+        self.target_runner = ModelRunner(target, num_pages=num_pages, page_size=page_size,
+                                         max_len=max_len + MAX_MERGED_DRAFT + 1, max_slots=max_slots,
                                          mask_token_id=None, config=eager)
-        self.draft_runner = ModelRunner(draft, max_slots=max_slots, max_len=max_len,
-                                        mask_token_id=None, config=eager)
+        self.draft_runner = ModelRunner(draft, num_pages=num_pages, page_size=page_size,
+                                        max_len=max_len, max_slots=max_slots, mask_token_id=None,
+                                        config=eager)
         self.cache, self.draft_cache = self.target_runner.cache, self.draft_runner.cache
-        self._free_slots = list(range(max_slots))
+        self.target_pages = BlockManager(num_pages, page_size, prefix_caching=False)
+        self.draft_pages = BlockManager(num_pages, page_size, prefix_caching=False)
         self.running: list[Speculation] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -89,8 +99,18 @@ class SpeculativeEngine:
 
     @property
     def room(self) -> int:
-        """Sequences that can be added now (free slots)."""
-        return len(self._free_slots)
+        """Sequences that can be added now (free batch places while nobody waits for pages)."""
+        if any(not s.target_table for s in self.running):
+            return 0
+        return self.max_slots - len(self.running)
+
+    def usage(self) -> dict:
+        m = self.target_pages
+        return {"pages_total": m.num_pages, "pages_used": m.used, "pages_free": m.available,
+                "pages_cached": 0, "page_size": self.page_size,
+                "usage": round(m.used / m.num_pages, 6), "prefix_caching": False,
+                "prefix_queried_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0,
+                "draft_pages_used": self.draft_pages.used}
 
     def stream(self) -> Iterator[Step]:
         """Step until no sequence is left running (sequences may join or leave between steps)."""
@@ -99,7 +119,7 @@ class SpeculativeEngine:
 
     def add(self, prompt_ids: list[int], params: DecodeConfig, *,
             stop_token_ids: tuple[int, ...] | None = None) -> Speculation:
-        if not self._free_slots:
+        if len(self.running) >= self.max_slots:
             raise FastDLLMError("the engine is full: every batch slot is in use")
         if params.diffusion:
             raise FastDLLMError("this engine decodes speculatively (the target's own output); "
@@ -111,31 +131,52 @@ class SpeculativeEngine:
         if params.merged and params.draft_length > MAX_MERGED_DRAFT:
             raise FastDLLMError(f"the merged form drafts at most {MAX_MERGED_DRAFT} tokens per "
                                 f"cycle, got draft_length {params.draft_length}", field="draft_length")
-        check_room(len(prompt_ids), params, self.max_len)
+        pool = (self.target_pages.num_pages - self._scratch_pages(params)) * self.page_size
+        check_room(len(prompt_ids), params, self.max_len, pool)
         seq = Speculation(next(self._ids), prompt_ids, params, mask_token_id=self.mask_token_id,
                           stop_token_ids=self.stop_token_ids if stop_token_ids is None else stop_token_ids,
                           device=self.device)
-        seq.slot = self._free_slots.pop(0)
         self.running.append(seq)
         return seq
+
+    def _scratch_pages(self, params: DecodeConfig) -> int:
+        return -(-merged_room(params.draft_length) // self.page_size) if params.merged else 0
+
+    def _take_pages(self, seq: Speculation) -> bool:
+        """All pages a sequence can need, in both pools, or none (it waits)."""
+        p = self.page_size
+        target = -(-seq.capacity // p) + self._scratch_pages(seq.params)
+        draft = -(-seq.capacity // p) if seq.params.speculative and not seq.params.merged else 0
+        if target > self.target_pages.available or draft > self.draft_pages.available:
+            return False
+        seq.target_table = self.target_pages.allocate(target)
+        seq.draft_table = self.draft_pages.allocate(draft) or []
+        seq.scratch = -(-seq.capacity // p) * p
+        for runner, m in ((self.target_runner, self.target_pages), (self.draft_runner, self.draft_pages)):
+            runner.cache.zero(m.take_fresh())
+        return True
 
     def abort(self, seq: Speculation) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            self._free_slots.append(seq.slot)
-            self._free_slots.sort()
+            self.target_pages.release(seq.target_table)
+            self.draft_pages.release(seq.draft_table)
+            seq.target_table, seq.draft_table = [], []
 
     @torch.inference_mode()
     def step(self) -> Step:
         """One draft + verify cycle for every running sequence; finished ones leave `running`."""
         seqs = list(self.running)
         record = StepRecord(seqs, self.stats)
-        active = [s for s in seqs if not s.finished]
+        for seq in seqs:
+            if not seq.target_table and not seq.finished and not self._take_pages(seq):
+                break  # first come, first served
+        active = [s for s in seqs if not s.finished and s.target_table]
         for seq in active:
             seq.begin_cycle()
         merged = [s for s in active if s.params.merged]
         if merged:
-            merged_cycle(self.target, self.cache, self.max_len + 1, self.mask_token_id, merged)
+            merged_cycle(self.target, self.cache, self.page_size, self.mask_token_id, merged)
             self.stats.forward_calls += 1
         plain = [s for s in active if not s.params.merged]
         while drafting := [s for s in plain if s.stage is Stage.DRAFT]:
@@ -149,7 +190,7 @@ class SpeculativeEngine:
     # ------------------------------------------------------------------ the two forwards
     def _draft(self, seqs: list[Speculation]) -> None:
         chunks = [s.draft_chunk() for s in seqs]
-        logits = self.draft_runner.forward_logits([(_Row(s.tokens, s.block, s.slot), c)
+        logits = self.draft_runner.forward_logits([(_Row(s.tokens, s.block, s.draft_table), c)
                                                    for s, c in zip(seqs, chunks)])
         logits[:, self.mask_token_id] = float("-inf")  # a draft is never [MASK]
         self.stats.forward_calls += 1
@@ -167,7 +208,7 @@ class SpeculativeEngine:
 
     def _verify(self, seqs: list[Speculation]) -> None:
         chunks = [s.verify_chunk() for s in seqs]
-        logits = self.target_runner.forward_logits([(_Row(s.tokens, 1, s.slot), c)
+        logits = self.target_runner.forward_logits([(_Row(s.tokens, 1, s.target_table), c)
                                                     for s, c in zip(seqs, chunks)])
         self.stats.forward_calls += 1
         greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
@@ -187,8 +228,8 @@ class SpeculativeEngine:
 
 class _Row(NamedTuple):
     """What the runner reads of a row: the sequence's tokens, the attention's block size for
-    this forward (1: causal, the target's verification) and the cache slot."""
+    this forward (1: causal, the target's verification) and the page table of that model's cache."""
 
     tokens: list[int]
     block: int
-    slot: int
+    pages: list[int]

@@ -3,13 +3,13 @@ compiled by torch.compile (CPU, opt-in).
 
 A shape is (width W, batch bucket n, key bucket K). A step fits when every row is greedy, its
 widest row fits a captured width and its key length a key bucket. Rows are padded up to W and
-the batch up to n: spare tokens and spare rows write their KV into the cache's scratch slot
+the batch up to n: spare tokens and spare rows write their KV into the cache's null page
 (never a sequence's), read it, and their outputs are not read back. Each row keeps its own
 mask, so padding changes no real row's attention. Why exact batch sizes and not one big shape:
 the GEMM shape is part of what decides the last bits of a logit; a bucket per batch size keeps
 the number of distinct shapes small while every step of one shape computes alike.
 
-Everything a step varies (token ids, positions, write slots, attention limits, read slots, which
+Everything a step varies (token ids, positions, write indices, attention limits, page tables, which
 rows suppress [MASK], which places' logits are drawn) is one long input buffer per shape, filled
 by one copy; the graph reads it and writes greedy tokens and confidences of P places per row
 (P = the width, or the sub-block width for a full-block shape: a step never draws more), and
@@ -26,6 +26,7 @@ import types
 import torch
 
 from ..model.kv_cache import CacheAccess
+from .block_manager import NULL_PAGE
 from .attention import row_limits
 from .params import RunnerConfig
 
@@ -77,6 +78,11 @@ def buckets(limit: int, first: int = 1) -> list[int]:
     return out + [limit]
 
 
+def spare_writes(width: int, page_size: int) -> list[int]:
+    """Where a spare place of a step writes its KV: inside the null page."""
+    return [NULL_PAGE * page_size + j % page_size for j in range(width)]
+
+
 def smallest_at_least(options: list[int], x: int) -> int | None:
     return next((o for o in options if o >= x), None)
 
@@ -89,26 +95,27 @@ class StaticShape:
         self.runner, self.width, self.batch, self.key_len = runner, width, batch, key_len
         self.picks = picks  # P: places per row whose logits are drawn
         places = batch * width
-        # ids pos slots limits rows suppress picks
-        self.sizes = [places, places, places, places, batch, batch, batch * picks]
+        self.pages = runner.pages_for(key_len)  # table width per row
+        # ids pos writes limits tables suppress picks
+        self.sizes = [places, places, places, places, batch * self.pages, batch, batch * picks]
         self.buffer = torch.zeros(sum(self.sizes), dtype=torch.long, device=runner.device)
         self.buffer.copy_(torch.tensor(self.idle_inputs(), dtype=torch.long))
         self.graph = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def idle_inputs(self) -> list[int]:
-        """Every row a spare row: writes and reads only the scratch slot."""
-        W, n, scratch = self.width, self.batch, self.runner.scratch_slot
-        return ([0] * (n * W) + list(range(W)) * n + [scratch] * (n * W) + [1] * (n * W)
-                + [scratch] * n + [0] * n + [0] * (n * self.picks))
+        """Every row a spare row: writes and reads only the null page."""
+        W, n = self.width, self.batch
+        return ([0] * (n * W) + list(range(W)) * n + spare_writes(W, self.runner.page_size) * n
+                + [1] * (n * W) + [NULL_PAGE] * (n * self.pages) + [0] * n + [0] * (n * self.picks))
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy tokens and confidences (n * P,) of each row's picked places, from the input
         buffer."""
         r, W, n, K, P = self.runner, self.width, self.batch, self.key_len, self.picks
-        ids, pos, slots, limits, rows, suppress, picks = self.buffer.split(self.sizes)
+        ids, pos, writes, limits, tables, suppress, picks = self.buffer.split(self.sizes)
         mask = r.attention_mask(limits.view(n, W), K)  # (n, 1, W, K)
-        access = CacheAccess(r.cache, rows, pos.view(n, W), K, token_slots=slots.view(n, W))
+        access = CacheAccess(r.cache, tables.view(n, self.pages), writes.view(n, W), K)
         logits = r.model(ids.view(n, W), pos.view(n, W), mask, access,
                          logits_slice=picks.view(n, P)).flatten(0, 1)  # (n*P, V)
         if r.mask_token_id is not None:
@@ -119,7 +126,7 @@ class StaticShape:
 
     def capture(self, pool) -> None:
         """Record `step` as a CUDA graph (after two warm-up runs on a side stream, as capture
-        requires); the idle inputs make those runs touch only the scratch slot."""
+        requires); the idle inputs make those runs touch only the null page."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -198,15 +205,16 @@ class StaticSteps:
         W, n, K = key = self.shape_for(rows)
         shape = self.shape(key)
         P = shape.picks
-        ids, pos, slots, limits, read, suppress, picks, sel = [], [], [], [], [], [], [], []
+        ids, pos, writes, limits, read, suppress, picks, sel = [], [], [], [], [], [], [], []
+        spare_w = spare_writes(W, r.page_size)
         for i, (seq, plan) in enumerate(rows):
             w, block = plan.end - plan.start, seq.block
             ids += seq.tokens[plan.start:plan.end] + [0] * (W - w)
-            pos += list(range(plan.start, plan.end)) + list(range(w, W))  # spare: scratch 0..W-1
-            slots += [seq.slot] * w + [r.scratch_slot] * (W - w)
+            pos += list(range(plan.start, plan.end)) + list(range(w, W))
+            writes += r.write_index(seq.pages, plan.start, plan.end) + spare_w[w:]
             lim = row_limits(plan.start, plan.end, block)
             limits += lim + [lim[-1]] * (W - w)
-            read.append(seq.slot)
+            read += r.table(seq.pages, plan.key_len, shape.pages)
             suppress.append(1 if seq.params.diffusion else 0)
             idx = [x - plan.start for x in plan.logit_positions]
             picks += idx + [idx[-1] if idx else 0] * (P - len(idx))
@@ -214,12 +222,12 @@ class StaticSteps:
         spare = n - len(rows)
         ids += [0] * (spare * W)
         pos += list(range(W)) * spare
-        slots += [r.scratch_slot] * (spare * W)
+        writes += spare_w * spare
         limits += [1] * (spare * W)
-        read += [r.scratch_slot] * spare
+        read += [NULL_PAGE] * (spare * shape.pages)
         suppress += [0] * spare
         picks += [0] * (spare * P)
-        flat = torch.tensor(ids + pos + slots + limits + read + suppress + picks + sel, dtype=torch.long)
+        flat = torch.tensor(ids + pos + writes + limits + read + suppress + picks + sel, dtype=torch.long)
         flat = flat.to(r.device, non_blocking=True)
         shape.buffer.copy_(flat[: shape.buffer.numel()])
         tokens, conf = shape()

@@ -1,40 +1,58 @@
-"""The KV cache: one preallocated buffer per layer, written in place.
+"""The KV cache: a pool of fixed-size pages per layer, written in place (PagedAttention layout).
 
-Layout per layer: (slots, kv_heads, max_len, head_dim). A *slot* holds one sequence. Writing
-new keys at given (slot, position) pairs is an in-place `index_put`; reading the first
-`key_len` positions of a set of contiguous slots is a view. Fast-dLLM v2's two caches are both
-this buffer:
+Layout per layer: (pages, page_size, kv_heads, head_dim), token-major, as flash-attn's and
+FlashInfer's paged kernels take it. A sequence's positions live in the pages its page table
+lists (engine/block_manager.py hands them out): position p is token p % P of page table[p // P].
+Page 0 is the null page: padded writes land there and padded table entries point there.
 
+Fast-dLLM v2's two caches are both this pool:
 - block-level cache: positions below a sequence's committed length hold exact KV of finished
-  blocks; they are only ever written by the forward that commits the block;
+  blocks; only the forward that commits a block writes them, and once a page is full and
+  committed other sequences may share it (prefix caching);
 - sub-block cache: the active block's positions hold the KV of the last full-block forward;
   a sub-block step overwrites only the sub-block's positions and reads the rest (stale) as is.
 
-The attention mask decides what each query may see, so nothing is ever copied or concatenated.
+Attention reads each row's pages through its table with per-row key limits
+(model/paged_attention.py), so nothing is ever concatenated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, scratch_slots: int = 0):
-        """`scratch_slots` extra slots after the `slots` sequence slots, for writes that must land
-        somewhere harmless (the padded places of a static decode step)."""
-        shape = (num_layers, slots + scratch_slots, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots = slots
-        self.max_len = max_len
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str, *, positions: int):
+        """`num_pages` usable pages plus the null page; `positions`: the longest sequence
+        (the RoPE tables the forward reads are that long). The memory is allocated but not
+        written: a page is zeroed when it is first handed out (`zero`), so a large budget costs
+        only what is used."""
+        shape = (num_layers, num_pages + 1, page_size, kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.num_pages, self.page_size = num_pages, page_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.positions = positions
+        self.zero([0])
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
+
+    @staticmethod
+    def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+        return 2 * num_layers * page_size * kv_heads * head_dim * dtype.itemsize
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def zero(self, pages: list[int]) -> None:
+        if pages:
+            idx = torch.tensor(pages, device=self.k.device)
+            self.k.index_fill_(1, idx, 0)
+            self.v.index_fill_(1, idx, 0)
 
 
 @dataclass
@@ -42,55 +60,49 @@ class RowGroup:
     """Rows of one width in a step that packs rows of different widths into one (1, T) chunk:
     their tokens are the contiguous packed range [start, start + rows * width), row after row.
     Per-token work (norms, projections, MLP) runs once over the whole chunk; attention runs per
-    group, each row reading its own slot, so no query is padded and nothing is gathered."""
+    group, each row reading its own pages, so no query is padded."""
 
     start: int
     rows: int  # n
     width: int  # W
-    slots: slice | torch.Tensor  # the slot each row reads
+    tables: slice | torch.Tensor  # the page table each row reads (n, pages), or one row's run
     key_len: int
     mask: torch.Tensor  # (n, 1, W, key_len), bool or additive
 
 
 @dataclass
 class CacheAccess:
-    """How one forward uses the cache: where the chunk's tokens write their KV (`positions`,
-    shaped like the chunk, in the slot of their row or in `token_slots` when given), which slots
-    the query rows read (`rows`) and how many leading positions they attend over (`key_len`).
-    A packed step of several widths gives `groups` instead (then `rows`/`key_len` are unused and
-    the forward's mask is ignored: each group carries its own).
+    """How one forward uses the cache: where the chunk's tokens write their KV (`write`: flat
+    token indices page * P + offset, shaped like the chunk), the page tables the query rows read
+    (`tables`) and how many leading positions of them they attend over (`key_len`). A packed step
+    of several widths gives `groups` instead (then `tables`/`key_len` are unused and the
+    forward's mask is ignored: each group carries its own).
 
-    `rows` is a slice when the batch's slots are contiguous (the common case: reads are views);
-    a long tensor otherwise, in which case reads gather just the first `key_len` positions of
-    those slots."""
+    `tables` is a slice of page ids for a single row whose pages are consecutive (the read is a
+    view), else a long tensor (n, pages) padded with the null page (the read gathers pages)."""
 
     cache: KVCache
-    rows: slice | torch.Tensor | None
-    positions: torch.Tensor  # (N, T) long
+    tables: slice | torch.Tensor | None
+    write: torch.Tensor  # (N, T) long
     key_len: int
-    token_slots: torch.Tensor | None = None  # (N, T) long; default: row i writes to slot rows[i]
     groups: tuple[RowGroup, ...] | None = None
-    _write_slots: torch.Tensor = field(init=False, repr=False)
 
-    def __post_init__(self):
-        if self.token_slots is not None:
-            self._write_slots = self.token_slots
-        elif isinstance(self.rows, slice):
-            self._write_slots = torch.arange(self.rows.start or 0, self.rows.stop,
-                                             device=self.positions.device)[:, None]
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (N, T, kv_heads, head_dim), token-major."""
+        kl, vl = self.cache.layers[layer]
+        kl.view(-1, *kl.shape[2:])[self.write] = k
+        vl.view(-1, *vl.shape[2:])[self.write] = v
+
+    def read(self, layer: int, tables: slice | torch.Tensor, key_len: int):
+        """Keys/values (n, kv_heads, key_len, head_dim) of the rows' first key_len positions."""
+        kl, vl = self.cache.layers[layer]
+        if isinstance(tables, slice):
+            k, v = kl[tables], vl[tables]
+            n = 1
         else:
-            self._write_slots = self.rows[:, None]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (N, T, kv_heads, head_dim), token-major, written at (slot, position)."""
-        kl, vl = self.cache.layers[layer]
-        # advanced indices split by a slice put their dims first: target is (N, T, kv_heads, hd)
-        kl[self._write_slots, :, self.positions] = k
-        vl[self._write_slots, :, self.positions] = v
-
-    def read(self, layer: int, rows: slice | torch.Tensor, key_len: int):
-        """Keys/values (n, kv_heads, key_len, head_dim) of the slots `rows`."""
-        kl, vl = self.cache.layers[layer]
-        if isinstance(rows, slice):
-            return kl[rows, :, :key_len], vl[rows, :, :key_len]
-        return kl[:, :, :key_len].index_select(0, rows), vl[:, :, :key_len].index_select(0, rows)
+            n = tables.shape[0]
+            flat = tables.reshape(-1)
+            k, v = kl.index_select(0, flat), vl.index_select(0, flat)
+        k = k.view(n, -1, *kl.shape[2:])[:, :key_len]
+        v = v.view(n, -1, *vl.shape[2:])[:, :key_len]
+        return k.transpose(1, 2), v.transpose(1, 2)

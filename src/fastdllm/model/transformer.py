@@ -71,13 +71,13 @@ class Attention(nn.Module):
         if cache is None:
             out = _attention(q, k.transpose(1, 2), v.transpose(1, 2), mask)
         elif cache.groups is None:
-            cache.write(self.layer, k, v)
-            out = _attention(q, *cache.read(self.layer, cache.rows, cache.key_len), mask)
+            cache.store(self.layer, k, v)
+            out = _attention(q, *cache.read(self.layer, cache.tables, cache.key_len), mask)
         else:  # a packed step: x is (1, T); each group of equal-width rows attends on its own
-            cache.write(self.layer, k, v)
+            cache.store(self.layer, k, v)
             q = q.view(N * T, H, hd)
             outs = [_attention(q[g.start:g.start + g.rows * g.width].view(g.rows, g.width, H, hd),
-                               *cache.read(self.layer, g.slots, g.key_len), g.mask)
+                               *cache.read(self.layer, g.tables, g.key_len), g.mask)
                     for g in cache.groups]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         out = out.view(N, T, H * hd)
@@ -180,7 +180,7 @@ class Transformer(nn.Module):
         Without a cache, positions must be below max(max_position_embeddings, T); with one,
         below the cache length (the engine sizes the tables when it allocates the cache)."""
         x = self.model.embed_tokens(input_ids)
-        length = input_ids.shape[1] if cache is None else cache.cache.max_len
+        length = input_ids.shape[1] if cache is None else cache.cache.positions
         cos_t, sin_t = self.rope_tables(length)
         cos, sin = cos_t[positions].unsqueeze(-2), sin_t[positions].unsqueeze(-2)  # (N, T, 1, hd)
         if mask is None and cache is None:
