@@ -44,7 +44,7 @@ from bench_gsm import _sync, chat_prompts, load_problems  # noqa: E402
 from common import machine_info, write_results  # noqa: E402
 
 from fastdllm.engine.attention import attention_limits, limit_mask  # noqa: E402
-from fastdllm.model.kv_cache import CacheAccess, KVCache  # noqa: E402
+from fastdllm.model.kv_cache import KVCache  # noqa: E402
 from fastdllm.llm import LLM  # noqa: E402
 from fastdllm.model.transformer import Transformer  # noqa: E402
 from fastdllm.tasks import score  # noqa: E402
@@ -158,8 +158,8 @@ def forward_latencies(widths: list[int], repeats: int, context: int, model: Tran
     cfg = model.config
     p = next(model.parameters())
     dtype, dev = p.dtype, p.device
-    cache = KVCache(cfg.num_layers, rows, context + 2 * max(widths), cfg.num_kv_heads, cfg.head_dim,
-                    dtype, dev)
+    cache = KVCache.regions(cfg.num_layers, rows, context + 2 * max(widths), cfg.num_kv_heads,
+                            cfg.head_dim, dtype, dev)
     out = {"parameters": model.num_parameters(), "dtype": str(dtype).replace("torch.", ""),
            "context": context, "rows": rows}
     for w in widths:
@@ -170,7 +170,7 @@ def forward_latencies(widths: list[int], repeats: int, context: int, model: Tran
         for _ in range(repeats + 1):
             _sync(dev)
             t0 = time.perf_counter()
-            model(ids, pos, mask, CacheAccess(cache, slice(0, rows), pos, context + w), logits_slice=slice(-1, None))
+            model(ids, pos, mask, cache.region_access(slice(0, rows), pos, context + w), logits_slice=slice(-1, None))
             _sync(dev)
             times.append(time.perf_counter() - t0)
         out[f"width_{w}"] = sorted(times[1:])[len(times[1:]) // 2]

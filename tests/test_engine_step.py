@@ -39,6 +39,13 @@ def with_runner(llm: LLM, runner: RunnerConfig) -> LLM:
     return LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B, runner=runner)
 
 
+def engine_of(llm: LLM, slots: int):
+    """`llm`'s engine for prompts of up to 64 positions: compiled steps are shaped per key-length
+    bucket, so a 64-position engine compiles one bucket (the model's context would take four)."""
+    llm._engine = llm.new_engine(slots, 64, context=64)
+    return llm._engine
+
+
 def params(mode: str = "diffusion", **kw) -> DecodeConfig:
     base = dict(block_size=B, sub_block_size=S, threshold=0.6, max_new_tokens=21)
     if mode == "ar":
@@ -149,7 +156,7 @@ def test_compiled_cpu_step_equals_eager_token_for_token(llm, capsys):
     start, then every AR step of the decode runs compiled and gives the eager tokens."""
     compiled = with_runner(llm, RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
     p = params("ar", max_new_tokens=20)
-    engine = compiled.engine(1, 64)
+    engine = engine_of(compiled, 1)
     assert "1 shapes compiled" in capsys.readouterr().err
     assert engine.runner.static.ready == {(1, 1, 64)}
     for ids in (prompt(3), prompt(13)):
@@ -164,7 +171,7 @@ def test_compiled_cpu_diffusion_equals_eager_token_for_token(llm, capsys):
     prompts shorter than, equal to and longer than a block, both selection rules, decode the
     eager tokens and unmask the same positions."""
     compiled = with_runner(llm, RunnerConfig(cpu_static="compile", widths=(S, B), max_batch=2))
-    engine = compiled.engine(2, 64)
+    engine = engine_of(compiled, 2)
     assert "4 shapes compiled" in capsys.readouterr().err
     assert engine.runner.static.ready == {(w, n, 64) for w in (S, B) for n in (1, 2)}
     static, ran = engine.runner.static, []
@@ -208,7 +215,7 @@ def test_compiled_cpu_step_without_freezing_past_the_budget(llm, monkeypatch, ca
 
     monkeypatch.setattr(static_step, "FREEZE_BUDGET_BYTES", 0)
     compiled = with_runner(llm, RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
-    compiled.engine(1, 64)
+    engine_of(compiled, 1)
     err = capsys.readouterr().err
     assert "frozen weight copies; compiling without freezing" in err and "1 shapes compiled" in err
     p = params("ar", max_new_tokens=12)
@@ -223,8 +230,8 @@ def test_two_compiled_models_in_one_process_keep_their_own_weights(llm, checkpoi
     other = LLM.load(checkpoint_factory("qwen2", lm_head_scale=12.0, seed=7), device="cpu")
     runner = RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1)
     first, second = with_runner(llm, runner), with_runner(other, runner)
-    first.engine(1, 64)
-    second.engine(1, 64)
+    engine_of(first, 1)
+    engine_of(second, 1)
     p = params("ar", max_new_tokens=16)
     for ids in (prompt(5), prompt(11, 4)):
         a, b = llm.generate(ids, config=p).token_ids, other.generate(ids, config=p).token_ids
@@ -242,7 +249,7 @@ def test_failed_cpu_compile_falls_back_to_eager(llm, monkeypatch, capsys):
     monkeypatch.setattr(static_step.StaticSteps, "compiled", broken)
     compiled = with_runner(llm, RunnerConfig(cpu_static="compile", widths=(1,), max_batch=1))
     p = params("ar", max_new_tokens=12)
-    engine = compiled.engine(1, 64)
+    engine = engine_of(compiled, 1)
     assert "compiling failed (RuntimeError: no C++ compiler); every step runs eagerly" in capsys.readouterr().err
     assert not engine.runner.static.ready
     assert compiled.generate(prompt(5), config=p).token_ids == llm.generate(prompt(5), config=p).token_ids

@@ -9,7 +9,7 @@ import torch
 
 from fastdllm.model.checkpoint import load_model, read_config
 from fastdllm.model.config import ModelConfig
-from fastdllm.model.kv_cache import CacheAccess, KVCache
+from fastdllm.model.kv_cache import KVCache
 from fixtures import LLAMA3_ROPE, load_hf_model, read_config_json
 
 ATOL = 1e-4
@@ -47,14 +47,14 @@ def cached_logits(model, ids: torch.Tensor, chunks: list[int], rows: str = "slic
     assert sum(chunks) == total
     cfg = model.config
     slots = n if rows == "slice" else n + 2
-    cache = KVCache(cfg.num_layers, slots, total + 8, cfg.num_kv_heads, cfg.head_dim,
-                    torch.float32, "cpu")
+    cache = KVCache.regions(cfg.num_layers, slots, total + 8, cfg.num_kv_heads, cfg.head_dim,
+                            torch.float32, "cpu")
     row_index = slice(0, n) if rows == "slice" else torch.arange(slots - 1, 1, -1)[:n]
     outs, start = [], 0
     for size in chunks:
         end = start + size
         positions = torch.arange(start, end).expand(n, size)
-        access = CacheAccess(cache, row_index, positions, key_len=end)
+        access = cache.region_access(row_index, positions, key_len=end)
         outs.append(model(ids[:, start:end], positions, causal_mask(positions, end), access))
         start = end
     return torch.cat(outs, dim=1)

@@ -25,7 +25,7 @@ from fastdllm.engine.sampling import distribution
 from fastdllm.engine.speculative import SpeculativeEngine
 from fastdllm.engine.verification import accept_greedy, accept_sampled
 from fastdllm.errors import FastDLLMError
-from fastdllm.model.kv_cache import CacheAccess, KVCache
+from fastdllm.model.kv_cache import KVCache
 from fastdllm.model.transformer import Transformer
 from fixtures import REPO_ROOT, special_token_ids, update_config
 
@@ -105,10 +105,13 @@ def test_merged_self_speculative_equals_own_ar(qwen2_ckpt, draft_length):
                                                    draft_length=draft_length, **SMALL), stop_token_ids=())
     while engine.running:
         engine.step()
+        if seq.finished:  # its pages went back to the pool
+            break
         t = seq.target_done
         fresh = _fresh_kv(engine.target, torch.tensor(seq.tokens[:t]), 1)
         for layer in range(engine.target.config.num_layers):
-            torch.testing.assert_close(engine.cache.k[layer, 0, :, :t], fresh.k[layer, 0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(engine.cache.kv_of(layer, seq.target_table, t)[0],
+                                       fresh.kv_of(layer, fresh.region_pages(0), t)[0], atol=2e-5, rtol=1e-4)
 
 
 def test_merged_shipped_model_equals_own_ar(tmp_path):
@@ -175,11 +178,12 @@ def test_mixed_batch_of_modes_and_settings(pair):
 # ---------------------------------------------------------------------------------- caches
 def _fresh_kv(model: Transformer, tokens: torch.Tensor, block: int):
     cfg = model.config
-    cache = KVCache(cfg.num_layers, 1, len(tokens), cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+    cache = KVCache.regions(cfg.num_layers, 1, len(tokens), cfg.num_kv_heads, cfg.head_dim,
+                            torch.float32, "cpu")
     pos = torch.arange(len(tokens))[None]
     mask = limit_mask(attention_limits(pos, torch.tensor([[block]])), len(tokens))
     with torch.inference_mode():
-        model(tokens[None], pos, mask, CacheAccess(cache, slice(0, 1), pos, len(tokens)))
+        model(tokens[None], pos, mask, cache.region_access(slice(0, 1), pos, len(tokens)))
     return cache
 
 
@@ -197,6 +201,8 @@ def test_cache_rollback_equals_fresh_computation(pair, qwen2_ckpt, two_models, d
                      stop_token_ids=())
     while engine.running:
         engine.step()
+        if seq.finished:  # its pages went back to the pools
+            break
         t, d = seq.target_done, seq.draft_done
         assert t == seq.length - 1 and d % 8 == 0 and d <= seq.length
         if draft_cache == "reuse":
@@ -204,10 +210,13 @@ def test_cache_rollback_equals_fresh_computation(pair, qwen2_ckpt, two_models, d
         target = _fresh_kv(engine.target, torch.tensor(seq.tokens[:t]), 1)
         draft = _fresh_kv(engine.draft, torch.tensor(seq.tokens[:d]), 8) if d else None
         for layer in range(engine.target.config.num_layers):
-            torch.testing.assert_close(engine.cache.k[layer, 0, :, :t], target.k[layer, 0], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(engine.cache.v[layer, 0, :, :t], target.v[layer, 0], atol=2e-5, rtol=1e-4)
+            ours, ref = (engine.cache.kv_of(layer, seq.target_table, t),
+                         target.kv_of(layer, target.region_pages(0), t))
+            torch.testing.assert_close(ours[0], ref[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(ours[1], ref[1], atol=2e-5, rtol=1e-4)
             if draft is not None:
-                torch.testing.assert_close(engine.draft_cache.k[layer, 0, :, :d], draft.k[layer, 0],
+                torch.testing.assert_close(engine.draft_cache.kv_of(layer, seq.draft_table, d)[0],
+                                           draft.kv_of(layer, draft.region_pages(0), d)[0],
                                            atol=2e-5, rtol=1e-4)
     s = seq.stats
     assert s.drafted > s.accepted  # there were rejections to roll back
@@ -272,8 +281,8 @@ def test_speculative_sampling_matches_the_target_distribution(settings, merged):
         logits1 = target(seqs, torch.arange(4)[None].expand(vocab, -1), None)[:, -1]
         p2 = distribution(logits1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     joint = (p1[:, None] * p2).flatten()  # (V * V,)
-    engine = SpeculativeEngine(target, draft, max_slots=100, max_len=8, mask_token_id=mask_id,
-                               stop_token_ids=())
+    engine = SpeculativeEngine(target, draft, max_slots=100, max_len=8, num_pages=100, page_size=8,
+                               mask_token_id=mask_id, stop_token_ids=())
     counts = torch.zeros(vocab * vocab)
     draws = 4000
     for batch in range(draws // 100):
@@ -341,7 +350,8 @@ def test_bad_pairs_and_settings_are_refused(qwen2_ckpt, checkpoint_factory, ckpt
     with pytest.raises(FastDLLMError, match="self-speculative only"):
         pair.generate([1, 2, 3], merged=True, **SMALL)
     with pytest.raises(FastDLLMError, match="speculative engine"):
-        Engine(pair.model, max_slots=1, max_len=64, mask_token_id=mask, stop_token_ids=()).add(
+        Engine(pair.model, max_slots=1, max_len=64, num_pages=4, page_size=16, mask_token_id=mask,
+               stop_token_ids=()).add(
             [1, 2], pair.decode_config(**SMALL))
 
 

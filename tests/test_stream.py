@@ -41,5 +41,6 @@ def test_closing_the_stream_frees_the_slots(qwen2):
     assert len(engine.running) == 2
     next(steps)
     steps.close()
-    assert not engine.running and engine.room == engine.cache.slots
+    assert not engine.running and engine.room == engine.max_slots
+    assert engine.pages.manager.used == 0
     assert qwen2.generate(PROMPTS[0], **SMALL).token_ids == qwen2.generate_batch(PROMPTS, **SMALL)[0].token_ids

@@ -39,6 +39,42 @@ class KVCache:
         self.zero([0])
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
 
+    @classmethod
+    def regions(cls, num_layers: int, sequences: int, length: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: torch.device | str, page_size: int = 16) -> "KVCache":
+        """A pool cut into `sequences` fixed regions of `length` positions (each sequence's pages
+        consecutive), for code that drives the model directly (tests, micro-benchmarks): see
+        `region_access`. The engine hands pages out as sequences grow instead."""
+        per = -(-length // page_size)
+        cache = cls(num_layers, sequences * per, page_size, kv_heads, head_dim, dtype, device,
+                    positions=length)
+        cache.zero(list(range(1, sequences * per + 1)))
+        cache.per_region = per
+        return cache
+
+    def region_access(self, rows: slice | torch.Tensor, positions: torch.Tensor,
+                      key_len: int) -> "CacheAccess":
+        """Regions `rows` (a slice or indices) write at `positions` (N, T) and read key_len keys."""
+        per, P = self.per_region, self.page_size
+        idx = torch.arange(self.num_pages // per)[rows] if isinstance(rows, slice) else rows.cpu()
+        tables = 1 + idx[:, None] * per + torch.arange(per)[None]  # (n, per)
+        pos = positions.cpu()
+        write = tables.gather(1, (pos // P).expand(tables.shape[0], -1)) * P + pos % P
+        dev = self.k.device
+        return CacheAccess(self, tables[:, :-(-key_len // P)].to(dev), write.to(dev), key_len)
+
+    def kv_of(self, layer: int, pages: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (kv_heads, length, head_dim) of positions [0, length) of the sequence
+        whose page table is `pages` (for tests and inspection)."""
+        idx = torch.tensor(pages[:-(-length // self.page_size)], device=self.k.device)
+        k, v = (x[layer].index_select(0, idx).flatten(0, 1)[:length].transpose(0, 1)
+                for x in (self.k, self.v))
+        return k, v
+
+    def region_pages(self, region: int) -> list[int]:
+        """The pages of region `region` of a `regions` pool."""
+        return list(range(1 + region * self.per_region, 1 + (region + 1) * self.per_region))
+
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
                        dtype: torch.dtype) -> int:
