@@ -211,7 +211,7 @@ class LLM:
         warms up."""
         page = self.default_block_size
         max_len = round_up(round_up(max(needed, context or self.context_length), block), page)
-        pages = self.pool_pages(max_len, page, two_models=speculative)
+        pages = self.pool_pages(page, two_models=speculative)
         if speculative:
             draft = self.draft or self
             return SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
@@ -225,14 +225,15 @@ class LLM:
         engine.warm_up()
         return engine
 
-    def pool_pages(self, max_len: int, page: int, *, two_models: bool = False) -> int:
+    def pool_pages(self, page: int, *, two_models: bool = False) -> int:
         """Pages of the KV pool: the memory budget over one page's bytes (a speculative engine
-        splits it between its two caches), never fewer than one longest sequence needs."""
+        splits it between its two caches). A request longer than the whole pool is refused
+        when it is added (check_room), naming kv_cache_memory."""
         p = next(self.model.parameters())
         cfg = self.model.config
         per_page = KVCache.bytes_per_page(cfg.num_layers, page, cfg.num_kv_heads, cfg.head_dim, p.dtype)
         budget = self.cache.budget(p.device) // (2 if two_models else 1)
-        return max(budget // per_page, -(-max_len // page) + 1)
+        return max(budget // per_page, 2)
 
     def engine(self, slots: int, needed: int, block: int = 1, *,
                speculative: bool = False) -> Engine | SpeculativeEngine:

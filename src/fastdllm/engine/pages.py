@@ -29,6 +29,7 @@ class Pages:
         self.runner, self.manager = runner, manager
         self.page_size = manager.page_size
         self.preemptions = 0
+        self.stashes = 0  # preemptions that saved a block-local cache
 
     @property
     def positions(self) -> int:
@@ -120,6 +121,7 @@ class Pages:
         """Take a sequence's pages; it keeps its state and waits to resume."""
         if seq.phase is Phase.REFINE and seq.block_fresh and seq.params.sub_block_cache:
             seq.stash = self.runner.save(seq.pages, seq.committed, seq.committed + seq.block)
+            self.stashes += 1
         self.manager.release(seq.pages)
         seq.pages, seq.hashes = [], []
         seq.resume_from = 0
