@@ -19,6 +19,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-compile", action="store_true",
                    help="on the CPU, torch.compile the decode steps at start (a warm-up of about "
                         "15 s per shape, capped; then faster steps: for servers and long runs)")
+    p.add_argument("--kv-cache-memory", type=_memory, default=None, metavar="BYTES",
+                   help="size of the paged KV cache shared by all requests: bytes (4GiB, 512MiB, "
+                        "1073741824) or a fraction of free memory (0.5); default: half the free "
+                        "GPU memory, 1 GiB on the CPU (written only as used)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="never reuse the KV of blocks shared with earlier prompts (a system "
+                        "prompt, earlier chat turns); prefix caching is exact and on by default")
     p.add_argument("--draft-model", default=None,
                    help="a block-diffusion model (same tokenizer) drafting for --model, which "
                         "verifies: --model's exact output, several tokens per forward "
@@ -76,4 +83,15 @@ def load_llm(args: argparse.Namespace):
 
     return LLM.load(args.model, device=args.device, dtype=args.dtype, mask_token_id=args.mask_token_id,
                     stop_token_ids=args.stop_token_id, draft_model=args.draft_model,
-                    enforce_eager=args.enforce_eager, cpu_compile=args.cpu_compile)
+                    enforce_eager=args.enforce_eager, cpu_compile=args.cpu_compile,
+                    kv_cache_memory=args.kv_cache_memory, prefix_caching=not args.no_prefix_caching)
+
+
+def _memory(text: str):
+    from ..engine.params import parse_memory
+    from ..errors import FastDLLMError
+
+    try:
+        return parse_memory(text)
+    except FastDLLMError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("kv_cache_memory", "--kv-cache-memory")) from None

@@ -19,15 +19,15 @@ def add_parser(subparsers) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--max-batch", type=int, default=8,
-                   help="sequences decoded together; more requests wait for a free slot (default: 8)")
+                   help="sequences decoded together; more requests wait for a free place (default: "
+                        "8); their KV lives in the shared --kv-cache-memory pool")
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take from arrival to its last token; 0 = no limit "
                         "(default: 600)")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the --model argument)")
     g.add_argument("--max-model-len", type=int, default=None,
-                   help="positions per sequence, prompt + answer (default: the model's context); "
-                        "the KV cache holds max-batch x max-model-len positions")
+                   help="positions per sequence, prompt + answer (default: the model's context)")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="largest request body accepted, checked before parsing (default: 4 MiB)")
     g.add_argument("--max-prompt-chars", type=int, default=None,

@@ -137,6 +137,15 @@ class Engine:
             return 0
         return self.max_slots - len(self.running)
 
+    @property
+    def waiting(self) -> int:
+        """Admitted sequences waiting for KV pages (new or preempted)."""
+        return len(self.pages.waiting(self.running))
+
+    def usage(self) -> dict:
+        """The KV pool's pages (used, free, cached) and the prefix cache's counts."""
+        return self.pages.usage()
+
     def add(self, prompt_ids: list[int], params: DecodeConfig, *,
             stop_token_ids: tuple[int, ...] | None = None) -> Sequence:
         """Admit a sequence. It takes its pages (reusing the longest cached prefix) before its

@@ -136,6 +136,7 @@ class Speculation:
         self.trace: list[dict] | None = [] if params.trace else None
         self.target_table: list[int] = []  # page tables of the target's and the draft's caches
         self.draft_table: list[int] = []
+        self.cached = 0  # prompt positions from a prefix cache (none in this engine)
         self.scratch = 0  # merged form: where its draft groups' KV goes (positions past capacity)
 
     # ------------------------------------------------------------------ cycle start

@@ -104,6 +104,11 @@ class SpeculativeEngine:
             return 0
         return self.max_slots - len(self.running)
 
+    @property
+    def waiting(self) -> int:
+        """Admitted sequences waiting for KV pages."""
+        return sum(1 for s in self.running if not s.target_table and not s.finished)
+
     def usage(self) -> dict:
         m = self.target_pages
         return {"pages_total": m.num_pages, "pages_used": m.used, "pages_free": m.available,

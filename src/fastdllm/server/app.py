@@ -1,6 +1,7 @@
 """The HTTP layer: OpenAI-compatible routes over one `Scheduler`.
 
-    GET  /health                 liveness plus active / waiting request counts
+    GET  /health                 liveness, active / waiting requests, KV-cache pages
+    GET  /metrics                Prometheus text format (server/metrics.py)
     GET  /v1/models              the one served model
     POST /v1/completions         text (or token-id) prompt
     POST /v1/chat/completions    messages, rendered with the tokenizer's chat template
@@ -51,9 +52,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         h = server.scheduler.health()
         status = "error" if not h["alive"] else "draining" if server.draining else "ok"
         body = {"status": status, "model": config.served_model_name, "max_batch": config.max_batch, **h}
+        body["kv_cache"] = {k: v for k, v in h["kv_cache"].items()}
         if not h["alive"]:
             body["error"] = "the scheduler thread died; restart the server"
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -113,6 +119,7 @@ class _CountInFlight:
 
 
 async def _run(server: Server, request: Request, req, ids: list[int], fmt) -> Response:
+    arrived = time.perf_counter()
     prompt_param = "messages" if isinstance(req, p.ChatCompletionRequest) else "prompt"
     params = server.decode_params(req, len(ids), prompt_param)
     stop = req.stop_strings()
@@ -120,7 +127,7 @@ async def _run(server: Server, request: Request, req, ids: list[int], fmt) -> Re
     job = server.scheduler.submit(ids, params, stop)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(server, job, deadline, fmt, len(ids), include_usage),
+        return StreamingResponse(_stream(server, job, deadline, fmt, len(ids), include_usage, arrived),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(server.cancel_on_disconnect(request, job))
@@ -130,6 +137,8 @@ async def _run(server: Server, request: Request, req, ids: list[int], fmt) -> Re
             event = await server.next_event(job, deadline)
             if event.error is not None:
                 raise event.error
+            if event.text and not parts:
+                server.metrics.ttft.observe(time.perf_counter() - arrived)
             parts.append(event.text)
             if event.finish_reason is not None:
                 break
@@ -137,14 +146,16 @@ async def _run(server: Server, request: Request, req, ids: list[int], fmt) -> Re
         watcher.cancel()
         if not job.done:
             server.scheduler.cancel(job)
-    usage = _usage(len(ids), event.completion_tokens)
+    server.metrics.latency.observe(time.perf_counter() - arrived)
+    usage = _usage(len(ids), event.completion_tokens, event.cached_tokens)
     return JSONResponse(fmt.response("".join(parts), event.finish_reason, usage))
 
 
 async def _stream(server: Server, job: Job, deadline: float | None, fmt, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, arrived: float) -> AsyncIterator[str]:
     """SSE body. Starlette cancels this generator when the client disconnects; `finally`
     then cancels the job."""
+    first = True
     try:
         for chunk in fmt.opening():
             yield sse(chunk)
@@ -157,11 +168,16 @@ async def _stream(server: Server, job: Job, deadline: float | None, fmt, prompt_
                 yield sse(event.error.body())
                 break
             if event.text:
+                if first:
+                    server.metrics.ttft.observe(time.perf_counter() - arrived)
+                    first = False
                 yield sse(fmt.chunk(event.text, None))
             if event.finish_reason is not None:
+                server.metrics.latency.observe(time.perf_counter() - arrived)
                 yield sse(fmt.chunk("", event.finish_reason))
                 if include_usage:
-                    yield sse(fmt.usage_chunk(_usage(prompt_tokens, event.completion_tokens)))
+                    yield sse(fmt.usage_chunk(_usage(prompt_tokens, event.completion_tokens,
+                                                     event.cached_tokens)))
                 break
         yield SSE_DONE
     finally:
@@ -169,9 +185,10 @@ async def _stream(server: Server, job: Job, deadline: float | None, fmt, prompt_
             server.scheduler.cancel(job)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> p.Usage:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> p.Usage:
     return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class _CompletionFormat:

@@ -43,6 +43,7 @@ class Event:
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" on the last event
     error: APIError | None = None
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (on the last event)
 
 
 class Job:
@@ -74,6 +75,7 @@ class SchedulerStats:
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    generated_tokens: int = 0  # final tokens of every request, finished or not
 
 
 class Scheduler:
@@ -130,9 +132,10 @@ class Scheduler:
         """Whether the thread is alive, requests decoding and waiting, request counts, and the
         engine's work so far."""
         return {"alive": self.alive, "active": len(self._running), "waiting": len(self._waiting),
-                "requests": asdict(self.stats),
+                "waiting_for_pages": self.engine.waiting, "requests": asdict(self.stats),
                 "engine": {"steps": self.engine.stats.steps,
-                           "forward_calls": self.engine.stats.forward_calls}}
+                           "forward_calls": self.engine.stats.forward_calls},
+                "kv_cache": self.engine.usage()}
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
@@ -220,12 +223,13 @@ class Scheduler:
         seq = d.seq
         text = job.text.feed(seq)
         n_final = seq.final_len - seq.prompt_len
+        self.stats.generated_tokens += d.end - d.start
         if d.finished or job.text.stopped:
             self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
             del self._running[seq]
             self.stats.finished += 1
             reason = "stop" if job.text.stopped else seq.finish_reason
-            job.push(Event(text, n_final, finish_reason=reason))
+            job.push(Event(text, n_final, finish_reason=reason, cached_tokens=seq.cached))
         elif text:
             job.push(Event(text, n_final))
 

@@ -25,6 +25,7 @@ from ..llm import LLM
 from ..model.checkpoint import load_tokenizer
 from . import protocol as p
 from .protocol import APIError
+from .metrics import Metrics
 from .scheduler import Event, Job, Scheduler, shutting_down
 
 
@@ -84,18 +85,21 @@ class Server:
         self.llm = llm
         self.config = config
         self.max_len = config.max_model_len or llm.context_length
-        # every slot holds a whole max_len request (continuous batching cannot grow the cache),
-        # by the engine's one sizing rule: whole blocks, the last one may overhang max_len
-        # a server that decodes speculatively by default runs the speculative engine, which
+        # the KV cache is a pool of pages sized by the memory budget (LLM.load's
+        # kv_cache_memory), shared by every request as it grows; a server that decodes speculatively by default runs the speculative engine, which
         # also serves mode "ar" (the per-request opt-out)
         engine = llm.new_engine(config.max_batch, self.max_len, config.defaults.block_size,
                                 context=self.max_len, speculative=config.defaults.speculative)
         self.positions = engine.max_len
         self.speculative = isinstance(engine, SpeculativeEngine)
+        # the most positions one request may hold: the whole pool (less the merged form's scratch)
+        usage = engine.usage()
+        self.pool_positions = usage["pages_total"] * usage["page_size"]
         # the scheduler thread decodes with its own tokenizer, so the event loop's encoding
         # never shares one (fast tokenizers refuse concurrent use from two threads)
         detok = load_tokenizer(llm.model_dir)
         self.scheduler = Scheduler(engine, lambda ids: detok.decode(ids, skip_special_tokens=True))
+        self.metrics = Metrics(self.scheduler)
         self.text = TextWorkers(llm.model_dir)
         self.max_prompt_chars = config.max_prompt_chars or PROMPT_CHARS_PER_POSITION * self.max_len
         # the template's output is a prompt too, plus its markup
@@ -186,6 +190,11 @@ class Server:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
                            f"{self.positions} positions; use a block size that divides "
                            f"{self.positions} or lower max_tokens", param="block_size")
+        if params.cache_len(prompt_len) > self.pool_positions:
+            raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
+                           f"needs {params.cache_len(prompt_len)} KV-cache positions but this "
+                           f"server's whole KV cache holds {self.pool_positions}; lower max_tokens "
+                           "(the operator can raise --kv-cache-memory)", param="max_tokens")
         if params.speculative and not self.speculative:
             raise APIError("this server was not started for speculative decoding; start it with "
                            "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
