@@ -22,7 +22,7 @@ import torch
 
 from .chat_template import TemplateLimits, render_chat
 from .engine.engine import Engine, Step
-from .engine.params import CacheConfig, DecodeConfig, RunnerConfig
+from .engine.params import CacheConfig, DecodeConfig, RunnerConfig, parse_memory
 from .engine.sequence import Sequence
 from .engine.speculation import Speculation
 from .engine.speculative import SpeculativeEngine, check_pair
@@ -81,7 +81,7 @@ class LLM:
     def load(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
              mask_token_id: int | None = None, stop_token_ids: Seq[int] | None = None,
              draft_model: str | Path | None = None, enforce_eager: bool = False,
-             cpu_compile: bool = False, kv_cache_memory: int | float | None = None,
+             cpu_compile: bool = False, kv_cache_memory: int | float | str | None = None,
              prefix_caching: bool = True) -> "LLM":
         """`draft_model`: a block-diffusion model (same tokenizer) whose drafts this model
         verifies: decoding then defaults to mode "speculative" and gives this model's own output
@@ -90,9 +90,12 @@ class LLM:
         engine is built, with a progress line and a time cap; see RunnerConfig). `cpu_compile`:
         on the CPU, compile the static decode steps with torch.compile when an engine is built
         (faster steps after a warm-up of seconds per shape; docs/design.md, "Static steps").
-        `kv_cache_memory`: the paged KV cache's size, bytes or a fraction of free memory
-        (default: half the free GPU memory, 1 GiB on the CPU; see CacheConfig);
+        `kv_cache_memory`: the paged KV cache's size: bytes (an int, or "4GiB", "512MiB"), or a
+        fraction of free memory (0.5) (default: half the free GPU memory, 1 GiB on the CPU;
+        see CacheConfig);
         `prefix_caching`: reuse the KV of committed blocks shared with earlier prompts."""
+        if isinstance(kv_cache_memory, str):
+            kv_cache_memory = parse_memory(kv_cache_memory)
         cache = CacheConfig(kv_cache_memory, prefix_caching)
         draft = None
         if draft_model is not None:

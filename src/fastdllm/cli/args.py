@@ -93,5 +93,7 @@ def _memory(text: str):
 
     try:
         return parse_memory(text)
-    except FastDLLMError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("kv_cache_memory", "--kv-cache-memory")) from None
+    except FastDLLMError:
+        raise argparse.ArgumentTypeError(
+            f"--kv-cache-memory takes bytes (4GiB, 512MiB, 1073741824) or a fraction of free "
+            f"memory (0.5), got {text!r}") from None

@@ -134,15 +134,6 @@ class DecodeConfig:
         return round_up(prompt_len + self.max_new_tokens, self.block)
 
 
-def slot_len(needed: int, context: int, block: int) -> int:
-    """Positions an engine slot is allocated with, the one sizing rule of every front end:
-    `needed` grown to the next power of two (so a longer next prompt or a growing conversation
-    rarely reallocates), but not past the context, in whole blocks (a diffusion sequence's last
-    block may overhang the context)."""
-    n = max(needed, min(1 << (needed - 1).bit_length(), context))
-    return round_up(n, block)
-
-
 def _integer(name: str, value, lo: int, hi: int, what: str) -> None:
     """An int (never a bool or a float) in [lo, hi], else an error naming the field."""
     if not isinstance(value, int) or isinstance(value, bool):
