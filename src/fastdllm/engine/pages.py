@@ -8,8 +8,9 @@ Before each forward (`schedule`), in the order sequences joined:
    (tokens, phase, masks) stays, and the KV of its active block is stashed when a sub-block
    step will read it (the stale block-local cache cannot be recomputed; everything below the
    committed length can, exactly);
-2. then waiting sequences (preempted ones, then new ones, in the order they joined) take their
-   pages while the pool has room: a new one reuses the longest cached prefix of its prompt and
+2. then waiting sequences (preempted or new, in the order they joined) take their pages while
+   the pool has room for them plus a page of headroom per holder (so a resumption does not
+   preempt someone at the next step, and so on, thrashing): a new one reuses the longest cached prefix of its prompt and
    prefills the rest; a preempted one reuses what is still cached and recomputes the rest of
    its committed KV in one forward (PlanKind.RECOMPUTE), then continues where it stopped.
 After each step (`share`), a sequence's pages that are full and committed enter the prefix cache.
@@ -66,7 +67,8 @@ class Pages:
             else:
                 i += 1
         for seq in self.waiting(running):
-            if not self._start(seq):
+            # a page of headroom per holder, so a start does not preempt someone at once
+            if not self._start(seq, reserve=len(holders)):
                 break  # first come, first served: nobody overtakes the oldest waiting sequence
             holders.append(seq)
         self.runner.cache.zero(self.manager.take_fresh())
@@ -86,7 +88,7 @@ class Pages:
         seq.pages += pages
         return True
 
-    def _start(self, seq: Sequence) -> bool:
+    def _start(self, seq: Sequence, reserve: int = 0) -> bool:
         """Pages for a waiting sequence: the cached prefix, then fresh pages for the rest of its
         next forward. False (nothing taken) when the pool cannot give them now."""
         resumed = seq.resume_from is not None
@@ -98,7 +100,7 @@ class Pages:
         need = (seq.needed_positions() if resumed else
                 seq.prefill_end() + (seq.block if seq.params.diffusion else 0))
         more = max(0, self._pages_for(need) - len(hit))
-        if more > self.manager.available:
+        if more + reserve > self.manager.available:
             self.manager.release(hit)
             return False
         seq.pages, seq.hashes = hit + self.manager.allocate(more), hashes[:len(hit)]
