@@ -61,7 +61,9 @@ class ModelRunner:
         # for all layers: a boolean mask would be converted inside attention, once per layer
         self._see = torch.zeros((), dtype=self.dtype, device=self.device)
         self._hide = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
-        model.rope_tables(max_len)
+        # the tables this runner's static steps read: the model replaces its own tables when a
+        # later engine asks for longer ones, while a graph captured now keeps reading these
+        self.rope = model.rope_tables(max_len)
         self.static = StaticSteps.for_runner(self) if StaticSteps.enabled(config, self.device) else None
 
     @property

@@ -110,7 +110,7 @@ class StaticShape:
         mask = r.attention_mask(limits.view(n, W), K)  # (n, 1, W, K)
         access = CacheAccess(r.cache, rows, pos.view(n, W), K, token_slots=slots.view(n, W))
         logits = r.model(ids.view(n, W), pos.view(n, W), mask, access,
-                         logits_slice=picks.view(n, P)).flatten(0, 1)  # (n*P, V)
+                         logits_slice=picks.view(n, P), rope=r.rope).flatten(0, 1)  # (n*P, V)
         if r.mask_token_id is not None:
             hide = suppress[:, None].expand(n, P).reshape(-1).bool()  # per row -> per drawn place
             logits[:, r.mask_token_id].masked_fill_(hide, float("-inf"))
