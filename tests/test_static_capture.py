@@ -68,3 +68,81 @@ def test_a_static_step_reads_the_same_memory_after_a_self_speculative_engine_gro
     llm.new_engine(2, context, B, speculative=True)
     assert llm.model.rope_tables(1)[0].shape[0] > rope_rows  # the model's tables did grow
     assert external_reads(shape) == before
+
+
+def test_a_replaced_engine_frees_its_cache_without_the_garbage_collector(llm):
+    """Issue 20, defect 6: an engine replaced by a bigger one frees its static steps and cache
+    at once (before the new one allocates), not when the collector next runs."""
+    import gc
+    import weakref
+
+    llm.generate([5, 6, 7, 8], max_new_tokens=8)
+    old = weakref.ref(llm._engine.cache.k)
+    gc.collect()
+    gc.disable()
+    try:
+        llm.generate([5, 6, 7, 8] * 20, max_new_tokens=llm.context_length - 100)  # needs more room
+        assert old() is None
+    finally:
+        gc.enable()
+
+
+def compiled_llm(llm: LLM, **runner) -> LLM:
+    return LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
+               runner=RunnerConfig(cpu_static="compile", **runner))
+
+
+def test_shapes_are_prepared_most_used_first_and_one_that_fails_runs_eagerly(llm, monkeypatch):
+    """Issue 20, defect 6: warm-up prepares the small shapes (short keys, small batches: what
+    every sequence and every light load passes through) first, so a time cap drops the large
+    ones; a shape whose capture runs out of memory runs eagerly and the others are still
+    prepared. The preparation itself is replaced here by a record of the order (one shape
+    raising the out-of-memory error a capture would): what is tested is the warm-up's loop."""
+    from fastdllm.engine.static_step import StaticSteps
+
+    order = []
+
+    def prepare(self, shape):
+        order.append((shape.width, shape.batch, shape.key_len))
+        if order[-1] == (8, 1, 64):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(StaticSteps, "_prepare", prepare)
+    engine = compiled_llm(llm).new_engine(2, 128, B)
+    static = engine.runner.static
+    assert len(order) == len(static.widths) * len(static.batches) * len(static.key_lens)
+    cost = [w * n * k for w, n, k in order]
+    assert cost == sorted(cost) and order[0] == (1, 1, 64)
+    assert static.ready == set(order) - {(8, 1, 64)}
+    rows_at = {}
+    for w in static.widths:  # the failed shape is left to the eager step; its neighbours not
+        rows_at[w] = static.shape_for([(_Seq(), _Plan(w))])
+    assert rows_at == {1: (1, 1, 64), 8: None, 32: (32, 1, 64)}
+
+
+def test_the_time_cap_keeps_the_smallest_shapes(llm, monkeypatch):
+    from fastdllm.engine.static_step import StaticSteps
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(StaticSteps, "_prepare", lambda self, shape: None)
+    monkeypatch.setattr("fastdllm.engine.static_step.time.perf_counter", lambda: float(next(clock)))
+    engine = compiled_llm(llm, warmup_seconds=3).new_engine(2, 128, B)
+    static = engine.runner.static
+    every = {(w, n, k) for w in static.widths for n in static.batches for k in static.key_lens}
+    assert 0 < len(static.ready) < len(every)
+    cost = lambda shape: shape[0] * shape[1] * shape[2]  # noqa: E731
+    assert max(map(cost, static.ready)) <= min(map(cost, every - static.ready))
+
+
+class _Params:
+    greedy = True
+
+
+class _Seq:
+    params = _Params()
+
+
+class _Plan:
+    def __init__(self, width: int):
+        self.start, self.end, self.key_len = 0, width, 40
+        self.logit_positions = [width - 1]

@@ -218,6 +218,8 @@ class LLM:
         positions; a new one (`new_engine`) only when it is too small or busy."""
         e = self._spec_engine if speculative else self._engine
         if e is None or e.cache.slots < slots or e.max_len < needed or e.running:
+            if e is not None and not e.running:  # replaced: free its graphs and cache first
+                e.close()
             e = self.new_engine(slots, needed, block, speculative=speculative)
             if speculative:
                 self._spec_engine = e

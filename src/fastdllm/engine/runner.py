@@ -74,6 +74,12 @@ class ModelRunner:
         if self.static is not None:
             self.static.warm_up(log)
 
+    def close(self) -> None:
+        """Free the static steps (graphs) and the KV cache now; the runner is unusable after."""
+        if self.static is not None:
+            self.static.close()
+        self.static = self.cache = None
+
     def run(self, rows: list[Row]) -> tuple[list[int], list[float], list[float] | None,
                                             list[tuple[int, int]]]:
         """One forward for every row. Returns the drawn tokens, confidences and entropies (host
