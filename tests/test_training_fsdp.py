@@ -97,3 +97,16 @@ def test_fsdp_bf16_with_the_ar_term_matches_one_process(tmp_path, qwen2_ckpt):
     assert any("ar_loss" in r for r in b)
     assert _max_gap(tmp_path / "single" / "final" / "model.safetensors",
                     tmp_path / "fsdp" / "final" / "model.safetensors") < 2e-2
+
+
+def test_check_fsdp_cuda_script_runs_and_resumes(tmp_path, stories260k_dir):
+    """scripts/check_fsdp_cuda.sh (issue 20, defect 8): its resume step needs the step-2
+    checkpoint to survive keep_last_k. Run here as it runs on 2 GPUs, over gloo on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "BASE": str(stories260k_dir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(["bash", "scripts/check_fsdp_cuda.sh", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "losses equal to 1e-5: True" in proc.stdout
