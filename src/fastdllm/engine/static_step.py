@@ -96,6 +96,7 @@ class StaticShape:
         self.buffer.copy_(torch.tensor(self.idle_inputs(), dtype=torch.long))
         self.graph = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.replays = 0  # graph replays (tests and the GPU checks count them)
 
     def idle_inputs(self) -> list[int]:
         """Every row a spare row: writes and reads only the scratch slot."""
@@ -142,6 +143,7 @@ class StaticShape:
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is not None:
+            self.replays += 1
             if torch.cuda.current_device() != self.runner.device.index:
                 with torch.cuda.device(self.runner.device):  # replay on the captured device
                     self.graph.replay()
@@ -168,6 +170,11 @@ class StaticSteps:
         self.pool = None
         self._compiled = None
         self.graph_bytes = 0  # device memory the captured graphs took (their pool), measured
+        self.steps_run = 0  # steps that ran as static steps (the rest ran the packed eager step)
+
+    @property
+    def replays(self) -> int:
+        return sum(shape.replays for shape in self.shapes.values())
 
     def close(self) -> None:
         """Free every graph, compiled step and input buffer now: a runner and its static steps
@@ -247,6 +254,7 @@ class StaticSteps:
         flat = torch.tensor(ids + pos + slots + limits + read + suppress + picks + sel, dtype=torch.long)
         flat = flat.to(r.device, non_blocking=True)
         shape.buffer.copy_(flat[: shape.buffer.numel()])
+        self.steps_run += 1
         tokens, conf = shape()
         sel = flat[shape.buffer.numel():]
         return tokens[sel], conf[sel]
