@@ -106,6 +106,7 @@ def step_fn(llm: LLM, width: int, context: int, block: int, draws: int | None = 
     default), as a callable; and a callable that ends the row."""
     engine = llm.engine(1, context + block)
     seq = engine.add(list(range(3, 3 + context)), DecodeConfig(max_new_tokens=block, block_size=block))
+    engine.pages.schedule(engine.running, engine._fail)  # its pages: the prompt and one block
     plan = ForwardPlan(PlanKind.FULL_BLOCK, context, context + width, context + block,
                        tuple(range(context, context + (draws or width))))
     return (lambda: engine.runner.run([(seq, plan)])), (lambda: engine.abort(seq))
@@ -145,6 +146,7 @@ def mixed_step_cost(model: Transformer, widths: tuple[int, ...], context: int, b
             # a full-block row draws one sub-block (8 places), as in decoding
             rows.append((seq, ForwardPlan(PlanKind.FULL_BLOCK, context, context + w, context + block,
                                           tuple(range(context, context + min(w, 8))))))
+        engine.pages.schedule(engine.running, engine._fail)  # their pages: prompt and one block
         out[name] = _median_ms(lambda: engine.runner.run(rows), device, reps)
         if name == "packed":
             groups = {}

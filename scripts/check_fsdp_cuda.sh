@@ -6,6 +6,7 @@
 # and prints the losses side by side; the resumed run must equal the uninterrupted one exactly,
 # the bf16 run must track the fp32 one closely (bf16 rounding, not equality). Exact on CPU;
 # here to 1e-5, as GPU kernels may reduce in a different order after a restart.
+# Without a GPU it runs the same over gloo on the CPU (tests/test_training_fsdp.py does).
 #   bash scripts/check_fsdp_cuda.sh [OUT_DIR]
 set -euo pipefail
 OUT=${1:-runs/check_fsdp_cuda}
@@ -24,7 +25,8 @@ for name, micro, extra in (("single", 2, {}), ("fsdp", 1, {"fsdp": True, "precis
            "data": {"train_file": f"{out}/chats.jsonl", "seq_len": 64, "val_fraction": 0.2},
            "diffusion": {"block_size": 16}, "optimizer": {"lr": 2e-3, "warmup_steps": 1},
            "train": {"micro_batch_size": micro, "grad_accum_steps": 2, "max_steps": 6,
-                     "log_interval": 1, "eval_interval": 2, "save_interval": 2, **extra}}
+                     "log_interval": 1, "eval_interval": 2, "save_interval": 2,
+                     "keep_last_k": 3, **extra}}  # the resume below starts from step 2 of 2, 4, 6
     yaml.safe_dump(cfg, open(f"{out}/{name}.yaml", "w"))
 PY
 python -m fastdllm.training --config "$OUT/single.yaml"

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fastdllm.model.checkpoint import (
 from fastdllm.errors import FastDLLMError
 from fixtures import (
     ENDOFTEXT,
+    REPO_ROOT,
     load_hf_model,
     read_config_json,
     remote_code_ran,
@@ -369,3 +371,40 @@ def test_save_failure_keeps_old_checkpoint(qwen2_ckpt, checkpoint_factory, tmp_p
     assert torch.equal(logits(load_model(out)), logits(new_model))
     assert not (out / "tokenizer.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------- load peak (issue 20, defect 7)
+def _allocated_peak(fn) -> int:
+    """Peak bytes held by torch's CPU allocator while `fn` runs (the profiler reports every
+    allocation and free; the sum in time order is what is held)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def test_loading_allocates_the_weights_once_in_the_target_dtype(tmp_path):
+    """Issue 20, defect 7: a float32 checkpoint loaded as bf16 must not hold a float32 copy of the
+    model (on a GPU: ~3x the bf16 weights); the peak is the bf16 weights plus a few tensors in flight. One tensor a file, so that the file safetensors
+    maps while reading is one tensor too (the shipped AR model, ~2.8M parameters)."""
+    shipped = load_model(REPO_ROOT / "models" / "fastdllm-wp-ar", "cpu", torch.float32)
+    out = tmp_path / "fp32"
+    shutil.copytree(REPO_ROOT / "models" / "fastdllm-wp-ar", out, ignore=shutil.ignore_patterns("*.safetensors"))
+    weight_map = {}
+    for i, (name, tensor) in enumerate(shipped.hf_tensors().items()):
+        weight_map[name] = f"part-{i:03d}.safetensors"
+        save_file({name: tensor.contiguous().clone()}, str(out / weight_map[name]))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    largest = max(t.numel() * 4 for t in shipped.hf_tensors().values())
+    bf16 = shipped.num_parameters() * 2
+    del shipped
+
+    loaded = []
+    peak = _allocated_peak(lambda: loaded.append(load_model(out, "cpu", torch.bfloat16)))
+    assert next(loaded[0].parameters()).dtype == torch.bfloat16
+    assert peak <= bf16 + 3 * largest, (peak, bf16, largest)

@@ -392,3 +392,54 @@ def test_server_speculative_by_default_with_ar_opt_out(twin):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == ref.text
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "mode"
+
+
+def _without_mask_token(src, dst):
+    """A copy of checkpoint `src` whose tokenizer never had |<MASK>| (an AR base before its
+    adaptation added it): one special token fewer, every other id the same."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "|<MASK>|"]
+    del tok["model"]["vocab"]["|<MASK>|"]
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("mask_token", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_adapted_draft_with_one_extra_special_token_is_accepted(tmp_path):
+    """Issue 20, defect 10: the natural lossless pair, an AR base as target and its adaptation
+    (whose tokenizer gained the mask token) as draft, is accepted, and decodes as the AR alone."""
+    base = _without_mask_token(SHIPPED_AR, tmp_path / "ar")
+    alone = LLM.load(base, device="cpu")
+    assert "|<MASK>|" not in alone.tokenizer.get_vocab()
+    assert len(LLM.load(SHIPPED_DIFFUSION, device="cpu").tokenizer.get_vocab()) == \
+        len(alone.tokenizer.get_vocab()) + 1
+    pair = LLM.load(base, device="cpu", draft_model=SHIPPED_DIFFUSION)
+    prompt = pair.encode_chat([{"role": "user", "content": "Tom has 5 apples and buys 7 more. "
+                                                           "How many apples does he have?"}])
+    out = pair.generate(prompt, max_new_tokens=24)
+    assert out.params.mode == "speculative"
+    assert out.token_ids == alone.generate(prompt, mode="ar", max_new_tokens=24).token_ids
+
+
+def test_a_token_under_another_id_is_still_refused(tmp_path):
+    """The check compares what both tokenizers define: a token both have, under different ids
+    (here |<MASK>| moved to a new id), makes them different tokenizers."""
+    from fastdllm.llm import check_same_tokenizer
+    from fastdllm.model.checkpoint import load_tokenizer
+
+    moved = _without_mask_token(SHIPPED_DIFFUSION, tmp_path / "moved")
+    tok = json.loads((moved / "tokenizer.json").read_text())
+    tok["added_tokens"].append({"id": 1024, "content": "|<MASK>|", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    tok["model"]["vocab"]["|<MASK>|"] = 1024
+    (moved / "tokenizer.json").write_text(json.dumps(tok))
+    assert load_tokenizer(moved).convert_tokens_to_ids("|<MASK>|") == 1024
+    with pytest.raises(FastDLLMError, match="another tokenizer") as e:
+        check_same_tokenizer(SHIPPED_AR, load_tokenizer(SHIPPED_AR), moved, load_tokenizer(moved))
+    assert e.value.field == "draft_model"
+    assert "|<MASK>|" in str(e.value)

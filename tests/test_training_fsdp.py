@@ -97,3 +97,42 @@ def test_fsdp_bf16_with_the_ar_term_matches_one_process(tmp_path, qwen2_ckpt):
     assert any("ar_loss" in r for r in b)
     assert _max_gap(tmp_path / "single" / "final" / "model.safetensors",
                     tmp_path / "fsdp" / "final" / "model.safetensors") < 2e-2
+
+
+def test_check_fsdp_cuda_script_runs_and_resumes(tmp_path, stories260k_dir):
+    """scripts/check_fsdp_cuda.sh (issue 20, defect 8): its resume step needs the step-2
+    checkpoint to survive keep_last_k. Run here as it runs on 2 GPUs, over gloo on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "BASE": str(stories260k_dir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(["bash", "scripts/check_fsdp_cuda.sh", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "losses equal to 1e-5: True" in proc.stdout
+
+
+def test_bf16_sharded_layers_run_in_bf16_and_keep_float32_shards(qwen2_ckpt):
+    """FSDP2's mixed-precision policy (issue 20, defect 8): with precision bf16 the gathered
+    layers compute in bf16 (half the all-gather bytes, no autocast copies of the weights), while
+    the shards the optimizer updates stay float32. One process over gloo."""
+    import torch
+    import torch.distributed as dist
+
+    from fastdllm.model.checkpoint import load_model
+    from fastdllm.training.sharding import shard_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = shard_model(load_model(qwen2_ckpt, "cpu", torch.float32), torch.bfloat16)
+        seen = []
+        model.model.layers[0].mlp.register_forward_pre_hook(
+            lambda m, args: seen.append((m.gate_up_proj.weight.dtype, args[0].dtype)))
+        ids = torch.arange(3, 19)[None]
+        logits = model(ids, torch.arange(16)[None], None)
+        logits.float().sum().backward()
+        assert seen == [(torch.bfloat16, torch.bfloat16)]
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
+    finally:
+        dist.destroy_process_group()

@@ -301,3 +301,41 @@ def test_example_configs_are_valid():
     assert adapt.objective == "diffusion" and adapt.diffusion.block_size == 32
     pretrain = load_train_config(configs / "pretrain_example.yaml")
     assert pretrain.objective == "ar" and pretrain.init_from == "scratch"
+
+
+# ---- the GPU configuration's parts the CPU can run (issue 20, defect 8) ----
+
+def test_validation_never_runs_flex_attention_uncompiled(tmp_path, qwen2_ckpt):
+    """Uncompiled, flex_attention materialises the whole float32 score matrix: a run that trains
+    with flex uncompiled validates with block-sparse tiles (diffusion) and the dense mask (AR),
+    which compute the same loss."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from fastdllm.training.config_file import load_train_config
+    from fastdllm.training.trainer import Trainer
+
+    cfg = tiny_run_config(tmp_path, qwen2_ckpt, data={"val_fraction": 0.3},
+                          train={"attention": "flex", "compile": False})
+    trainer = Trainer(load_train_config(write_config(tmp_path / "flex.yaml", cfg)), resume=False)
+    assert trainer.use_flex  # training itself runs what it was told
+    masks = []
+    trainer.acc.unwrap_model(trainer.model).register_forward_pre_hook(lambda m, args: masks.append(args[2]))
+    val = trainer.evaluate()
+    assert masks and not any(isinstance(m, BlockMask) for m in masks)
+    reference = Trainer(load_train_config(write_config(
+        tmp_path / "tiles.yaml", tiny_run_config(tmp_path, qwen2_ckpt, "tiles", data={"val_fraction": 0.3},
+                                                 train={"attention": "block_sparse"}))), resume=False)
+    assert val == reference.evaluate()
+
+
+def test_adamw_runs_fused_or_foreach_kernels_on_cuda():
+    """On CUDA, AdamW updates in fused kernels (plain tensors) or foreach ops (FSDP's shards),
+    not in a Python loop over parameters; the CPU keeps its loop."""
+    from fastdllm.training.trainer import adamw_kernel
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert adamw_kernel(cuda, sharded=False) == {"fused": True}
+    assert adamw_kernel(cuda, sharded=True) == {"foreach": True}
+    assert adamw_kernel(cpu, sharded=False) == {"foreach": False}
+    p = torch.nn.Parameter(torch.ones(3))
+    assert torch.optim.AdamW([p], **adamw_kernel(cuda, sharded=False)).defaults["fused"] is True

@@ -245,7 +245,9 @@ class LLM:
         too small or busy."""
         e = self._spec_engine if speculative else self._engine
         if e is None or e.max_slots < slots or e.max_len < needed or e.running:
-            e = None  # the old engine's cache is freed before the new one takes its memory
+            if e is not None and not e.running:  # replaced: free its graphs and cache first
+                e.close()
+            e = None
             if speculative:
                 self._spec_engine = None
             else:
@@ -308,14 +310,24 @@ class LLM:
 
 
 def check_same_tokenizer(target_dir: Path, target_tok, draft_dir: Path, draft_tok) -> None:
-    """Speculative decoding compares token ids, so both models must mean the same thing by each."""
+    """Speculative decoding compares token ids, so both models must mean the same thing by every
+    id both can emit: each id both tokenizers define is the same token, and each token both define
+    has the same id. A token only one of them has is allowed (an adapted model's tokenizer gains
+    the mask token that its AR base lacks; the draft never proposes it)."""
     if target_tok is None or draft_tok is None:
         return  # token-id prompts only; check_pair still compares the vocabulary sizes
-    if target_tok.get_vocab() != draft_tok.get_vocab():
+    target, draft = target_tok.get_vocab(), draft_tok.get_vocab()
+    target_ids, draft_ids = {i: t for t, i in target.items()}, {i: t for t, i in draft.items()}
+    differ = [f"id {i}: {target_ids[i]!r} vs {draft_ids[i]!r}"
+              for i in sorted(target_ids.keys() & draft_ids.keys()) if target_ids[i] != draft_ids[i]]
+    differ += [f"{t!r}: id {target[t]} vs {draft[t]}"
+               for t in sorted(target.keys() & draft.keys()) if target[t] != draft[t]]
+    if differ:
         raise FastDLLMError(
             f"the draft model {draft_dir} has another tokenizer than the target {target_dir} "
-            f"({len(draft_tok.get_vocab())} vs {len(target_tok.get_vocab())} tokens, or the same "
-            "tokens with other ids); speculative decoding needs both on the same tokenizer",
+            f"(target vs draft: {'; '.join(differ[:3])}"
+            f"{f'; {len(differ) - 3} more' if len(differ) > 3 else ''}); speculative decoding "
+            "needs both on the same tokenizer (the draft may add tokens, such as its mask token)",
             field="draft_model")
 
 

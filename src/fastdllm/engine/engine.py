@@ -129,6 +129,13 @@ class Engine:
         """Capture/compile the static steps now (CUDA graphs on the GPU), within the time cap."""
         self.runner.warm_up(log)
 
+    def close(self) -> None:
+        """Free the graphs and the KV cache now, not when the garbage collector runs (the runner
+        and its static steps refer to each other); the engine is unusable after."""
+        self.running.clear()
+        self.runner.close()
+        self.cache = None
+
     @property
     def room(self) -> int:
         """Sequences that can be added now: free batch places while every admitted sequence

@@ -64,7 +64,9 @@ class ModelRunner:
         # for all layers: a boolean mask would be converted inside attention, once per layer
         self._see = torch.zeros((), dtype=self.dtype, device=self.device)
         self._hide = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
-        model.rope_tables(max_len)
+        # the tables this runner's static steps read: the model replaces its own tables when a
+        # later engine asks for longer ones, while a graph captured now keeps reading these
+        self.rope = model.rope_tables(max_len)
         self.static = StaticSteps.for_runner(self) if StaticSteps.enabled(config, self.device) else None
 
     # ------------------------------------------------------------------ pages
@@ -100,6 +102,12 @@ class ModelRunner:
     def warm_up(self, log=None) -> None:
         if self.static is not None:
             self.static.warm_up(log)
+
+    def close(self) -> None:
+        """Free the static steps (graphs) and the KV cache now; the runner is unusable after."""
+        if self.static is not None:
+            self.static.close()
+        self.static = self.cache = None
 
     def run(self, rows: list[Row]) -> tuple[list[int], list[float], list[float] | None,
                                             list[tuple[int, int]]]:

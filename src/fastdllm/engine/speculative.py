@@ -97,6 +97,13 @@ class SpeculativeEngine:
     def max_len(self) -> int:
         return self._max_len
 
+    def close(self) -> None:
+        """Free both KV caches now (as `Engine.close`); the engine is unusable after."""
+        self.running.clear()
+        self.target_runner.close()
+        self.draft_runner.close()
+        self.cache = self.draft_cache = None
+
     @property
     def room(self) -> int:
         """Sequences that can be added now (free batch places while nobody waits for pages)."""

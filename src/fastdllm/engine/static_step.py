@@ -18,6 +18,7 @@ by one copy; the graph reads it and writes greedy tokens and confidences of P pl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
@@ -102,6 +103,7 @@ class StaticShape:
         self.buffer.copy_(torch.tensor(self.idle_inputs(), dtype=torch.long))
         self.graph = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.replays = 0  # graph replays (tests and the GPU checks count them)
 
     def idle_inputs(self) -> list[int]:
         """Every row a spare row: writes and reads only the null page."""
@@ -117,7 +119,7 @@ class StaticShape:
         mask = r.attention_mask(limits.view(n, W), K)  # (n, 1, W, K)
         access = CacheAccess(r.cache, tables.view(n, self.pages), writes.view(n, W), K)
         logits = r.model(ids.view(n, W), pos.view(n, W), mask, access,
-                         logits_slice=picks.view(n, P)).flatten(0, 1)  # (n*P, V)
+                         logits_slice=picks.view(n, P), rope=r.rope).flatten(0, 1)  # (n*P, V)
         if r.mask_token_id is not None:
             hide = suppress[:, None].expand(n, P).reshape(-1).bool()  # per row -> per drawn place
             logits[:, r.mask_token_id].masked_fill_(hide, float("-inf"))
@@ -126,20 +128,34 @@ class StaticShape:
 
     def capture(self, pool) -> None:
         """Record `step` as a CUDA graph (after two warm-up runs on a side stream, as capture
-        requires); the idle inputs make those runs touch only the null page."""
-        stream = torch.cuda.Stream()
+        requires); the idle inputs make those runs touch only the null page. Called under
+        the runner's device (StaticSteps.warm_up), so stream, pool and graph are that device's."""
+        stream = torch.cuda.Stream(device=self.runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # the stream named: torch's default capture stream is made once per process, on whichever
+        # device was current then (cuda:0 for a second engine on cuda:1)
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.outputs = self.step()
+
+    def release(self) -> None:
+        """Drop the graph and its outputs now (their memory goes back to the pool)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self.outputs = None
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is not None:
-            self.graph.replay()
+            self.replays += 1
+            if torch.cuda.current_device() != self.runner.device.index:
+                with torch.cuda.device(self.runner.device):  # replay on the captured device
+                    self.graph.replay()
+            else:
+                self.graph.replay()
             return self.outputs
         return self.runner.static.compiled(self)
 
@@ -160,6 +176,22 @@ class StaticSteps:
         self.ready: set[tuple[int, int, int]] = set()  # captured/compiled (eager: every shape)
         self.pool = None
         self._compiled = None
+        self.graph_bytes = 0  # device memory the captured graphs took (their pool), measured
+        self.steps_run = 0  # steps that ran as static steps (the rest ran the packed eager step)
+
+    @property
+    def replays(self) -> int:
+        return sum(shape.replays for shape in self.shapes.values())
+
+    def close(self) -> None:
+        """Free every graph, compiled step and input buffer now: a runner and its static steps
+        refer to each other, so without this they would wait for the garbage collector."""
+        for shape in self.shapes.values():
+            shape.release()
+        self.shapes.clear()
+        self.ready.clear()
+        self.pool = self._compiled = None
+        self.runner = None
 
     @staticmethod
     def enabled(config: RunnerConfig, device: torch.device) -> bool:
@@ -230,6 +262,7 @@ class StaticSteps:
         flat = torch.tensor(ids + pos + writes + limits + read + suppress + picks + sel, dtype=torch.long)
         flat = flat.to(r.device, non_blocking=True)
         shape.buffer.copy_(flat[: shape.buffer.numel()])
+        self.steps_run += 1
         tokens, conf = shape()
         sel = flat[shape.buffer.numel():]
         return tokens[sel], conf[sel]
@@ -259,17 +292,18 @@ class StaticSteps:
 
     # ------------------------------------------------------------------ warm-up
     def warm_up(self, log=None) -> None:
-        """Capture (GPU) or compile (CPU) every shape, largest first, until the time cap; shapes
-        left over run eagerly. Prints one progress line."""
+        """Capture (GPU) or compile (CPU) every shape, cheapest first, until the time cap; shapes
+        left over, and any shape whose capture runs out of memory, run eagerly. Prints one
+        progress line."""
         if self.mode == "eager":
             return
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # cheapest (W * n * K) first: short keys are what every sequence starts with and small
+        # batches what every light load runs, so the time cap drops the rarely used large shapes;
+        # they also capture fastest, so the cap keeps the most shapes
         keys = sorted(((W, n, K) for W in self.widths for n in self.batches for K in self.key_lens),
-                      reverse=True)
+                      key=lambda k: (k[0] * k[1] * k[2], k[2], k[1], k[0]))
         start = time.perf_counter()
-        if self.mode == "graph" and self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        done = 0
         # freezing: the weights become constants of the compiled steps, so inductor packs them
         # for its matrix products once. Each shape then holds its own packed copy, so a model
         # whose copies would pass FREEZE_BUDGET_BYTES compiles unfrozen. Freezing is read outside
@@ -282,27 +316,56 @@ class StaticSteps:
         if self.mode == "compile" and not freeze:
             log(f"static steps: {len(keys)} shapes of a {weights / 2**20:.0f} MiB model would pass "
                 f"{FREEZE_BUDGET_BYTES / 2**30:g} GiB of frozen weight copies; compiling without freezing")
-        with torch.inference_mode(), inductor_config.patch(freezing=freeze):
+        # on the GPU everything below runs on the runner's device: `--device cuda:1` must not
+        # capture on cuda:0's stream and pool
+        device = torch.cuda.device(self.runner.device) if self.mode == "graph" else contextlib.nullcontext()
+        failed: list[tuple[int, int, int]] = []
+        with device, torch.inference_mode(), inductor_config.patch(freezing=freeze):
+            reserved = torch.cuda.memory_reserved() if self.mode == "graph" else 0
+            if self.mode == "graph" and self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
             for key in keys:
                 if time.perf_counter() - start > self.config.warmup_seconds:
                     break
                 shape = self.shape(key)
-                if self.mode == "graph":
-                    shape.capture(self.pool)
-                else:
-                    try:
-                        self.compiled(shape)
-                    except Exception as e:  # e.g. no C++ compiler for inductor on this machine
-                        print(file=sys.stderr, flush=True)
-                        log(f"static steps: compiling failed ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); every step runs eagerly")
+                try:
+                    self._prepare(shape)
+                except torch.OutOfMemoryError:
+                    # this shape runs eagerly; shapes of other widths may still fit
+                    shape.release()
+                    del self.shapes[key]
+                    failed.append(key)
+                    if self.mode == "graph":
+                        torch.cuda.empty_cache()
+                    continue
+                except Exception as e:  # e.g. no C++ compiler for inductor on this machine
+                    shape.release()
+                    del self.shapes[key]
+                    print(file=sys.stderr, flush=True)
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    if self.mode == "compile":
+                        log(f"static steps: compiling failed ({why}); every step runs eagerly")
+                        self.ready.clear()
                         return
+                    log(f"static steps: capturing shape {key} failed ({why}); the shapes not yet "
+                        "captured run eagerly")
+                    break
                 self.ready.add(key)
-                done += 1
-                print(f"\rstatic steps: {done}/{len(keys)} shapes ready "
+                print(f"\rstatic steps: {len(self.ready)}/{len(keys)} shapes ready "
                       f"({time.perf_counter() - start:.1f} s)", end="", file=sys.stderr, flush=True)
+            if self.mode == "graph":
+                self.graph_bytes = torch.cuda.memory_reserved() - reserved
         print(file=sys.stderr, flush=True)
         what = "captured as CUDA graphs" if self.mode == "graph" else "compiled"
-        left = len(keys) - done
-        log(f"static steps: {done} shapes {what} in {time.perf_counter() - start:.1f} s"
+        left = len(keys) - len(self.ready) - len(failed)
+        memory = f", {self.graph_bytes / 2**20:.0f} MiB of graph memory" if self.mode == "graph" else ""
+        log(f"static steps: {len(self.ready)} shapes {what} in {time.perf_counter() - start:.1f} s{memory}"
+            + (f"; {len(failed)} out of memory, run eagerly: {failed[:4]}" if failed else "")
             + (f"; {left} left eager (time cap {self.config.warmup_seconds:g} s)" if left else ""))
+
+    def _prepare(self, shape: StaticShape) -> None:
+        """Capture (GPU) or compile (CPU) one shape."""
+        if self.mode == "graph":
+            shape.capture(self.pool)
+        else:
+            self.compiled(shape)

@@ -134,7 +134,8 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
     """Validate, then allocate: config bounds, the parameter bytes against the device's free
     memory, every file's location and every safetensors header against the model's shapes;
-    only then is the model allocated and the weights read."""
+    only then is the model allocated, in `dtype` (never in float32 first), and the weights
+    read one tensor at a time."""
     cfg, _ = read_config(model_dir)
     device = torch.device(device)
     check_fits(cfg.num_parameters(), dtype, device)
@@ -145,7 +146,9 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu",
     found = check_tensors(weight_files(model_dir),
                           {n: tuple(p[rows].shape) for n, (p, rows) in model.hf_targets().items()},
                           skip=skip)
-    model = model.to_empty(device=device).to(dtype)
+    # the dtype is set on the meta model, so the device memory is allocated once, in the target
+    # dtype: converting after to_empty held the float32 copy and the converted one at once
+    model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, found, device, dtype)

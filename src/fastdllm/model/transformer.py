@@ -173,15 +173,18 @@ class Transformer(nn.Module):
         mask,  # (n, 1, W, key_len) bool tensor (True = may attend), a flex BlockMask, or TileKeys
         cache: CacheAccess | None = None,
         logits_slice: slice | torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits (N, K, vocab) for the chunk positions picked by `logits_slice`: a slice, or a
         long tensor (N, K) of chunk-relative indices per row; all positions by default.
         With `mask=None` the attention is plain causal over this chunk (no cache).
         Without a cache, positions must be below max(max_position_embeddings, T); with one,
-        below the cache length (the engine sizes the tables when it allocates the cache)."""
+        below the cache length (the engine sizes the tables when it allocates the cache).
+        `rope`: (cos, signed sin) tables to read instead of the model's: a captured step passes
+        the ones it captured, which stay where they are when the model's tables grow."""
         x = self.model.embed_tokens(input_ids)
         length = input_ids.shape[1] if cache is None else cache.cache.positions
-        cos_t, sin_t = self.rope_tables(length)
+        cos_t, sin_t = rope if rope is not None else self.rope_tables(length)
         cos, sin = cos_t[positions].unsqueeze(-2), sin_t[positions].unsqueeze(-2)  # (N, T, 1, hd)
         if mask is None and cache is None:
             t = input_ids.shape[1]

@@ -21,13 +21,19 @@ from torch import nn
 from ..model.transformer import Transformer
 
 
-def shard_model(model: Transformer) -> Transformer:
-    """Shard `model` in place over the default process group (one unit per decoder layer)."""
-    from torch.distributed.fsdp import fully_shard
+def shard_model(model: Transformer, compute_dtype: torch.dtype | None = None) -> Transformer:
+    """Shard `model` in place over the default process group (one unit per decoder layer).
 
+    `compute_dtype` (bf16 training): layers are gathered and run in that dtype, so the
+    all-gathers move half the bytes and no per-op autocast copies of the weights are made;
+    gradients are reduced in float32 and the shards, gradients and AdamW state stay float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype is not None else MixedPrecisionPolicy()
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -51,8 +57,6 @@ def full_model(model: Transformer) -> Transformer | None:
     plain.load_state_dict(state, assign=True)
     if model.config.tie_word_embeddings:
         plain.lm_head.weight = plain.model.embed_tokens.weight
-    plain.rope_cos, plain.rope_sin = torch.empty(0), torch.empty(0)  # buffers built on first use
-    plain._rope_len = 0
     return plain
 
 

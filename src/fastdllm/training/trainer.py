@@ -12,6 +12,7 @@ checkpoint, so an interrupted run continues exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -66,13 +67,30 @@ def _accelerator(cfg: TrainConfig):
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+def adamw_kernel(device: torch.device, sharded: bool) -> dict[str, bool]:
+    """How AdamW updates the parameters: on CUDA in fused kernels (plain tensors) or as
+    multi-tensor foreach ops (FSDP's DTensor shards), instead of a Python loop of small kernels
+    per parameter; on the CPU the per-parameter loop, whose numbers the CPU runs were
+    published with."""
+    if device.type != "cuda":
+        return {"foreach": False}
+    return {"foreach": True} if sharded else {"fused": True}
+
+
+def _optimizer(model, cfg: TrainConfig, device: torch.device, sharded: bool) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms, biases), the usual LLM practice."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied embeddings appear once
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     o = cfg.optimizer
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps, **adamw_kernel(device, sharded))
+
+
+def validation_attention(attention: str, compiled: bool) -> str:
+    """The attention validation runs with: the training one, except that flex_attention is
+    never run uncompiled (it then materialises the whole float32 score matrix): block-sparse
+    tiles instead (the AR term: the dense mask), which compute the same loss."""
+    return "block_sparse" if attention == "flex" and not compiled else attention
 
 
 class Trainer:
@@ -107,11 +125,17 @@ class Trainer:
         # FSDP with one process has nothing to shard: it runs as a plain single-process run
         self.sharded = t.fsdp and world > 1
         if self.sharded:
-            shard_model(model.to(self.acc.device))  # before the optimizer: params become shards
-            self.model, self.optimizer = model, _optimizer(model, cfg)
+            # before the optimizer: params become shards
+            shard_model(model.to(self.acc.device), torch.bfloat16 if t.precision == "bf16" else None)
+            self.model = model
+            self.optimizer = _optimizer(model, cfg, self.acc.device, sharded=True)
         else:
-            self.model, self.optimizer = self.acc.prepare(model, _optimizer(model, cfg))
+            self.model, self.optimizer = self.acc.prepare(
+                model, _optimizer(model, cfg, self.acc.device, sharded=False))
         self.forward = torch.compile(self.model) if t.compile else self.model
+        # validation runs the unwrapped model (see evaluate), compiled when training is
+        plain = self.acc.unwrap_model(self.model)
+        self.eval_forward = plain if not t.compile else self.forward if plain is self.model else torch.compile(plain)
         # flex_attention pays only compiled; uncompiled, block-sparse tiles (diffusion) and the
         # dense masks (AR) are faster and tested
         attention = t.attention
@@ -120,6 +144,7 @@ class Trainer:
         self.use_flex = attention == "flex"
         self.layout = StepLayout(shared_clean=t.layout == "shared_clean", skip_untargeted=t.skip_untargeted,
                                  attention=attention)
+        self.eval_layout = dataclasses.replace(self.layout, attention=validation_attention(attention, t.compile))
         self.ar_term = cfg.objective == "diffusion" and uses_ar_loss(cfg.diffusion)
         self.order = RowOrder(len(self.train_rows), t.seed)
         self.last_loss: float | None = None
@@ -150,11 +175,12 @@ class Trainer:
 
     # ---- one optimizer step ----
 
-    def make_batch(self, rows: PackedRows, seeds: list[int]) -> Batch:
+    def make_batch(self, rows: PackedRows, seeds: list[int], layout: StepLayout | None = None) -> Batch:
+        layout = layout or self.layout
         if self.cfg.objective == "ar":
-            return ar_batch(rows, self.acc.device, self.use_flex)
+            return ar_batch(rows, self.acc.device, layout.attention == "flex")
         return diffusion_batch(rows, seeds, self.cfg.diffusion, self.mask_token_id, self.acc.device,
-                               self.layout)
+                               layout)
 
     def autocast(self):
         """bf16 autocast for forwards when configured; weights and optimizer stay float32."""
@@ -241,13 +267,14 @@ class Trainer:
         for start in range(0, len(mine), micro):
             chunk = mine[start:start + micro]
             rows = self.val_rows.select(chunk)
-            batches = [self.make_batch(rows, [row_seed(self.cfg.train.seed, "val", i) for i in chunk])]
+            batches = [self.make_batch(rows, [row_seed(self.cfg.train.seed, "val", i) for i in chunk],
+                                       self.eval_layout)]
             if self.cfg.objective == "diffusion":
-                batches.append(ar_batch(rows, self.acc.device, self.use_flex))
+                batches.append(ar_batch(rows, self.acc.device, self.eval_layout.attention == "flex"))
             for k, batch in enumerate(batches):
                 with self.autocast():
-                    logits = model(batch.input_ids, batch.positions, batch.attn_mask,
-                                   logits_slice=batch.logits_index)
+                    logits = self.eval_forward(batch.input_ids, batch.positions, batch.attn_mask,
+                                               logits_slice=batch.logits_index)
                 totals[2 * k] += target_loss_sum(logits, batch.targets, batch.weights).item()
                 totals[2 * k + 1] += batch.denominator
         model.train()
