@@ -230,6 +230,8 @@ def rows_step_ms(run: Run) -> list[tuple[str, dict]]:
             static0 = graphs._engine.runner.static.steps_run
             t = _interleaved_ms({"graph": g_step, "eager": e_step}, run.device, run.reps)
             graphed = graphs._engine.runner.static.steps_run - static0 == run.reps + 3
+            static = graphs._engine.runner.static
+            graph_mib, shapes = static.graph_bytes / 2**20, len(static.ready)
             g_end(), e_end()
             goal = shape == "qwen2.5-1.5b" and width == 1
             status = ("pass" if t["graph"] <= GOAL_1_5B_MS else "fail") if goal else "measured"
@@ -239,7 +241,8 @@ def rows_step_ms(run: Run) -> list[tuple[str, dict]]:
                 status=status if not run.dry else "dry-run",
                 value=f"{t['graph']:.3f} ms graphed, {t['eager']:.3f} ms eager, floor {floor:.3f} ms",
                 detail=(f"{weights / 1e9:.2f} GB of weights at {bandwidth / 1e12:.2f} TB/s copy bandwidth; "
-                        f"context 512; every timed step graphed: {graphed}"
+                        f"context 512; every timed step graphed: {graphed}; "
+                        f"{graph_mib:.0f} MiB of graph memory ({shapes} shapes)"
                         + (f"; goal <= {GOAL_1_5B_MS} ms" if goal else "")),
                 graph_ms=round(t["graph"], 4), eager_ms=round(t["eager"], 4), floor_ms=round(floor, 4))))
         del graphs, eager, model

@@ -145,7 +145,9 @@ class StaticShape:
     def release(self) -> None:
         """Drop the graph and its outputs now (their memory goes back to the pool)."""
         if self.graph is not None:
-            self.graph.reset()
+            # a capture that failed half-way may refuse its reset; dropping it frees it anyway
+            with contextlib.suppress(RuntimeError):
+                self.graph.reset()
         self.graph = self.outputs = None
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,7 +332,7 @@ class StaticSteps:
                 shape = self.shape(key)
                 try:
                     self._prepare(shape)
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     # this shape runs eagerly; shapes of other widths may still fit
                     shape.release()
                     del self.shapes[key]
