@@ -39,7 +39,8 @@ c) A 5-turn chat on the shipped diffusion model (its own context): each turn's p
    plus the partial block before them"; time to first token per turn (on/off taking turns).
 d) Decode tokens/s at batch 1, 8 and 32 streams, the static engine (`--baseline-src`) against
    the paged one, both in worker subprocesses of the same code that take turns repetition by
-   repetition (distinct word problems each repetition, so no prompt repeats), on the shipped
+   repetition and batch by batch within one (distinct word problems each repetition, so no
+   prompt repeats; `--decode-prompts` prompts per repetition, in batches), on the shipped
    diffusion model (default decoding) and the shipped AR model; decode tokens/s counts the
    tokens made final after the prefill step over the time after it; same output tokens checked.
 """
@@ -497,13 +498,18 @@ def decode_speed(args, static: Worker, paged: Worker) -> tuple[list[dict], dict]
                 seed += 1
                 prompts = [probe.encode_chat([{"role": "user", "content": format_prompt(p.question)}])
                            for p in generate_problems(max(b, args.decode_prompts), seed=seed)]
-                order = (("static", static), ("paged", paged))
-                if rep % 2:
-                    order = order[::-1]
-                out = {}
-                for label, w in order:
-                    out[label] = w(op="decode", name=name, prompts=prompts, batch=b,
-                                   decode={"max_new_tokens": args.decode_tokens, **decode})
+                out = {"static": None, "paged": None}
+                for k, i in enumerate(range(0, len(prompts), b)):  # the engines take turns chunk by chunk
+                    order = (("static", static), ("paged", paged))
+                    for label, w in (order if (rep + k) % 2 == 0 else order[::-1]):
+                        r = w(op="decode", name=name, prompts=prompts[i:i + b], batch=b,
+                              decode={"max_new_tokens": args.decode_tokens, **decode})
+                        if out[label] is None:
+                            out[label] = r
+                        else:
+                            for key in ("total_s", "decode_s", "tokens", "decode_tokens", "steps", "outputs"):
+                                out[label][key] += r[key]
+                            out[label]["usage"] = r["usage"]
                 same &= out["static"]["outputs"] == out["paged"]["outputs"]
                 if rep:
                     for label in res:
@@ -674,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps-chat", type=int, default=3)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--reps-decode", type=int, default=7)
+    ap.add_argument("--reps-decode", type=int, default=9)
     ap.add_argument("--decode-prompts", type=int, default=16,
                     help="prompts per repetition (in batches of the batch size)")
     ap.add_argument("--threads", type=int, default=1)

@@ -134,14 +134,16 @@ def test_cuda_graph_replay_equals_the_same_step_eager_bitwise(qwen2_ckpt, dtype,
     checked = []
 
     def replay_then_eager(shape):
-        tokens, conf = replay(shape)
+        tokens, conf, logits = replay(shape)
         assert shape.graph is not None
-        tokens, conf = tokens.clone(), conf.clone()  # the graph's outputs are overwritten below
-        again_tokens, again_conf = shape.step()
+        # the graph's outputs are overwritten below
+        tokens, conf, logits = tokens.clone(), conf.clone(), logits.clone()
+        again_tokens, again_conf, again_logits = shape.step()
         assert torch.equal(tokens, again_tokens) and torch.equal(conf, again_conf), \
             (shape.width, shape.batch, shape.key_len)
+        assert torch.equal(logits, again_logits), (shape.width, shape.batch, shape.key_len)
         checked.append((shape.width, shape.batch, shape.key_len))
-        return tokens, conf
+        return tokens, conf, logits
 
     monkeypatch.setattr(StaticShape, "__call__", replay_then_eager)
     prompts = [list(range(10, 10 + n)) for n in (3, 8, 13, 16, 32, 40)]
@@ -211,8 +213,6 @@ def test_cuda_sampled_rows_decode_as_eager(qwen2_ckpt):
     assert outputs[0] == outputs[1]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20, defect 2: one sampled row runs the whole step "
-                                       "eagerly; remove this mark when sampling leaves the graph")
 def test_cuda_one_sampled_row_keeps_the_batch_on_graphs(qwen2_ckpt):
     graphs, _ = _graph_and_eager(qwen2_ckpt, dtype="float32")
     prompts = [list(range(10, 10 + n)) for n in (3, 8, 13, 16, 21, 32, 37, 40)]

@@ -147,3 +147,34 @@ class _Plan:
     def __init__(self, width: int):
         self.start, self.end, self.key_len = 0, width, 40
         self.logit_positions = [width - 1]
+
+
+def test_one_sampled_row_and_the_entropy_rule_keep_the_batch_on_static_steps(llm):
+    """Issue 20, defect 2: the static step returns its logits too, and sampled rows (each with
+    its own seeded generator) and entropy-spending rules draw from them outside the step; the
+    batch stays static and every row decodes as the eager step does."""
+    import dataclasses
+
+    from fastdllm.engine.params import DecodeConfig
+
+    static = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
+                 runner=RunnerConfig(cpu_static="eager", widths=(1, 8, B)))
+    eager = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
+                runner=RunnerConfig(enforce_eager=True))
+    prompts = [list(range(10, 10 + n)) for n in (3, 8, 13, 16, 21, 32, 37, 40)]
+    base = DecodeConfig(block_size=B, sub_block_size=8, threshold=0.7, max_new_tokens=40)
+    configs = [dataclasses.replace(base, temperature=0.8, top_p=0.9, seed=5),
+               dataclasses.replace(base, rule="entropy_bounded", threshold=0.5)] + [base] * 6
+
+    def run(which):
+        engine = which.engine(8, 96)
+        seqs = [engine.add(p, c, stop_token_ids=()) for p, c in zip(prompts, configs)]
+        while engine.running:
+            engine.step()
+        return engine, [s.output_ids() for s in seqs]
+
+    engine, got = run(static)
+    _, want = run(eager)
+    assert got == want
+    # every step but the first (prefills wider than the widest static width) ran static
+    assert engine.runner.static.steps_run >= engine.stats.steps - 2

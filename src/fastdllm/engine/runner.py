@@ -122,11 +122,16 @@ class ModelRunner:
         # sequence's generator advances exactly as it would have without the preemption
         settings = [GREEDY if p.kind is PlanKind.RECOMPUTE else s.params for s, p in rows]
         generators = [None if p.kind is PlanKind.RECOMPUTE else s.generator for s, p in rows]
-        # static steps capture tokens and confidences only: a step that needs entropies is eager
         entropy_needed = any(p.diffusion and needs_entropy(p.rule) for p in settings)
         entropy = None
-        if self.static is not None and not entropy_needed and self.static.fits(rows):
-            tokens, conf = self.static.run(rows)
+        if self.static is not None and self.static.fits(rows):
+            # the static step gives greedy draws and the logits: sampled rows and entropies are
+            # drawn from those logits here, each row with its own generator, as the eager step does
+            tokens, conf, logits = self.static.run(rows)
+            if not all(p.greedy for p in settings):
+                tokens, conf = draw(logits, spans, settings, generators)
+            if entropy_needed:
+                entropy = draw_entropy(logits, spans, settings)
         else:
             logits = self.forward_logits(rows)
             self._suppress_mask(logits, rows, spans)

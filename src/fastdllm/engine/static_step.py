@@ -111,9 +111,11 @@ class StaticShape:
         return ([0] * (n * W) + list(range(W)) * n + spare_writes(W, self.runner.page_size) * n
                 + [1] * (n * W) + [NULL_PAGE] * (n * self.pages) + [0] * n + [0] * (n * self.picks))
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy tokens and confidences (n * P,) of each row's picked places, from the input
-        buffer."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy tokens and confidences (n * P,) of each row's picked places, and their logits
+        (n * P, V) with [MASK] suppressed, from the input buffer. Sampling and entropies are
+        drawn from the logits outside the step (`StaticSteps.run`'s caller), so a sampled row
+        or an entropy-spending rule does not take the batch off the static step."""
         r, W, n, K, P = self.runner, self.width, self.batch, self.key_len, self.picks
         ids, pos, writes, limits, tables, suppress, picks = self.buffer.split(self.sizes)
         mask = r.attention_mask(limits.view(n, W), K)  # (n, 1, W, K)
@@ -124,7 +126,7 @@ class StaticShape:
             hide = suppress[:, None].expand(n, P).reshape(-1).bool()  # per row -> per drawn place
             logits[:, r.mask_token_id].masked_fill_(hide, float("-inf"))
         conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-        return tokens, conf
+        return tokens, conf, logits
 
     def capture(self, pool) -> None:
         """Record `step` as a CUDA graph (after two warm-up runs on a side stream, as capture
@@ -140,7 +142,12 @@ class StaticShape:
         # the stream named: torch's default capture stream is made once per process, on whichever
         # device was current then (cuda:0 for a second engine on cuda:1)
         with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.outputs = self.step()
+            tokens, conf, logits = self.step()
+            # every graph writes its logits into one buffer shared by all shapes: an output of
+            # its own per shape would hold (batch x places x vocabulary) each, for good
+            shared = self.runner.static.logits_buffer(logits.shape[0])
+            shared.copy_(logits)
+            self.outputs = (tokens, conf, shared)
 
     def release(self) -> None:
         """Drop the graph and its outputs now (their memory goes back to the pool)."""
@@ -178,6 +185,7 @@ class StaticSteps:
         self.ready: set[tuple[int, int, int]] = set()  # captured/compiled (eager: every shape)
         self.pool = None
         self._compiled = None
+        self._logits: torch.Tensor | None = None  # graphs' shared logits output (logits_buffer)
         self.graph_bytes = 0  # device memory the captured graphs took (their pool), measured
         self.steps_run = 0  # steps that ran as static steps (the rest ran the packed eager step)
 
@@ -209,8 +217,6 @@ class StaticSteps:
 
     # ------------------------------------------------------------------ choosing a shape
     def shape_for(self, rows: list[tuple]) -> tuple[int, int, int] | None:
-        if any(not s.params.greedy for s, _ in rows):
-            return None
         widths = [p.end - p.start for _, p in rows]
         W = smallest_at_least(self.widths, max(widths))
         n = smallest_at_least(self.batches, len(rows))
@@ -265,9 +271,17 @@ class StaticSteps:
         flat = flat.to(r.device, non_blocking=True)
         shape.buffer.copy_(flat[: shape.buffer.numel()])
         self.steps_run += 1
-        tokens, conf = shape()
+        tokens, conf, logits = shape()
         sel = flat[shape.buffer.numel():]
-        return tokens[sel], conf[sel]
+        return tokens[sel], conf[sel], logits[sel]
+
+    def logits_buffer(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows of the logits buffer every captured graph writes to."""
+        if self._logits is None:
+            r = self.runner
+            most = max(self.batches) * max(self.picks.values())
+            self._logits = torch.empty(most, r.model.config.vocab_size, dtype=r.dtype, device=r.device)
+        return self._logits[:rows]
 
     def compiled(self, shape: StaticShape) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "eager":
