@@ -241,6 +241,8 @@ def rows_step_ms(run: Run) -> list[tuple[str, dict]]:
                 status=status if not run.dry else "dry-run",
                 value=f"{t['graph']:.3f} ms graphed, {t['eager']:.3f} ms eager, floor {floor:.3f} ms",
                 detail=(f"{weights / 1e9:.2f} GB of weights at {bandwidth / 1e12:.2f} TB/s copy bandwidth; "
+                        f"graphs of the inductor-compiled step: "
+                        f"{not graphs._engine.runner.static._graph_compile_failed}; "
                         f"context 512; every timed step graphed: {graphed}; "
                         f"{graph_mib:.0f} MiB of graph memory ({shapes} shapes)"
                         + (f"; goal <= {GOAL_1_5B_MS} ms" if goal else "")),

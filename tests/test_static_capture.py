@@ -7,6 +7,8 @@ free its graphs and cache at once, not when the garbage collector next runs."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from fastdllm import LLM
 from fastdllm.engine.params import RunnerConfig
+from fastdllm.engine.static_step import StaticShape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,3 +181,25 @@ def test_one_sampled_row_and_the_entropy_rule_keep_the_batch_on_static_steps(llm
     assert got == want
     # every step but the first (prefills wider than the widest static width) ran static
     assert engine.runner.static.steps_run >= engine.stats.steps - 2
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU (inductor) needs a C++ compiler")
+def test_the_step_graphs_capture_is_compiled_and_equals_the_step(llm):
+    """Issue 20, defect 4: CUDA graphs capture the step compiled by inductor
+    (`StaticSteps.graph_step`). Capture needs a GPU; the compiled step itself runs anywhere: on
+    the same input buffer and cache it gives the step's tokens, confidences and logits."""
+    static = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
+                 runner=RunnerConfig(cpu_static="eager", widths=(1, 8, B), max_batch=2))
+    engine = static.engine(2, 64)
+    steps = engine.runner.static
+    assert steps.graph_step() is not StaticShape.step
+    shape = steps.shape((8, 2, 64))
+    with torch.inference_mode():  # as warm-up captures
+        compiled = steps.graph_step()(shape)
+        plain = shape.step()
+    assert torch.equal(compiled[0], plain[0])
+    torch.testing.assert_close(compiled[2], plain[2], atol=1e-5, rtol=1e-5)
+    off = LLM(llm.model, llm.tokenizer, llm.model_dir, llm.special, default_block_size=B,
+              runner=RunnerConfig(cpu_static="eager", compile_graphs=False))
+    assert off.engine(1, 64).runner.static.graph_step() is StaticShape.step

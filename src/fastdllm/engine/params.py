@@ -169,6 +169,9 @@ class RunnerConfig:
     max_batch: the largest batch bucket (buckets are powers of two up to it; 0: the engine's slots).
     warmup_seconds: cap on the time spent capturing/compiling at start; shapes not ready by then
         run eagerly.
+    compile_graphs: on the GPU, compile each static step with inductor before capturing it as a
+        CUDA graph (fewer, fused kernels per layer); a step that fails to compile is captured
+        uncompiled.
     """
 
     enforce_eager: bool = False
@@ -176,6 +179,7 @@ class RunnerConfig:
     widths: tuple[int, ...] = (1, 8, 32)
     max_batch: int = 0
     warmup_seconds: float = 120.0
+    compile_graphs: bool = True
 
     def __post_init__(self):
         if self.cpu_static not in ("off", "eager", "compile"):

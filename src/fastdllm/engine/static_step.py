@@ -134,15 +134,16 @@ class StaticShape:
         the runner's device (StaticSteps.warm_up), so stream, pool and graph are that device's."""
         stream = torch.cuda.Stream(device=self.runner.device)
         stream.wait_stream(torch.cuda.current_stream())
+        step = self.runner.static.graph_step()  # compiled by inductor unless that failed
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.step()
+                step(self)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # the stream named: torch's default capture stream is made once per process, on whichever
         # device was current then (cuda:0 for a second engine on cuda:1)
         with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            tokens, conf, logits = self.step()
+            tokens, conf, logits = step(self)
             # every graph writes its logits into one buffer shared by all shapes: an output of
             # its own per shape would hold (batch x places x vocabulary) each, for good
             shared = self.runner.static.logits_buffer(logits.shape[0])
@@ -186,6 +187,8 @@ class StaticSteps:
         self.pool = None
         self._compiled = None
         self._logits: torch.Tensor | None = None  # graphs' shared logits output (logits_buffer)
+        self._graph_compiled = None  # graph_step's compiled step
+        self._graph_compile_failed = False
         self.graph_bytes = 0  # device memory the captured graphs took (their pool), measured
         self.steps_run = 0  # steps that ran as static steps (the rest ran the packed eager step)
 
@@ -200,7 +203,7 @@ class StaticSteps:
             shape.release()
         self.shapes.clear()
         self.ready.clear()
-        self.pool = self._compiled = None
+        self.pool = self._compiled = self._graph_compiled = self._logits = None
         self.runner = None
 
     @staticmethod
@@ -379,9 +382,40 @@ class StaticSteps:
             + (f"; {len(failed)} out of memory, run eagerly: {failed[:4]}" if failed else "")
             + (f"; {left} left eager (time cap {self.config.warmup_seconds:g} s)" if left else ""))
 
+    def graph_step(self):
+        """What a CUDA graph captures: the step compiled by inductor (fused norms, RoPE, SiLU-mul:
+        a handful of kernels per layer instead of ~46), or, with `compile_graphs` off or after
+        compiling failed once, the step itself."""
+        if not self.config.compile_graphs or self._graph_compile_failed:
+            return StaticShape.step
+        if self._graph_compiled is None:
+            import torch._dynamo
+
+            shapes = len(self.widths) * len(self.batches) * len(self.key_lens)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * shapes)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 4096)
+            self._graph_compiled = torch.compile(
+                own_code(StaticShape.step), dynamic=False,
+                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        return self._graph_compiled
+
     def _prepare(self, shape: StaticShape) -> None:
-        """Capture (GPU) or compile (CPU) one shape."""
+        """Capture (GPU) or compile (CPU) one shape. On the GPU, a step that inductor cannot
+        compile is captured uncompiled (and so are the shapes after it), with one log line."""
         if self.mode == "graph":
-            shape.capture(self.pool)
+            try:
+                shape.capture(self.pool)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:
+                if not self.config.compile_graphs or self._graph_compile_failed:
+                    raise
+                self._graph_compile_failed = True
+                shape.release()
+                print(f"\nstatic steps: compiling the step for its graphs failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); capturing it uncompiled",
+                      file=sys.stderr, flush=True)
+                shape.capture(self.pool)
         else:
             self.compiled(shape)
