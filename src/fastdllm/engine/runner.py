@@ -23,6 +23,7 @@ import torch
 
 from ..model.kv_cache import CacheAccess, KVCache, RowGroup
 from ..model.transformer import Transformer
+from . import logit_processing
 from .attention import row_limits
 from .params import RunnerConfig
 from .sampling import draw, draw_entropy
@@ -85,11 +86,15 @@ class ModelRunner:
         # static steps capture tokens and confidences only: a step that needs entropies is eager
         entropy_needed = any(p.diffusion and needs_entropy(p.rule) for p in settings)
         entropy = None
-        if self.static is not None and not entropy_needed and self.static.fits(rows):
+        eager = entropy_needed or logit_processing.needs_eager(rows)
+        if self.static is not None and not eager and self.static.fits(rows):
             tokens, conf = self.static.run(rows)
         else:
             logits = self.forward_logits(rows)
             self._suppress_mask(logits, rows, spans)
+            if eager:  # logit_bias, penalties, logprobs (logit_processing.py)
+                logit_processing.process(logits, rows, spans)
+                logit_processing.record_alternatives(logits, rows, spans)
             tokens, conf = draw(logits, spans, settings, [s.generator for s, _ in rows])
             if entropy_needed:
                 entropy = draw_entropy(logits, spans, settings)

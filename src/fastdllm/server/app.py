@@ -2,33 +2,31 @@
 
     GET  /health                 liveness plus active / waiting request counts
     GET  /v1/models              the one served model
+    GET  /v1/models/{id}         its card (404 model_not_found for any other name)
     POST /v1/completions         text (or token-id) prompt
     POST /v1/chat/completions    messages, rendered with the tokenizer's chat template
 
 A handler validates and tokenizes its request (every problem is a 4xx before anything is
-queued, so a streamed request never fails after its 200), submits a job, then either collects
-the job's events into one response or forwards them as server-sent events. A client that goes
-away, or a request that outlives `request_timeout`, cancels its job, which frees its batch slot.
+queued, so a streamed request never fails after its 200), then `respond.run` submits a job per
+choice and either collects the jobs' events into one response or forwards them as server-sent
+events. A client that goes away, or a request that outlives `request_timeout`, cancels its
+jobs, which frees their batch slots.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llm import LLM
 from . import protocol as p
 from .protocol import APIError
-from .scheduler import Event, Job
+from .respond import ChatFormat, CompletionFormat, run
 from .service import Server, ServerConfig
-from .stream import SSE_DONE, sse
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
@@ -55,26 +53,33 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             body["error"] = "the scheduler thread died; restart the server"
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
+    def card() -> p.ModelCard:
+        return p.ModelCard(id=config.served_model_name, created=server.created, max_model_len=server.max_len)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        card = p.ModelCard(id=config.served_model_name, created=server.created, max_model_len=server.max_len)
-        return p.ModelList(data=[card]).model_dump()
+        return p.ModelList(data=[card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        server.check_model(model_id)
+        return card().model_dump()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         server.check_admitting()
         req = p.parse_request(await server.read_body(request), p.CompletionRequest)
-        server.check_model(req.model)
-        ids = await server.completion_prompt(req)
-        return await _run(server, request, req, ids, _CompletionFormat(config.served_model_name))
+        server.check_request(req)
+        prompts = await server.completion_prompts(req)
+        return await run(server, request, req, prompts, CompletionFormat(config.served_model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         server.check_admitting()
         req = p.parse_request(await server.read_body(request), p.ChatCompletionRequest)
-        server.check_model(req.model)
+        server.check_request(req)
         ids = await server.chat_prompt(req)
-        return await _run(server, request, req, ids, _ChatFormat(config.served_model_name))
+        return await run(server, request, req, [ids], ChatFormat(config.served_model_name))
 
     return app
 
@@ -110,117 +115,6 @@ class _CountInFlight:
             await self.app(scope, receive, send)
         finally:
             self.server.in_flight -= 1
-
-
-async def _run(server: Server, request: Request, req, ids: list[int], fmt) -> Response:
-    prompt_param = "messages" if isinstance(req, p.ChatCompletionRequest) else "prompt"
-    params = server.decode_params(req, len(ids), prompt_param)
-    stop = req.stop_strings()
-    deadline = server.deadline()
-    job = server.scheduler.submit(ids, params, stop)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(server, job, deadline, fmt, len(ids), include_usage),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    watcher = asyncio.create_task(server.cancel_on_disconnect(request, job))
-    parts = []
-    try:
-        while True:
-            event = await server.next_event(job, deadline)
-            if event.error is not None:
-                raise event.error
-            parts.append(event.text)
-            if event.finish_reason is not None:
-                break
-    finally:
-        watcher.cancel()
-        if not job.done:
-            server.scheduler.cancel(job)
-    usage = _usage(len(ids), event.completion_tokens)
-    return JSONResponse(fmt.response("".join(parts), event.finish_reason, usage))
-
-
-async def _stream(server: Server, job: Job, deadline: float | None, fmt, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[str]:
-    """SSE body. Starlette cancels this generator when the client disconnects; `finally`
-    then cancels the job."""
-    try:
-        for chunk in fmt.opening():
-            yield sse(chunk)
-        while True:
-            try:
-                event = await server.next_event(job, deadline)
-            except APIError as e:  # timed out
-                event = Event(error=e)
-            if event.error is not None:
-                yield sse(event.error.body())
-                break
-            if event.text:
-                yield sse(fmt.chunk(event.text, None))
-            if event.finish_reason is not None:
-                yield sse(fmt.chunk("", event.finish_reason))
-                if include_usage:
-                    yield sse(fmt.usage_chunk(_usage(prompt_tokens, event.completion_tokens)))
-                break
-        yield SSE_DONE
-    finally:
-        if not job.done:
-            server.scheduler.cancel(job)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> p.Usage:
-    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
-
-
-class _CompletionFormat:
-    """Response and chunk bodies of /v1/completions."""
-
-    def __init__(self, model: str):
-        self.id, self.model, self.created = f"cmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def _body(self, choices, usage=None) -> dict:
-        return p.CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                    choices=choices, usage=usage).model_dump()
-
-    def response(self, text: str, finish_reason: str, usage: p.Usage) -> dict:
-        return self._body([p.CompletionChoice(text=text, finish_reason=finish_reason)], usage)
-
-    def opening(self) -> list[dict]:
-        return []
-
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        return self._body([p.CompletionChoice(text=text, finish_reason=finish_reason)])
-
-    def usage_chunk(self, usage: p.Usage) -> dict:
-        return self._body([], usage)
-
-
-class _ChatFormat:
-    """Response and chunk bodies of /v1/chat/completions."""
-
-    def __init__(self, model: str):
-        self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def response(self, text: str, finish_reason: str, usage: p.Usage) -> dict:
-        choice = p.ChatChoice(message=p.AssistantMessage(content=text), finish_reason=finish_reason)
-        return p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
-                                        choices=[choice], usage=usage).model_dump()
-
-    def _chunk(self, choices, usage=None) -> dict:
-        return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                     choices=choices, usage=usage).model_dump()
-
-    def opening(self) -> list[dict]:
-        return [self._chunk([p.ChatChunkChoice(delta=p.ChatDelta(role="assistant", content=""))])]
-
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        delta = p.ChatDelta(content=text) if text else p.ChatDelta()
-        return self._chunk([p.ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
-
-    def usage_chunk(self, usage: p.Usage) -> dict:
-        return self._chunk([], usage)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -21,6 +21,7 @@ from ..chat_template import TemplateLimits
 from ..engine.params import DecodeConfig
 from ..engine.speculative import SpeculativeEngine
 from ..errors import FastDLLMError
+from ..evaluation.loglikelihood import Scores, continuation_scores
 from ..llm import LLM
 from ..model.checkpoint import load_tokenizer
 from . import protocol as p
@@ -108,8 +109,21 @@ class Server:
     # ------------------------------------------------------------------ request preparation
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.served_model_name:
-            raise APIError(f"the model {name!r} does not exist here; this server serves "
-                           f"{self.config.served_model_name!r}", status=404, param="model")
+            raise APIError(f"the model {p._shorten(name)!r} does not exist here; this server serves "
+                           f"{self.config.served_model_name!r}", status=404, param="model",
+                           code="model_not_found")
+
+    def check_request(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
+        """What can be refused from the request's fields alone: the model, fields asking for
+        what this server does not do, too many choices."""
+        self.check_model(req.model)
+        req.refuse_unsupported()
+        prompts = len(req.prompt) if isinstance(req, p.CompletionRequest) and _is_batch(req.prompt) else 1
+        if not 1 <= req.n <= p.MAX_CHOICES:
+            raise APIError(f"n must be in [1, {p.MAX_CHOICES}], got {req.n}", param="n")
+        if prompts * req.n > p.MAX_CHOICES:
+            raise APIError(f"{prompts} prompts x n={req.n} asks for {prompts * req.n} choices, more "
+                           f"than this server answers in one request ({p.MAX_CHOICES})", param="prompt")
 
     async def read_body(self, request: Request) -> bytes:
         """The raw body, refused (413) as soon as it passes `max_body_bytes`."""
@@ -129,20 +143,22 @@ class Server:
         if self.draining:
             raise shutting_down()
 
-    async def completion_prompt(self, req: p.CompletionRequest) -> list[int]:
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError("send one prompt per request (concurrent requests are batched by "
-                               "the server)", param="prompt")
-            prompt = prompt[0]
-        text = isinstance(prompt, str)
-        limit = self.max_prompt_chars if text else self.max_len
-        if len(prompt) > limit:
-            raise APIError(f"the prompt has {len(prompt):,} {'characters' if text else 'token ids'}, "
-                           f"more than this server accepts ({limit:,})", param="prompt")
-        return await self.text.run(lambda tok: self.llm.encode(prompt, tokenizer=tok),
-                                   self.config.text_timeout, "prompt")
+    async def completion_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
+        """Prompt ids of each prompt of the request (one, or a batch of texts or of id lists)."""
+        prompts = req.prompt if _is_batch(req.prompt) else [req.prompt]
+        if not prompts:
+            raise APIError("'prompt' holds no prompt", param="prompt")
+        out = []
+        for i, prompt in enumerate(prompts):
+            param = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+            text = isinstance(prompt, str)
+            limit = self.max_prompt_chars if text else self.max_len
+            if len(prompt) > limit:
+                raise APIError(f"the prompt has {len(prompt):,} {'characters' if text else 'token ids'}, "
+                               f"more than this server accepts ({limit:,})", param=param)
+            out.append(await self.text.run(lambda tok, x=prompt: self.llm.encode(x, tokenizer=tok),
+                                           self.config.text_timeout, param))
+        return out
 
     async def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
         messages = [m.as_template_input() for m in req.messages]
@@ -155,37 +171,51 @@ class Server:
             self.config.text_timeout, "messages")
 
     def decode_params(self, req: p.CompletionRequest | p.ChatCompletionRequest, prompt_len: int,
-                      prompt_param: str) -> DecodeConfig:
-        if req.n != 1:
-            raise APIError(f"only n=1 is supported, got n={req.n}; send several requests instead "
-                           "(concurrent requests are batched)", param="n")
+                      prompt_param: str, choice: int = 0) -> DecodeConfig:
+        """The request's DecodeConfig for one of its choices (a seeded request's choice i is
+        seeded seed + i, so the n choices differ and each is reproducible). `max_tokens: 0`
+        (echo only) is checked as 1: nothing is decoded, but the mode still scores the prompt."""
         if prompt_len >= self.max_len:
             raise APIError(f"the prompt has {prompt_len} tokens but the server's context is "
                            f"{self.max_len}; shorten the prompt", param=prompt_param)
-        max_tokens = req.max_tokens
-        if max_tokens is None and isinstance(req, p.ChatCompletionRequest):
-            max_tokens = req.max_completion_tokens
+        max_tokens, name = req.max_tokens, "max_tokens"
+        if isinstance(req, p.ChatCompletionRequest) and req.max_completion_tokens is not None:
+            max_tokens, name = req.max_completion_tokens, "max_completion_tokens"
+        if max_tokens == 0 and echo_only(req):
+            max_tokens = 1
         if max_tokens is not None and max_tokens < 1:  # said here in the request's own words
-            raise APIError(f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
+            raise APIError(f"{name} must be a positive integer (0 only with \"echo\": true), got "
+                           f"{max_tokens}", param=name)
         if max_tokens is None:  # the default never overflows: it stops at the context's end
             max_tokens = min(self.config.defaults.max_new_tokens, self.max_len - prompt_len)
+        bias = req.token_bias()
+        vocab = self.llm.model.config.vocab_size
+        if any(i >= vocab for i, _ in bias):
+            raise APIError(f"'logit_bias' names token {max(i for i, _ in bias)}, past the "
+                           f"vocabulary ({vocab} tokens)", param="logit_bias")
         try:
             params = self.llm.decode_config(
                 self.config.defaults, max_new_tokens=max_tokens, temperature=req.temperature,
-                top_p=req.top_p, top_k=req.top_k, seed=req.seed, mode=req.mode,
+                top_p=req.top_p, top_k=req.top_k,
+                seed=None if req.seed is None else req.seed + choice, mode=req.mode,
                 block_size=req.block_size, sub_block_size=req.sub_block_size,
                 threshold=req.threshold, rule=req.rule, draft_length=req.draft_length,
-                draft_steps=req.draft_steps, draft_cache=req.draft_cache)
+                draft_steps=req.draft_steps, draft_cache=req.draft_cache, logit_bias=bias or None,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                logprobs=logprob_count(req))
         except FastDLLMError as e:
-            raise APIError.from_user_error(e) from None
+            renames = {"max_new_tokens": name}
+            if isinstance(req, p.ChatCompletionRequest):
+                renames["logprobs"] = "top_logprobs"
+            raise APIError.from_user_error(e, renames) from None
         if prompt_len + params.max_new_tokens > self.max_len:
-            raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
-                           f"exceeds the server's context of {self.max_len}; lower max_tokens to "
-                           f"at most {self.max_len - prompt_len}", param="max_tokens")
+            raise APIError(f"prompt ({prompt_len} tokens) + {name} ({params.max_new_tokens}) "
+                           f"exceeds the server's context of {self.max_len}; lower {name} to "
+                           f"at most {self.max_len - prompt_len}", param=name)
         if params.cache_len(prompt_len) > self.positions:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
                            f"{self.positions} positions; use a block size that divides "
-                           f"{self.positions} or lower max_tokens", param="block_size")
+                           f"{self.positions} or lower {name}", param="block_size")
         if params.speculative and not self.speculative:
             raise APIError("this server was not started for speculative decoding; start it with "
                            "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
@@ -198,6 +228,17 @@ class Server:
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
                            param="mode")
         return params
+
+    async def score_prompt(self, ids: list[int], params: DecodeConfig, top: int) -> Scores:
+        """Log-probabilities of the prompt's tokens after its first (`echo` with `logprobs`),
+        the exact log-likelihood of the lm-eval model `fastdllm` (evaluation/loglikelihood.py)
+        in the request's mode (speculative output is the target's AR distribution: "ar").
+        Runs on the scheduler thread, which owns the model, between two decoding steps."""
+        mode = "diffusion" if params.diffusion else "ar"
+        model, mask = self.llm.model, self.llm.special.mask_token_id
+        return await self.scheduler.call(lambda: continuation_scores(
+            model, ids[:1], ids[1:], mode=mode, block_size=params.block_size,
+            token_shift=params.token_shift, mask_token_id=mask, top=top))
 
     # ------------------------------------------------------------------ waiting on a job
     async def next_event(self, job: Job, deadline: float | None) -> Event:
@@ -215,15 +256,6 @@ class Server:
     def deadline(self) -> float | None:
         t = self.config.request_timeout
         return None if t is None else asyncio.get_running_loop().time() + t
-
-    async def cancel_on_disconnect(self, request: Request, job: Job) -> None:
-        """Run beside a non-streamed request: when its client hangs up, cancel the job (freeing
-        its slot now, not when the answer is done) and wake its handler. Starlette does the
-        same for streamed responses by cancelling their body generator."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self.scheduler.cancel(job)
-        job.events.put_nowait(Event(error=CLIENT_GONE))
 
 
 class TextWorkers:
@@ -257,6 +289,23 @@ class TextWorkers:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_batch(prompt) -> bool:
+    """A batch of prompts: texts or id lists (a flat id list is one prompt)."""
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+
+
+def echo_only(req) -> bool:
+    """`max_tokens: 0` with `echo`: the prompt (and its log-probabilities), nothing decoded."""
+    return isinstance(req, p.CompletionRequest) and req.echo and req.max_tokens == 0
+
+
+def logprob_count(req) -> int | None:
+    """Alternatives per token the request asks for; None: no log-probabilities."""
+    if isinstance(req, p.CompletionRequest):
+        return req.logprobs
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def _too_large(size: int, limit: int) -> APIError:
