@@ -64,6 +64,13 @@ class TextStream:
         self.text = full
         return delta
 
+    def tokens_shown(self, final_ids: list[int]) -> int:
+        """How many of the final tokens the text sent so far shows: all of them, unless a stop
+        string cut the text or may still be starting in the held-back tail."""
+        if self.stopped:
+            return self.stop_tokens
+        return self._tokens_covering(final_ids, self.text) if self.hold else len(final_ids)
+
     def _tokens_covering(self, ids: list[int], text: str) -> int:
         """The fewest leading tokens of `ids` whose text holds `text` (what a stopped request
         reports as its completion tokens: the ones it shows, not those decoded past the stop).

@@ -25,6 +25,9 @@ MAX_SEED = 2**63 - 1
 MAX_NEW_TOKENS = 1 << 20
 MAX_BLOCK_SIZE = 4096
 MAX_TOP_K = 2**31 - 1
+# The smallest normal float32: top_p and the threshold are compared with float32 probabilities,
+# and a smaller positive value rounds to 0 there (top_p 1e-46 would drop every token)
+MIN_PROBABILITY = 1.1754943508222875e-38
 # OpenAI's bounds: logit_bias values in [-100, 100], penalties in [-2, 2], at most 20 top
 # alternatives per position (`logprobs`)
 MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS = 100.0, 2.0, 20
@@ -81,9 +84,9 @@ class DecodeConfig:
                 field="sub_block_size",
                 fixes=[("sub_block_size", _largest_divisor_at_most(self.block_size, 8))])
         _real("threshold", self.threshold)
-        if not 0.0 < self.threshold <= 1.0:
+        if not MIN_PROBABILITY <= self.threshold <= 1.0:
             raise FastDLLMError(
-                f"threshold must be in (0, 1], got {self.threshold}; 1.0 unmasks one token per step, "
+                f"threshold must be in (0, 1] (at least {MIN_PROBABILITY:g}), got {self.threshold}; 1.0 unmasks one token per step, "
                 "lower values unmask more tokens in parallel", field="threshold")
         if not isinstance(self.rule, str) or self.rule not in RULES:
             raise FastDLLMError(
@@ -95,8 +98,10 @@ class DecodeConfig:
                 f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
                 f"got {self.temperature}", field="temperature")
         _real("top_p", self.top_p)
-        if not 0.0 < self.top_p <= 1.0:
-            raise FastDLLMError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        if not MIN_PROBABILITY <= self.top_p <= 1.0:
+            raise FastDLLMError(f"top_p must be in (0, 1] and at least {MIN_PROBABILITY:g} (the "
+                                f"smallest float32 the sampler compares with), got {self.top_p}",
+                                field="top_p")
         _integer("top_k", self.top_k, 0, MAX_TOP_K, ">= 0 (0 = off)")
         if self.seed is not None:
             _integer("seed", self.seed, 0, MAX_SEED, "an integer in [0, 2**63)")

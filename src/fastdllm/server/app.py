@@ -19,6 +19,7 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,11 +38,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         server.scheduler.start()
         yield
         server.scheduler.shutdown()
-        server.text.close()
+        server.close()
 
     app = FastAPI(title="fastdllm", lifespan=lifespan)
     app.state.server = server
     app.add_middleware(_CountInFlight, server=server)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(_OriginPolicy, allowed=config.allowed_origins)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -68,7 +73,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         server.check_admitting()
-        req = p.parse_request(await server.read_body(request), p.CompletionRequest)
+        req = await server.read_request(request, p.CompletionRequest)
         server.check_request(req)
         prompts = await server.completion_prompts(req)
         return await run(server, request, req, prompts, CompletionFormat(config.served_model_name))
@@ -76,7 +81,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         server.check_admitting()
-        req = p.parse_request(await server.read_body(request), p.ChatCompletionRequest)
+        req = await server.read_request(request, p.ChatCompletionRequest)
         server.check_request(req)
         ids = await server.chat_prompt(req)
         return await run(server, request, req, [ids], ChatFormat(config.served_model_name))
@@ -98,6 +103,26 @@ async def drain(server: Server, timeout: float) -> None:
         flushed = loop.time() + 2.0
         while server.in_flight and loop.time() < flushed:
             await asyncio.sleep(0.02)
+
+
+class _OriginPolicy:
+    """ASGI middleware: a request from a web page (it carries an `Origin` header) is refused
+    with 403 unless its origin is allowed (`--allowed-origins`; none by default). CORS headers
+    alone would not do: a browser sends a simple POST and only hides the answer from the page."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            origin = dict(scope["headers"]).get(b"origin")
+            if origin is not None and "*" not in self.allowed and \
+                    origin.decode("latin-1") not in self.allowed:
+                error = APIError("requests from web pages are refused: this server allows no "
+                                 f"origin {p._shorten(origin.decode('latin-1'))!r}; start it with "
+                                 "--allowed-origins to allow one", status=403, code="origin_not_allowed")
+                return await JSONResponse(error.body(), status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class _CountInFlight:

@@ -232,8 +232,9 @@ class Scheduler:
         seq = d.seq
         text = job.text.feed(seq)
         end = seq.final_len
-        if job.text.stopped:  # count the tokens of the text sent, not those decoded past it
-            end = max(job.reported, seq.prompt_len + job.text.stop_tokens)
+        if job.text.stopped or (job.text.hold and not seq.finished):
+            # the tokens of the text sent: not those past a stop string, nor those held back
+            end = max(job.reported, seq.prompt_len + job.text.tokens_shown(seq.final_ids()))
         span, job.reported = (job.reported, end), end
         n_final = end - seq.prompt_len
         if d.finished or job.text.stopped:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..chat_template import TemplateLimits
-from ..engine.params import DecodeConfig
+from ..engine.merged import MAX_MERGED_DRAFT
+from ..engine.params import MAX_BLOCK_SIZE, DecodeConfig
 from ..engine.speculative import SpeculativeEngine
 from ..errors import FastDLLMError
 from ..evaluation.loglikelihood import Scores, continuation_scores
@@ -41,6 +42,13 @@ class ServerConfig:
     max_prompt_chars: int | None = None  # None: PROMPT_CHARS_PER_POSITION x max_model_len
     text_timeout: float = 5.0  # seconds to render the chat template and tokenize one request
     drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests may take to finish
+    # per-request decoding shapes, bounded so that one request cannot slow its batch peers
+    # (a step is as slow as its widest row): None = the defaults' own value, at least 64 / 16
+    max_block_size: int | None = None
+    max_draft_length: int | None = None
+    # browser origins allowed to call the server (CORS); none by default, so no web page can
+    # drive a local server. "*" allows any.
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -61,6 +69,10 @@ class ServerConfig:
         if not 0 < self.text_timeout <= 3600:
             raise FastDLLMError(f"text_timeout must be in (0, 3600] seconds, got {self.text_timeout}",
                                 field="text_timeout")
+        for name in ("max_block_size", "max_draft_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FastDLLMError(f"{name} must be >= 1, got {value}", field=name)
         if not 0 <= self.drain_timeout <= 86400:
             raise FastDLLMError(f"drain_timeout must be in [0, 86400] seconds, got "
                                 f"{self.drain_timeout}", field="drain_timeout")
@@ -98,13 +110,24 @@ class Server:
         detok = load_tokenizer(llm.model_dir)
         self.scheduler = Scheduler(engine, lambda ids: detok.decode(ids, skip_special_tokens=True))
         self.text = TextWorkers(llm.model_dir)
+        # request bodies are parsed here, off the event loop; one thread: parsing is CPU-bound
+        # (the GIL), so more threads would only take turns
+        self._parsing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdllm-parse")
         self.max_prompt_chars = config.max_prompt_chars or PROMPT_CHARS_PER_POSITION * self.max_len
         # the template's output is a prompt too, plus its markup
         self.template_limits = TemplateLimits(seconds=config.text_timeout,
                                               max_output_chars=2 * self.max_prompt_chars + 65536)
+        d = config.defaults
+        self.max_block_size = config.max_block_size or max(64, d.block_size)
+        self.max_draft_length = min(config.max_draft_length or max(16, d.draft_length),
+                                    MAX_MERGED_DRAFT if d.merged else MAX_BLOCK_SIZE)
         self.draining = False  # SIGTERM: new requests get 503 while in-flight ones finish
         self.in_flight = 0  # requests whose response has not been sent in full
         self.created = int(time.time())
+
+    def close(self) -> None:
+        self.text.close()
+        self._parsing.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ request preparation
     def check_model(self, name: str | None) -> None:
@@ -124,6 +147,17 @@ class Server:
         if prompts * req.n > p.MAX_CHOICES:
             raise APIError(f"{prompts} prompts x n={req.n} asks for {prompts * req.n} choices, more "
                            f"than this server answers in one request ({p.MAX_CHOICES})", param="prompt")
+
+    async def read_request(self, request: Request, model: type):
+        """The validated request body. JSON bodies only (a browser form or a text/plain body is
+        what a web page can send without asking: refused). Parsing runs on a worker thread, so
+        a body built to be slow to parse never stalls the event loop (/health, streams)."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(f"the request body must be JSON with content-type application/json, got "
+                           f"{p._shorten(kind or 'none')!r}", status=415, code="unsupported_media_type")
+        raw = await self.read_body(request)
+        return await asyncio.get_running_loop().run_in_executor(self._parsing, p.parse_request, raw, model)
 
     async def read_body(self, request: Request) -> bytes:
         """The raw body, refused (413) as soon as it passes `max_body_bytes`."""
@@ -188,17 +222,25 @@ class Server:
                            f"{max_tokens}", param=name)
         if max_tokens is None:  # the default never overflows: it stops at the context's end
             max_tokens = min(self.config.defaults.max_new_tokens, self.max_len - prompt_len)
+        self.check_shapes(req)
         bias = req.token_bias()
         vocab = self.llm.model.config.vocab_size
         if any(i >= vocab for i, _ in bias):
             raise APIError(f"'logit_bias' names token {max(i for i, _ in bias)}, past the "
                            f"vocabulary ({vocab} tokens)", param="logit_bias")
+        sub_block_size = req.sub_block_size
+        if req.block_size is not None and sub_block_size is None \
+                and 1 <= req.block_size and req.block_size % self.config.defaults.sub_block_size:
+            # the default sub-block does not divide the block sent: the largest that does (the
+            # request did not choose a sub-block, so it is not blamed for one)
+            sub_block_size = max(d for d in range(1, min(req.block_size, self.config.defaults.sub_block_size) + 1)
+                                 if req.block_size % d == 0)
         try:
             params = self.llm.decode_config(
                 self.config.defaults, max_new_tokens=max_tokens, temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k,
                 seed=None if req.seed is None else req.seed + choice, mode=req.mode,
-                block_size=req.block_size, sub_block_size=req.sub_block_size,
+                block_size=req.block_size, sub_block_size=sub_block_size,
                 threshold=req.threshold, rule=req.rule, draft_length=req.draft_length,
                 draft_steps=req.draft_steps, draft_cache=req.draft_cache, logit_bias=bias or None,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -228,6 +270,21 @@ class Server:
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
                            param="mode")
         return params
+
+    def check_shapes(self, req) -> None:
+        """Server-side bounds on the decoding shapes a request may ask for, and the speculative
+        fields only a speculative server reads."""
+        if req.block_size is not None and req.block_size > self.max_block_size:
+            raise APIError(f"block_size {req.block_size} is larger than this server allows "
+                           f"({self.max_block_size}, --max-block-size)", param="block_size")
+        for name in ("draft_length", "draft_steps", "draft_cache"):
+            if getattr(req, name) is not None and not self.speculative:
+                raise APIError(f"'{name}' is for speculative decoding and this server does not "
+                               "decode speculatively (start it with --draft-model or --mode "
+                               "speculative); leave it out", param=name)
+        if req.draft_length is not None and req.draft_length > self.max_draft_length:
+            raise APIError(f"draft_length {req.draft_length} is larger than this server allows "
+                           f"({self.max_draft_length}, --max-draft-length)", param="draft_length")
 
     async def score_prompt(self, ids: list[int], params: DecodeConfig, top: int) -> Scores:
         """Log-probabilities of the prompt's tokens after its first (`echo` with `logprobs`),
