@@ -107,3 +107,31 @@ def test_completion_tokens_stop_at_the_stop_string(server, llm):
     # and the logprobs list exactly those tokens
     out = post(server, "completions", {**body, "stop": stop, "logprobs": 0}).json()
     assert len(out["choices"][0]["logprobs"]["tokens"]) == needed
+
+
+# class 5: time queued behind other requests is overload (503 + Retry-After), never a 400
+def test_queueing_does_not_count_against_the_text_timeout(qwen2_ckpt):
+    import asyncio
+
+    from fastdllm.server.protocol import APIError
+    from fastdllm.server.service import TextWorkers
+
+    workers = TextWorkers(qwen2_ckpt, workers=1, max_queued=3)
+
+    async def flood():
+        slow = [asyncio.ensure_future(workers.run(lambda tok: time.sleep(0.8), 1.0, "messages"))
+                for _ in range(2)]
+        await asyncio.sleep(0.05)
+        fast = asyncio.ensure_future(workers.run(lambda tok: "ok", 0.2, "messages"))  # queued 1.6 s
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError) as busy:
+            await workers.run(lambda tok: "late", 0.2, "messages")
+        await asyncio.gather(*slow)
+        return await fast, busy.value
+
+    try:
+        result, busy = asyncio.run(flood())
+    finally:
+        workers.close()
+    assert result == "ok"
+    assert busy.status == 503 and busy.headers == {"Retry-After": "1"}

@@ -24,9 +24,11 @@ class APIError(Exception):
     """An error answered as an OpenAI-style JSON body with HTTP `status`."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
+        self.headers = headers  # e.g. Retry-After on 503
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -319,12 +319,16 @@ class TextWorkers:
     """Tokenizing and chat-template rendering, off the event loop: a small pool of threads,
     each with its own tokenizer (a fast tokenizer refuses use from two threads at once), so
     that a long prompt or a slow template never stalls /health or another request. The
-    template sandbox stops itself at its deadline; `run`'s own time limit is the backstop."""
+    template sandbox stops itself at its deadline; `run`'s own time limit is the backstop and
+    counts from when the work starts: time spent queued behind other requests is overload, not
+    the request's fault, so a full queue answers 503 with Retry-After, never a 400."""
 
-    def __init__(self, model_dir, workers: int = 2):
+    def __init__(self, model_dir, workers: int = 2, max_queued: int = 256):
         self._local = threading.local()
         self._model_dir = model_dir
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdllm-text")
+        self.max_queued = max_queued
+        self.queued = 0  # submitted and not finished (event-loop side only)
 
     def _tokenizer(self):
         if getattr(self._local, "tokenizer", None) is None:
@@ -334,15 +338,30 @@ class TextWorkers:
     async def run(self, work, seconds: float, param: str):
         """`work(tokenizer)` on a worker thread; a FastDLLMError becomes a 400 naming its field
         (`param` for the prompt's own problems)."""
+        if self.queued >= self.max_queued:
+            raise APIError("the server is busy preparing other requests; retry shortly", status=503,
+                           type="server_error", code="overloaded", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def job():
+            loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
+            return work(self._tokenizer())
+
+        self.queued += 1
+        future = loop.run_in_executor(self._pool, job)
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._pool, lambda: work(self._tokenizer())), seconds + 1.0)
+            await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
+            return await asyncio.wait_for(future, seconds + 1.0)
         except asyncio.TimeoutError:
             raise APIError(f"preparing the {param} took longer than this server's limit of "
                            f"{seconds:g} s", param=param) from None
         except FastDLLMError as e:
             raise APIError.from_user_error(e, {"prompt": param}) from None
+        finally:
+            self.queued -= 1
+            if not future.done():
+                future.cancel()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
