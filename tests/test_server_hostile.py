@@ -135,3 +135,27 @@ def test_queueing_does_not_count_against_the_text_timeout(qwen2_ckpt):
         workers.close()
     assert result == "ok"
     assert busy.status == 503 and busy.headers == {"Retry-After": "1"}
+
+
+# classes 1 and 3: on a merged (self-speculative) server, what the engine would refuse after
+# queueing (draft_length past the merged form's 32) or fail a whole batch over (top_p below
+# float32) is a 400 before anything is queued, streamed too, and its peers are untouched
+def test_merged_server_refuses_before_queueing(llm):
+    config = ServerConfig(served_model_name="tiny", max_batch=4, defaults=llm.decode_config(
+        mode="speculative", merged=True, block_size=64, sub_block_size=8, max_new_tokens=16))
+    with BackgroundServer(llm, config) as srv:
+        good = {"prompt": "Once upon a time", "max_tokens": 16}
+        solo = post(srv, "completions", good).json()["choices"][0]["text"]
+        results = {}
+
+        def run_good():
+            results["good"] = post(srv, "completions", good).json()["choices"][0]["text"]
+
+        t = threading.Thread(target=run_good)
+        t.start()
+        for bad, param in (({"draft_length": 40}, "draft_length"), ({"top_p": 1e-46, "temperature": 1.0}, "top_p")):
+            for stream in (False, True):
+                r = post(srv, "completions", {**good, **bad, "stream": stream})
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        t.join(60)
+        assert results["good"] == solo
