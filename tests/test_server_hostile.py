@@ -60,6 +60,9 @@ def test_slow_to_parse_bodies_do_not_stall_health(server):
         worst = max(worst, time.monotonic() - t0)
         time.sleep(0.05)
     assert worst < 0.75, f"/health took {worst:.2f} s while bodies were parsed"
+    r = httpx.post(f"{server.base_url}/completions", content=bomb, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON objects and arrays" in r.json()["error"]["message"]
 
 
 # class 12: content type, origins, a block size without its sub-block

@@ -202,11 +202,19 @@ _FIELDS = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage,
 
 
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep at most
+# a batch of 64 prompts of token ids is 65 arrays; a chat of 10,000 messages with parts ~30,000
+MAX_JSON_CONTAINERS = 65536
 _MAX_INT_DIGITS = 40  # longer integers are kept as text, so that the field's check names them
 
 
 def parse_request(raw: bytes, model: type[_Strict]) -> Any:
     """Raw body -> a validated request, or an APIError naming the first bad field."""
+    containers = raw.count(b"{") + raw.count(b"[")  # an upper bound: brackets in strings count too
+    if containers > MAX_JSON_CONTAINERS:
+        # json.loads holds the GIL for its whole run: a body of a million empty objects would
+        # stall the event loop's thread too, even parsed on a worker thread
+        raise APIError(f"the request body holds {containers:,} JSON objects and arrays (counting "
+                       f"brackets inside strings), more than this server parses ({MAX_JSON_CONTAINERS:,})")
     try:
         data = json.loads(raw, parse_int=_parse_int)
     except RecursionError:
