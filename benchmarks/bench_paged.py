@@ -48,7 +48,6 @@ d) Decode tokens/s at batch 1, 8 and 32 streams, the static engine (`--baseline-
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import random
@@ -583,7 +582,8 @@ COLUMNS = {
                       "prefill_forwards_2_32", "positions_prefilled_2_32", "cached_positions_2_32",
                       "prompt_positions_computed_2_32"],
     "chat": ["turn", "prompt_tokens", "new_tokens", "bound_new_plus_partial_block", "cached_on", "computed_on",
-             "computed_off", "prefilled_on", "prefilled_off", "within_bound", "ttft_ms_on", "ttft_ms_off", "ttft_speedup", "same_answer"],
+             "computed_off", "prefilled_on", "prefilled_off", "within_bound", "ttft_ms_on", "ttft_ms_off", "ttft_speedup",
+             "same_answer"],
     "decode": ["model", "batch", "static_decode_tok_s", "paged_decode_tok_s", "paged_vs_static", "median_rep_ratio",
                "static_e2e_tok_s", "paged_e2e_tok_s", "e2e_ratio", "tokens_per_rep", "steps", "same_tokens"],
 }
@@ -628,8 +628,6 @@ def write_report(out: Path, machine: dict, command: str, sections: dict, info: d
     heads = headings(info)
     for key, (rows, _) in sections.items():
         md += [f"## {heads[key]}", "", markdown_table(rows, COLUMNS[key]), ""]
-    if args.extra_notes:
-        md += [Path(args.extra_notes).read_text().strip(), ""]
     atomic_write_text(out.with_suffix(".md"), "\n".join(md))
 
 
@@ -686,7 +684,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (< 30 s), for the test suite")
-    ap.add_argument("--extra-notes", type=Path, default=None, help="a markdown file appended to the report")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "paged_bench")
     args = ap.parse_args(argv)
     if args.smoke:

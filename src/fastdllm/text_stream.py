@@ -30,6 +30,7 @@ class TextStream:
         self.text = ""  # everything sent so far
         self.stopped = False  # a stop string was found; `text` ends right before it
         self._final_len = 0  # seq.final_len at the last feed()
+        self.stop_tokens: int | None = None  # once stopped: how many tokens the sent text needs
 
     def feed(self, seq: Sequence) -> str:
         """`update` from a decoding sequence, called after each engine step. A step that made
@@ -56,11 +57,32 @@ class TextStream:
         if cut is not None:
             self.stopped = True
             full = full[:cut]
+            self.stop_tokens = self._tokens_covering(final_ids, full)
         elif not finished and self.hold:
             full = full[:max(len(self.text), len(full) - self.hold)]
         delta = full[len(self.text):]
         self.text = full
         return delta
+
+    def tokens_shown(self, final_ids: list[int]) -> int:
+        """How many of the final tokens the text sent so far shows: all of them, unless a stop
+        string cut the text or may still be starting in the held-back tail."""
+        if self.stopped:
+            return self.stop_tokens
+        return self._tokens_covering(final_ids, self.text) if self.hold else len(final_ids)
+
+    def _tokens_covering(self, ids: list[int], text: str) -> int:
+        """The fewest leading tokens of `ids` whose text holds `text` (what a stopped request
+        reports as its completion tokens: the ones it shows, not those decoded past the stop).
+        Binary search: a longer prefix never decodes to shorter text."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.detokenize(ids[:mid]).rstrip(REPLACEMENT)) >= len(text):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def _find_stop(self, full: str) -> int | None:
         # a stop string can only end in the unsent part; start where it could begin

@@ -38,6 +38,16 @@ def add_parser(subparsers) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish before they are "
                         "cut (default: 30)")
+    g.add_argument("--max-block-size", type=int, default=None,
+                   help="largest block_size a request may ask for (default: 64, or the model's "
+                        "block size if larger): a step is as slow as its widest row")
+    g.add_argument("--max-draft-length", type=int, default=None,
+                   help="largest draft_length a speculative request may ask for (default: 16, "
+                        "at most 32 for the merged form)")
+    g.add_argument("--allowed-origins", nargs="*", default=(),
+                   help="browser origins allowed to call the server (CORS), e.g. "
+                        "http://localhost:3000, or * for any; default: none (requests carrying an "
+                        "Origin header get 403)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_decode_args(s)
     s.set_defaults(func=cmd_serve)
@@ -60,6 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_chars=args.max_prompt_chars,
         text_timeout=args.text_timeout,
         drain_timeout=args.drain_timeout,
+        max_block_size=args.max_block_size,
+        max_draft_length=args.max_draft_length,
+        allowed_origins=tuple(args.allowed_origins),
     )
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

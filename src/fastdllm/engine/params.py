@@ -25,6 +25,12 @@ MAX_SEED = 2**63 - 1
 MAX_NEW_TOKENS = 1 << 20
 MAX_BLOCK_SIZE = 4096
 MAX_TOP_K = 2**31 - 1
+# The smallest normal float32: top_p and the threshold are compared with float32 probabilities,
+# and a smaller positive value rounds to 0 there (top_p 1e-46 would drop every token)
+MIN_PROBABILITY = 1.1754943508222875e-38
+# OpenAI's bounds: logit_bias values in [-100, 100], penalties in [-2, 2], at most 20 top
+# alternatives per position (`logprobs`)
+MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS = 100.0, 2.0, 20
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,15 @@ class DecodeConfig:
     # cache only). Either way the output is the target's: only the acceptance rate can differ
     draft_cache: str = "reuse"
     merged: bool = False  # self-speculative only: verify and draft in one forward (merged.py)
+    # logit processing (engine/logit_processing.py), applied to the logits before every draw:
+    # an additive bias per token id (OpenAI's logit_bias), and penalties on the tokens this
+    # sequence has made final so far (presence: once per distinct token; frequency: per use)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # record each generated token's log-probability under the distribution it was drawn from,
+    # with this many most likely alternatives (None: record nothing; 0: the token's own only)
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -69,9 +84,9 @@ class DecodeConfig:
                 field="sub_block_size",
                 fixes=[("sub_block_size", _largest_divisor_at_most(self.block_size, 8))])
         _real("threshold", self.threshold)
-        if not 0.0 < self.threshold <= 1.0:
+        if not MIN_PROBABILITY <= self.threshold <= 1.0:
             raise FastDLLMError(
-                f"threshold must be in (0, 1], got {self.threshold}; 1.0 unmasks one token per step, "
+                f"threshold must be in (0, 1] (at least {MIN_PROBABILITY:g}), got {self.threshold}; 1.0 unmasks one token per step, "
                 "lower values unmask more tokens in parallel", field="threshold")
         if not isinstance(self.rule, str) or self.rule not in RULES:
             raise FastDLLMError(
@@ -83,8 +98,10 @@ class DecodeConfig:
                 f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
                 f"got {self.temperature}", field="temperature")
         _real("top_p", self.top_p)
-        if not 0.0 < self.top_p <= 1.0:
-            raise FastDLLMError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        if not MIN_PROBABILITY <= self.top_p <= 1.0:
+            raise FastDLLMError(f"top_p must be in (0, 1] and at least {MIN_PROBABILITY:g} (the "
+                                f"smallest float32 the sampler compares with), got {self.top_p}",
+                                field="top_p")
         _integer("top_k", self.top_k, 0, MAX_TOP_K, ">= 0 (0 = off)")
         if self.seed is not None:
             _integer("seed", self.seed, 0, MAX_SEED, "an integer in [0, 2**63)")
@@ -92,8 +109,38 @@ class DecodeConfig:
             if not isinstance(getattr(self, name), bool):
                 raise FastDLLMError(f"{name} must be true or false, got {getattr(self, name)!r}",
                                     field=name)
+        self._check_logit_processing()
         if self.speculative:
             self._check_speculation()
+
+    def _check_logit_processing(self) -> None:
+        if not isinstance(self.logit_bias, tuple):
+            raise FastDLLMError("logit_bias must be a tuple of (token id, bias) pairs", field="logit_bias")
+        for pair in self.logit_bias:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise FastDLLMError(f"logit_bias must hold (token id, bias) pairs, got {pair!r}",
+                                    field="logit_bias")
+            _integer("logit_bias", pair[0], 0, MAX_TOP_K, "a token id >= 0")
+            _real("logit_bias", pair[1])
+            if not -MAX_LOGIT_BIAS <= pair[1] <= MAX_LOGIT_BIAS:
+                raise FastDLLMError(f"logit_bias values must be in [-100, 100], got {pair[1]} for "
+                                    f"token {pair[0]}", field="logit_bias")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _real(name, value)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise FastDLLMError(f"{name} must be in [-2, 2], got {value}", field=name)
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]")
+        if self.speculative and self.processes_logits:
+            name = next(n for n in ("logit_bias", "presence_penalty", "frequency_penalty")
+                        if getattr(self, n))
+            raise FastDLLMError(f"{name} is not supported in speculative decoding (the draft and the "
+                                "target would need the same processing); use mode diffusion or ar",
+                                field=name, fixes=[("mode", "ar")])
+        if self.speculative and self.logprobs is not None:
+            raise FastDLLMError("logprobs are not recorded in speculative decoding; use mode "
+                                "diffusion or ar", field="logprobs", fixes=[("mode", "ar")])
 
     def _check_speculation(self) -> None:
         if not isinstance(self.draft_length, int) or not 1 <= self.draft_length <= self.block_size:
@@ -114,6 +161,11 @@ class DecodeConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether logits are changed before the draw (bias or penalties)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def diffusion(self) -> bool:

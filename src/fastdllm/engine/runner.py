@@ -24,6 +24,7 @@ import torch
 from ..model.kv_cache import CacheAccess, KVCache, RowGroup
 from .block_manager import NULL_PAGE
 from ..model.transformer import Transformer
+from . import logit_processing
 from .attention import row_limits
 from .params import DecodeConfig, RunnerConfig
 from .sampling import draw, draw_entropy
@@ -124,7 +125,8 @@ class ModelRunner:
         generators = [None if p.kind is PlanKind.RECOMPUTE else s.generator for s, p in rows]
         entropy_needed = any(p.diffusion and needs_entropy(p.rule) for p in settings)
         entropy = None
-        if self.static is not None and self.static.fits(rows):
+        eager = logit_processing.needs_eager(rows)  # logit_bias, penalties, logprobs
+        if self.static is not None and not eager and self.static.fits(rows):
             # the static step gives greedy draws and the logits: sampled rows and entropies are
             # drawn from those logits here, each row with its own generator, as the eager step does
             tokens, conf, logits = self.static.run(rows)
@@ -135,6 +137,9 @@ class ModelRunner:
         else:
             logits = self.forward_logits(rows)
             self._suppress_mask(logits, rows, spans)
+            if eager:  # logit_bias, penalties, logprobs (logit_processing.py)
+                logit_processing.process(logits, rows, spans)
+                logit_processing.record_alternatives(logits, rows, spans)
             tokens, conf = draw(logits, spans, settings, generators)
             if entropy_needed:
                 entropy = draw_entropy(logits, spans, settings)

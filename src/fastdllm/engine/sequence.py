@@ -130,6 +130,12 @@ class Sequence:
         self.cached = 0  # positions whose KV came from the prefix cache at admission
         self.resume_from: int | None = None  # preempted: KV below this is to be recomputed
         self.stash = None  # preempted mid-block: the block-local cache, restored on resumption
+        # logprobs (params.logprobs not None): position -> the drawn token's confidence (its
+        # probability under the distribution it was drawn from) and its k best alternatives;
+        # `alternatives` is what the runner hands over for the current step's logit positions
+        self.token_probs: dict[int, float] = {}
+        self.token_alternatives: dict[int, list[tuple[int, float]]] = {}
+        self.alternatives: list[list[tuple[int, float]]] | None = None
         self.error: Exception | None = None  # set by the engine when this sequence failed alone
 
     def begin(self) -> None:
@@ -253,6 +259,7 @@ class Sequence:
         self.length += 1
         self.stats.new_tokens += 1
         self._record(kind, [pos], tokens, conf)
+        self._record_logprob(pos, conf[0], -1)
         if tokens[0] in self.stop_ids:
             self._finish("stop", end=pos + 1)
         else:
@@ -309,6 +316,7 @@ class Sequence:
         for i in chosen:
             self.tokens[targets[i]] = tokens[i]
             self.masked[targets[i]] = False
+            self._record_logprob(targets[i], conf[i], i)
         self.stats.new_tokens += len(chosen)
         if self.trace is not None:
             self._record(plan.kind, [targets[i] for i in chosen], [tokens[i] for i in chosen],
@@ -330,6 +338,14 @@ class Sequence:
         self.final_len = pos
         if self.final_len >= self.limit:
             self._finish("length")
+
+    def _record_logprob(self, pos: int, conf: float, index: int) -> None:
+        """Keep position `pos`'s draw (`index` into this step's logit positions) if asked to."""
+        if self.params.logprobs is None:
+            return
+        self.token_probs[pos] = conf
+        if self.alternatives is not None:
+            self.token_alternatives[pos] = self.alternatives[index]
 
     def _finish(self, reason: str, end: int | None = None) -> None:
         self.phase = Phase.FINISHED

@@ -122,18 +122,45 @@ def ar_plan(context: list[int], continuation: list[int]) -> ScoringPlan:
                        source=idx - 1, target=seq[idx], target_index=idx - len(context))
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Scores:
+    """Per continuation token: log p (n,) float64, whether it is the argmax (n,) bool, and the
+    `top` most likely tokens at its place, (n, top) ids and float64 log-probabilities."""
+    logp: torch.Tensor
+    greedy: torch.Tensor
+    top_ids: torch.Tensor
+    top_logp: torch.Tensor
+
+
 def continuation_logprobs(model: Transformer, context: list[int], continuation: list[int], *,
                           mode: str, block_size: int, token_shift: bool = True,
                           mask_token_id: int | None = None,
                           copies_per_forward: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each continuation token (n,) float64, whether each is the argmax (n,) bool),
     under the decomposition of the module docstring for `mode` "ar" or "diffusion"."""
+    s = continuation_scores(model, context, continuation, mode=mode, block_size=block_size,
+                            token_shift=token_shift, mask_token_id=mask_token_id,
+                            copies_per_forward=copies_per_forward)
+    return s.logp, s.greedy
+
+
+@torch.inference_mode()
+def continuation_scores(model: Transformer, context: list[int], continuation: list[int], *,
+                        mode: str, block_size: int, token_shift: bool = True,
+                        mask_token_id: int | None = None, copies_per_forward: int = 64,
+                        top: int = 0) -> Scores:
+    """`continuation_logprobs` plus the `top` most likely tokens at each place (the server's
+    `echo` + `logprobs` reads them)."""
     if not context:
         raise FastDLLMError("the context is empty; score a continuation after at least one token "
                             "(e.g. BOS)", field="context")
+    n = len(continuation)
+    logp = torch.zeros(n, dtype=torch.float64)
+    greedy = torch.zeros(n, dtype=torch.bool)
+    top_ids = torch.zeros(n, top, dtype=torch.long)
+    top_logp = torch.zeros(n, top, dtype=torch.float64)
     if not continuation:
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        return Scores(logp, greedy, top_ids, top_logp)
     if mode == "ar":
         plans = [ar_plan(context, continuation)]
     elif mode == "diffusion":
@@ -146,8 +173,6 @@ def continuation_logprobs(model: Transformer, context: list[int], continuation: 
     else:
         raise FastDLLMError(f"mode must be 'ar' or 'diffusion', got {mode!r}", field="mode")
     device = next(model.parameters()).device
-    logp = torch.empty(len(continuation), dtype=torch.float64)
-    greedy = torch.empty(len(continuation), dtype=torch.bool)
     for plan in plans:
         if len(plan.source) == 0:
             continue
@@ -160,4 +185,7 @@ def continuation_logprobs(model: Transformer, context: list[int], continuation: 
         target = plan.target
         logp[plan.target_index] = lp.gather(1, target[:, None])[:, 0]
         greedy[plan.target_index] = lp.argmax(dim=-1) == target
-    return logp, greedy
+        if top:
+            values, ids = lp.topk(top, dim=-1)
+            top_logp[plan.target_index], top_ids[plan.target_index] = values, ids
+    return Scores(logp, greedy, top_ids, top_logp)

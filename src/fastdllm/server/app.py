@@ -3,33 +3,32 @@
     GET  /health                 liveness, active / waiting requests, KV-cache pages
     GET  /metrics                Prometheus text format (server/metrics.py)
     GET  /v1/models              the one served model
+    GET  /v1/models/{id}         its card (404 model_not_found for any other name)
     POST /v1/completions         text (or token-id) prompt
     POST /v1/chat/completions    messages, rendered with the tokenizer's chat template
 
 A handler validates and tokenizes its request (every problem is a 4xx before anything is
-queued, so a streamed request never fails after its 200), submits a job, then either collects
-the job's events into one response or forwards them as server-sent events. A client that goes
-away, or a request that outlives `request_timeout`, cancels its job, which frees its batch slot.
+queued, so a streamed request never fails after its 200), then `respond.run` submits a job per
+choice and either collects the jobs' events into one response or forwards them as server-sent
+events. A client that goes away, or a request that outlives `request_timeout`, cancels its
+jobs, which frees their batch slots.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..llm import LLM
 from . import protocol as p
 from .protocol import APIError
-from .scheduler import Event, Job
+from .respond import ChatFormat, CompletionFormat, run
 from .service import Server, ServerConfig
-from .stream import SSE_DONE, sse
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
@@ -40,11 +39,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         server.scheduler.start()
         yield
         server.scheduler.shutdown()
-        server.text.close()
+        server.close()
 
     app = FastAPI(title="fastdllm", lifespan=lifespan)
     app.state.server = server
     app.add_middleware(_CountInFlight, server=server)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(_OriginPolicy, allowed=config.allowed_origins)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -61,26 +64,33 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
+    def card() -> p.ModelCard:
+        return p.ModelCard(id=config.served_model_name, created=server.created, max_model_len=server.max_len)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        card = p.ModelCard(id=config.served_model_name, created=server.created, max_model_len=server.max_len)
-        return p.ModelList(data=[card]).model_dump()
+        return p.ModelList(data=[card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        server.check_model(model_id)
+        return card().model_dump()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         server.check_admitting()
-        req = p.parse_request(await server.read_body(request), p.CompletionRequest)
-        server.check_model(req.model)
-        ids = await server.completion_prompt(req)
-        return await _run(server, request, req, ids, _CompletionFormat(config.served_model_name))
+        req = await server.read_request(request, p.CompletionRequest)
+        server.check_request(req)
+        prompts = await server.completion_prompts(req)
+        return await run(server, request, req, prompts, CompletionFormat(config.served_model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         server.check_admitting()
-        req = p.parse_request(await server.read_body(request), p.ChatCompletionRequest)
-        server.check_model(req.model)
+        req = await server.read_request(request, p.ChatCompletionRequest)
+        server.check_request(req)
         ids = await server.chat_prompt(req)
-        return await _run(server, request, req, ids, _ChatFormat(config.served_model_name))
+        return await run(server, request, req, [ids], ChatFormat(config.served_model_name))
 
     return app
 
@@ -101,6 +111,26 @@ async def drain(server: Server, timeout: float) -> None:
             await asyncio.sleep(0.02)
 
 
+class _OriginPolicy:
+    """ASGI middleware: a request from a web page (it carries an `Origin` header) is refused
+    with 403 unless its origin is allowed (`--allowed-origins`; none by default). CORS headers
+    alone would not do: a browser sends a simple POST and only hides the answer from the page."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            origin = dict(scope["headers"]).get(b"origin")
+            if origin is not None and "*" not in self.allowed and \
+                    origin.decode("latin-1") not in self.allowed:
+                error = APIError("requests from web pages are refused: this server allows no "
+                                 f"origin {p._shorten(origin.decode('latin-1'))!r}; start it with "
+                                 "--allowed-origins to allow one", status=403, code="origin_not_allowed")
+                return await JSONResponse(error.body(), status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class _CountInFlight:
     """ASGI middleware: counts API requests from arrival until their response is sent in full
     (a stream until its `[DONE]`), which is what a graceful shutdown waits for."""
@@ -118,132 +148,10 @@ class _CountInFlight:
             self.server.in_flight -= 1
 
 
-async def _run(server: Server, request: Request, req, ids: list[int], fmt) -> Response:
-    arrived = time.perf_counter()
-    prompt_param = "messages" if isinstance(req, p.ChatCompletionRequest) else "prompt"
-    params = server.decode_params(req, len(ids), prompt_param)
-    stop = req.stop_strings()
-    deadline = server.deadline()
-    job = server.scheduler.submit(ids, params, stop)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(server, job, deadline, fmt, len(ids), include_usage, arrived),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    watcher = asyncio.create_task(server.cancel_on_disconnect(request, job))
-    parts = []
-    try:
-        while True:
-            event = await server.next_event(job, deadline)
-            if event.error is not None:
-                raise event.error
-            if event.text and not parts:
-                server.metrics.ttft.observe(time.perf_counter() - arrived)
-            parts.append(event.text)
-            if event.finish_reason is not None:
-                break
-    finally:
-        watcher.cancel()
-        if not job.done:
-            server.scheduler.cancel(job)
-    server.metrics.latency.observe(time.perf_counter() - arrived)
-    usage = _usage(len(ids), event.completion_tokens, event.cached_tokens)
-    return JSONResponse(fmt.response("".join(parts), event.finish_reason, usage))
-
-
-async def _stream(server: Server, job: Job, deadline: float | None, fmt, prompt_tokens: int,
-                  include_usage: bool, arrived: float) -> AsyncIterator[str]:
-    """SSE body. Starlette cancels this generator when the client disconnects; `finally`
-    then cancels the job."""
-    first = True
-    try:
-        for chunk in fmt.opening():
-            yield sse(chunk)
-        while True:
-            try:
-                event = await server.next_event(job, deadline)
-            except APIError as e:  # timed out
-                event = Event(error=e)
-            if event.error is not None:
-                yield sse(event.error.body())
-                break
-            if event.text:
-                if first:
-                    server.metrics.ttft.observe(time.perf_counter() - arrived)
-                    first = False
-                yield sse(fmt.chunk(event.text, None))
-            if event.finish_reason is not None:
-                server.metrics.latency.observe(time.perf_counter() - arrived)
-                yield sse(fmt.chunk("", event.finish_reason))
-                if include_usage:
-                    yield sse(fmt.usage_chunk(_usage(prompt_tokens, event.completion_tokens,
-                                                     event.cached_tokens)))
-                break
-        yield SSE_DONE
-    finally:
-        if not job.done:
-            server.scheduler.cancel(job)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> p.Usage:
-    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens,
-                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens))
-
-
-class _CompletionFormat:
-    """Response and chunk bodies of /v1/completions."""
-
-    def __init__(self, model: str):
-        self.id, self.model, self.created = f"cmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def _body(self, choices, usage=None) -> dict:
-        return p.CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                    choices=choices, usage=usage).model_dump()
-
-    def response(self, text: str, finish_reason: str, usage: p.Usage) -> dict:
-        return self._body([p.CompletionChoice(text=text, finish_reason=finish_reason)], usage)
-
-    def opening(self) -> list[dict]:
-        return []
-
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        return self._body([p.CompletionChoice(text=text, finish_reason=finish_reason)])
-
-    def usage_chunk(self, usage: p.Usage) -> dict:
-        return self._body([], usage)
-
-
-class _ChatFormat:
-    """Response and chunk bodies of /v1/chat/completions."""
-
-    def __init__(self, model: str):
-        self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def response(self, text: str, finish_reason: str, usage: p.Usage) -> dict:
-        choice = p.ChatChoice(message=p.AssistantMessage(content=text), finish_reason=finish_reason)
-        return p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
-                                        choices=[choice], usage=usage).model_dump()
-
-    def _chunk(self, choices, usage=None) -> dict:
-        return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                     choices=choices, usage=usage).model_dump()
-
-    def opening(self) -> list[dict]:
-        return [self._chunk([p.ChatChunkChoice(delta=p.ChatDelta(role="assistant", content=""))])]
-
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        delta = p.ChatDelta(content=text) if text else p.ChatDelta()
-        return self._chunk([p.ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
-
-    def usage_chunk(self, usage: p.Usage) -> dict:
-        return self._chunk([], usage)
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

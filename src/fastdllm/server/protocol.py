@@ -24,9 +24,11 @@ class APIError(Exception):
     """An error answered as an OpenAI-style JSON body with HTTP `status`."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
+        self.headers = headers  # e.g. Retry-After on 503
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -66,7 +68,21 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = None  # accepted and ignored
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # accepted and ignored: they change nothing about the answer of a single local server
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # accepted only at the values that ask for nothing (see `refuse_unsupported`)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     # fastdllm's own fields (paper §3.3): decoding mode, block / sub-block size, threshold and
     # the parallel-decoding rule it drives ("threshold", "left_anchored", "entropy_bounded")
     mode: str | None = None
@@ -85,11 +101,66 @@ class _Sampling(_Strict):
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(s == "" for s in stops):
             raise APIError("stop strings must not be empty", param="stop")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise APIError(f"'stop' holds {len(stops):,} sequences; this server accepts at most "
+                           f"{MAX_STOP_SEQUENCES}", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(f"a stop sequence is longer than this server accepts ({MAX_STOP_CHARS} "
+                           "characters)", param="stop")
         return stops
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first field that asks for something this server does not do."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError("'stream_options' is only allowed with \"stream\": true", param="stream_options")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                _unsupported(name, "tool calling")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                _unsupported(name, "tool calling")
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            _unsupported("response_format", 'structured output; only {"type": "text"} is accepted')
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs; the keys must be token ids."""
+        out = []
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise APIError(f"'logit_bias' keys must be token ids (e.g. \"50256\"), got "
+                               f"{_shorten(key)!r}", param="logit_bias")
+            out.append((int(key), value))
+        return tuple(out)
+
+
+MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; lm-eval sends its task's stop list plus the EOS
+MAX_STOP_CHARS = 256
+MAX_CHOICES = 64  # prompts x n of one request
+
+
+def _unsupported(name: str, what: str) -> None:
+    raise APIError(f"'{name}' is not supported by this server ({what})", param=name,
+                   code="unsupported_parameter")
+
+
+def _shorten(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str]
+    # one prompt (text or token ids) or a batch of them; each gets n choices
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False  # the answer starts with the prompt (and its log-probabilities)
+    logprobs: int | None = None  # log-probabilities of the tokens, with this many alternatives
+    suffix: str | None = None  # refused unless empty
+    best_of: int | None = None  # refused unless equal to n
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.suffix:
+            _unsupported("suffix", "insertion after a suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            _unsupported("best_of", f"best_of must equal n ({self.n}); send n instead")
 
 
 class TextPart(_Strict):
@@ -113,7 +184,17 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    max_completion_tokens: int | None = None  # the newer name of max_tokens; wins over it
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token (needs logprobs: true)
+    modalities: list[str] | None = None  # ["text"] only
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+        if self.modalities not in (None, ["text"]):
+            _unsupported("modalities", 'text output only; send ["text"]')
 
 
 _FIELDS = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
@@ -121,11 +202,19 @@ _FIELDS = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage,
 
 
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep at most
+# a batch of 64 prompts of token ids is 65 arrays; a chat of 10,000 messages with parts ~30,000
+MAX_JSON_CONTAINERS = 65536
 _MAX_INT_DIGITS = 40  # longer integers are kept as text, so that the field's check names them
 
 
 def parse_request(raw: bytes, model: type[_Strict]) -> Any:
     """Raw body -> a validated request, or an APIError naming the first bad field."""
+    containers = raw.count(b"{") + raw.count(b"[")  # an upper bound: brackets in strings count too
+    if containers > MAX_JSON_CONTAINERS:
+        # json.loads holds the GIL for its whole run: a body of a million empty objects would
+        # stall the event loop's thread too, even parsed on a worker thread
+        raise APIError(f"the request body holds {containers:,} JSON objects and arrays (counting "
+                       f"brackets inside strings), more than this server parses ({MAX_JSON_CONTAINERS:,})")
     try:
         data = json.loads(raw, parse_int=_parse_int)
     except RecursionError:
@@ -166,7 +255,10 @@ def _validation_error(e: ValidationError) -> APIError:
     if first["type"] == "extra_forbidden":  # the unknown name is not one of _FIELDS
         param = _param_path(first["loc"][:-1])
         param = f"{param}.{first['loc'][-1]}" if param != "body" else str(first["loc"][-1])
-        return APIError(f"'{param}' is not a recognised field", param=param)
+        param = _shorten(param)  # a client may send a megabyte-long field name
+        return APIError(f"'{param}' is not supported by this server (not a field of its OpenAI "
+                        "API; docs/serving.md lists the fields it takes)", param=param,
+                        code="unsupported_parameter")
     # a union reports one error per member type ('prompt', 'str'), ('prompt', 'list[int]', 1):
     # name the acceptable types instead of the first member's complaint
     tag_at = next((i for i, part in enumerate(first["loc"]) if _is_union_tag(part)), None)
@@ -207,10 +299,19 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: one entry per token (the echoed prompt's first is None)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -223,6 +324,21 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -231,7 +347,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -252,7 +368,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
     @field_serializer("delta")

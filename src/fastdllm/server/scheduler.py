@@ -44,6 +44,9 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" on the last event
     error: APIError | None = None
     cached_tokens: int = 0  # prompt tokens served by the prefix cache (on the last event)
+    # positions [start, end) of the sequence whose tokens this event reports (its final
+    # tokens, cut at a stop string): what `logprobs` are read for
+    span: tuple[int, int] = (0, 0)
 
 
 class Job:
@@ -57,6 +60,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.seq: Sequence | None = None
+        self.reported = len(prompt_ids)  # positions before this were reported in events
         self.cancelled = False
         self.done = False  # the last event was pushed
 
@@ -86,6 +90,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()  # guarded by _cond
         self._running: dict[Sequence, Job] = {}  # only the scheduler thread changes it
+        self._calls: list = []  # (work, future, loop) to run between steps; guarded by _cond
         self._stopping = False
         self.died: BaseException | None = None  # why the scheduler thread ended, if a bug
         self._thread = threading.Thread(target=self._loop, name="fastdllm-scheduler", daemon=True)
@@ -151,8 +156,14 @@ class Scheduler:
             self._stopping = True
             jobs = [*self._running.values(), *self._waiting]
             self._waiting.clear()
+            calls, self._calls = self._calls, []
         for job in jobs:
             job.push(Event(error=reason))
+        for _, future, loop in calls:
+            try:
+                loop.call_soon_threadsafe(_settle, future, None, reason)
+            except RuntimeError:  # the event loop is closed
+                pass
 
     def _serve(self) -> None:
         while self._admit(wait=True):
@@ -173,12 +184,13 @@ class Scheduler:
         """Between steps: take waiting jobs into the engine's free slots and drop cancelled
         ones; with `wait`, first sleep until there is work. False once shutting down."""
         with self._cond:
-            while wait and not (self._stopping or self._waiting or self._running):
+            while wait and not (self._stopping or self._waiting or self._running or self._calls):
                 self._cond.wait()
             if self._stopping:
                 return False
             admitted = [self._waiting.popleft()
                         for _ in range(min(self.engine.room, len(self._waiting)))]
+        self._run_calls()
         self._drop_cancelled()
         for job in admitted:
             self._start(job)
@@ -222,20 +234,57 @@ class Scheduler:
     def _emit_one(self, d, job: Job) -> None:
         seq = d.seq
         text = job.text.feed(seq)
-        n_final = seq.final_len - seq.prompt_len
-        self.stats.generated_tokens += d.end - d.start
+        end = seq.final_len
+        if job.text.stopped or (job.text.hold and not seq.finished):
+            # the tokens of the text sent: not those past a stop string, nor those held back
+            end = max(job.reported, seq.prompt_len + job.text.tokens_shown(seq.final_ids()))
+        span, job.reported = (job.reported, end), end
+        n_final = end - seq.prompt_len
+        self.stats.generated_tokens += span[1] - span[0]
         if d.finished or job.text.stopped:
             self.engine.abort(seq)  # a stop string ended it early; no-op if it finished
             del self._running[seq]
             self.stats.finished += 1
             reason = "stop" if job.text.stopped else seq.finish_reason
-            job.push(Event(text, n_final, finish_reason=reason, cached_tokens=seq.cached))
-        elif text:
-            job.push(Event(text, n_final))
+            job.push(Event(text, n_final, finish_reason=reason, span=span, cached_tokens=seq.cached))
+        elif text or span[1] > span[0]:
+            job.push(Event(text, n_final, span=span))
+
+    # ------------------------------------------------------------------ work on the model
+    def call(self, work: Callable[[], object]) -> "asyncio.Future":
+        """`work()` on the scheduler thread between two steps (it may use the model: the
+        thread owns it), e.g. scoring a prompt; the returned future gets its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self.died is not None or self._stopping:
+                raise shutting_down()
+            self._calls.append((work, future, loop))
+            self._cond.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for work, future, loop in calls:
+            try:
+                result, error = work(), None
+            except Exception as e:  # the caller words it
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.stats.failed += 1
         job.push(Event(error=error))
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.done():  # its caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def shutting_down() -> APIError:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..chat_template import TemplateLimits
-from ..engine.params import DecodeConfig
+from ..engine.merged import MAX_MERGED_DRAFT
+from ..engine.params import MAX_BLOCK_SIZE, DecodeConfig
 from ..engine.speculative import SpeculativeEngine
 from ..errors import FastDLLMError
+from ..evaluation.loglikelihood import Scores, continuation_scores
 from ..llm import LLM
 from ..model.checkpoint import load_tokenizer
 from . import protocol as p
@@ -41,6 +43,13 @@ class ServerConfig:
     max_prompt_chars: int | None = None  # None: PROMPT_CHARS_PER_POSITION x max_model_len
     text_timeout: float = 5.0  # seconds to render the chat template and tokenize one request
     drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests may take to finish
+    # per-request decoding shapes, bounded so that one request cannot slow its batch peers
+    # (a step is as slow as its widest row): None = the defaults' own value, at least 64 / 16
+    max_block_size: int | None = None
+    max_draft_length: int | None = None
+    # browser origins allowed to call the server (CORS); none by default, so no web page can
+    # drive a local server. "*" allows any.
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -61,6 +70,10 @@ class ServerConfig:
         if not 0 < self.text_timeout <= 3600:
             raise FastDLLMError(f"text_timeout must be in (0, 3600] seconds, got {self.text_timeout}",
                                 field="text_timeout")
+        for name in ("max_block_size", "max_draft_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FastDLLMError(f"{name} must be >= 1, got {value}", field=name)
         if not 0 <= self.drain_timeout <= 86400:
             raise FastDLLMError(f"drain_timeout must be in [0, 86400] seconds, got "
                                 f"{self.drain_timeout}", field="drain_timeout")
@@ -101,19 +114,54 @@ class Server:
         self.scheduler = Scheduler(engine, lambda ids: detok.decode(ids, skip_special_tokens=True))
         self.metrics = Metrics(self.scheduler)
         self.text = TextWorkers(llm.model_dir)
+        # request bodies are parsed here, off the event loop; one thread: parsing is CPU-bound
+        # (the GIL), so more threads would only take turns
+        self._parsing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdllm-parse")
         self.max_prompt_chars = config.max_prompt_chars or PROMPT_CHARS_PER_POSITION * self.max_len
         # the template's output is a prompt too, plus its markup
         self.template_limits = TemplateLimits(seconds=config.text_timeout,
                                               max_output_chars=2 * self.max_prompt_chars + 65536)
+        d = config.defaults
+        self.max_block_size = config.max_block_size or max(64, d.block_size)
+        self.max_draft_length = min(config.max_draft_length or max(16, d.draft_length),
+                                    MAX_MERGED_DRAFT if d.merged else MAX_BLOCK_SIZE)
         self.draining = False  # SIGTERM: new requests get 503 while in-flight ones finish
         self.in_flight = 0  # requests whose response has not been sent in full
         self.created = int(time.time())
 
+    def close(self) -> None:
+        self.text.close()
+        self._parsing.shutdown(wait=False, cancel_futures=True)
+
     # ------------------------------------------------------------------ request preparation
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.served_model_name:
-            raise APIError(f"the model {name!r} does not exist here; this server serves "
-                           f"{self.config.served_model_name!r}", status=404, param="model")
+            raise APIError(f"the model {p._shorten(name)!r} does not exist here; this server serves "
+                           f"{self.config.served_model_name!r}", status=404, param="model",
+                           code="model_not_found")
+
+    def check_request(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
+        """What can be refused from the request's fields alone: the model, fields asking for
+        what this server does not do, too many choices."""
+        self.check_model(req.model)
+        req.refuse_unsupported()
+        prompts = len(req.prompt) if isinstance(req, p.CompletionRequest) and _is_batch(req.prompt) else 1
+        if not 1 <= req.n <= p.MAX_CHOICES:
+            raise APIError(f"n must be in [1, {p.MAX_CHOICES}], got {req.n}", param="n")
+        if prompts * req.n > p.MAX_CHOICES:
+            raise APIError(f"{prompts} prompts x n={req.n} asks for {prompts * req.n} choices, more "
+                           f"than this server answers in one request ({p.MAX_CHOICES})", param="prompt")
+
+    async def read_request(self, request: Request, model: type):
+        """The validated request body. JSON bodies only (a browser form or a text/plain body is
+        what a web page can send without asking: refused). Parsing runs on a worker thread, so
+        a body built to be slow to parse never stalls the event loop (/health, streams)."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(f"the request body must be JSON with content-type application/json, got "
+                           f"{p._shorten(kind or 'none')!r}", status=415, code="unsupported_media_type")
+        raw = await self.read_body(request)
+        return await asyncio.get_running_loop().run_in_executor(self._parsing, p.parse_request, raw, model)
 
     async def read_body(self, request: Request) -> bytes:
         """The raw body, refused (413) as soon as it passes `max_body_bytes`."""
@@ -133,20 +181,22 @@ class Server:
         if self.draining:
             raise shutting_down()
 
-    async def completion_prompt(self, req: p.CompletionRequest) -> list[int]:
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError("send one prompt per request (concurrent requests are batched by "
-                               "the server)", param="prompt")
-            prompt = prompt[0]
-        text = isinstance(prompt, str)
-        limit = self.max_prompt_chars if text else self.max_len
-        if len(prompt) > limit:
-            raise APIError(f"the prompt has {len(prompt):,} {'characters' if text else 'token ids'}, "
-                           f"more than this server accepts ({limit:,})", param="prompt")
-        return await self.text.run(lambda tok: self.llm.encode(prompt, tokenizer=tok),
-                                   self.config.text_timeout, "prompt")
+    async def completion_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
+        """Prompt ids of each prompt of the request (one, or a batch of texts or of id lists)."""
+        prompts = req.prompt if _is_batch(req.prompt) else [req.prompt]
+        if not prompts:
+            raise APIError("'prompt' holds no prompt", param="prompt")
+        out = []
+        for i, prompt in enumerate(prompts):
+            param = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+            text = isinstance(prompt, str)
+            limit = self.max_prompt_chars if text else self.max_len
+            if len(prompt) > limit:
+                raise APIError(f"the prompt has {len(prompt):,} {'characters' if text else 'token ids'}, "
+                               f"more than this server accepts ({limit:,})", param=param)
+            out.append(await self.text.run(lambda tok, x=prompt: self.llm.encode(x, tokenizer=tok),
+                                           self.config.text_timeout, param))
+        return out
 
     async def chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
         messages = [m.as_template_input() for m in req.messages]
@@ -159,42 +209,64 @@ class Server:
             self.config.text_timeout, "messages")
 
     def decode_params(self, req: p.CompletionRequest | p.ChatCompletionRequest, prompt_len: int,
-                      prompt_param: str) -> DecodeConfig:
-        if req.n != 1:
-            raise APIError(f"only n=1 is supported, got n={req.n}; send several requests instead "
-                           "(concurrent requests are batched)", param="n")
+                      prompt_param: str, choice: int = 0) -> DecodeConfig:
+        """The request's DecodeConfig for one of its choices (a seeded request's choice i is
+        seeded seed + i, so the n choices differ and each is reproducible). `max_tokens: 0`
+        (echo only) is checked as 1: nothing is decoded, but the mode still scores the prompt."""
         if prompt_len >= self.max_len:
             raise APIError(f"the prompt has {prompt_len} tokens but the server's context is "
                            f"{self.max_len}; shorten the prompt", param=prompt_param)
-        max_tokens = req.max_tokens
-        if max_tokens is None and isinstance(req, p.ChatCompletionRequest):
-            max_tokens = req.max_completion_tokens
+        max_tokens, name = req.max_tokens, "max_tokens"
+        if isinstance(req, p.ChatCompletionRequest) and req.max_completion_tokens is not None:
+            max_tokens, name = req.max_completion_tokens, "max_completion_tokens"
+        if max_tokens == 0 and echo_only(req):
+            max_tokens = 1
         if max_tokens is not None and max_tokens < 1:  # said here in the request's own words
-            raise APIError(f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
+            raise APIError(f"{name} must be a positive integer (0 only with \"echo\": true), got "
+                           f"{max_tokens}", param=name)
         if max_tokens is None:  # the default never overflows: it stops at the context's end
             max_tokens = min(self.config.defaults.max_new_tokens, self.max_len - prompt_len)
+        self.check_shapes(req)
+        bias = req.token_bias()
+        vocab = self.llm.model.config.vocab_size
+        if any(i >= vocab for i, _ in bias):
+            raise APIError(f"'logit_bias' names token {max(i for i, _ in bias)}, past the "
+                           f"vocabulary ({vocab} tokens)", param="logit_bias")
+        sub_block_size = req.sub_block_size
+        if req.block_size is not None and sub_block_size is None \
+                and 1 <= req.block_size and req.block_size % self.config.defaults.sub_block_size:
+            # the default sub-block does not divide the block sent: the largest that does (the
+            # request did not choose a sub-block, so it is not blamed for one)
+            sub_block_size = max(d for d in range(1, min(req.block_size, self.config.defaults.sub_block_size) + 1)
+                                 if req.block_size % d == 0)
         try:
             params = self.llm.decode_config(
                 self.config.defaults, max_new_tokens=max_tokens, temperature=req.temperature,
-                top_p=req.top_p, top_k=req.top_k, seed=req.seed, mode=req.mode,
-                block_size=req.block_size, sub_block_size=req.sub_block_size,
+                top_p=req.top_p, top_k=req.top_k,
+                seed=None if req.seed is None else req.seed + choice, mode=req.mode,
+                block_size=req.block_size, sub_block_size=sub_block_size,
                 threshold=req.threshold, rule=req.rule, draft_length=req.draft_length,
-                draft_steps=req.draft_steps, draft_cache=req.draft_cache)
+                draft_steps=req.draft_steps, draft_cache=req.draft_cache, logit_bias=bias or None,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                logprobs=logprob_count(req))
         except FastDLLMError as e:
-            raise APIError.from_user_error(e) from None
+            renames = {"max_new_tokens": name}
+            if isinstance(req, p.ChatCompletionRequest):
+                renames["logprobs"] = "top_logprobs"
+            raise APIError.from_user_error(e, renames) from None
         if prompt_len + params.max_new_tokens > self.max_len:
-            raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
-                           f"exceeds the server's context of {self.max_len}; lower max_tokens to "
-                           f"at most {self.max_len - prompt_len}", param="max_tokens")
+            raise APIError(f"prompt ({prompt_len} tokens) + {name} ({params.max_new_tokens}) "
+                           f"exceeds the server's context of {self.max_len}; lower {name} to "
+                           f"at most {self.max_len - prompt_len}", param=name)
         if params.cache_len(prompt_len) > self.positions:
             raise APIError(f"block_size {params.block} rounds this request up past the server's "
                            f"{self.positions} positions; use a block size that divides "
-                           f"{self.positions} or lower max_tokens", param="block_size")
+                           f"{self.positions} or lower {name}", param="block_size")
         if params.cache_len(prompt_len) > self.pool_positions:
-            raise APIError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) "
+            raise APIError(f"prompt ({prompt_len} tokens) + {name} ({params.max_new_tokens}) "
                            f"needs {params.cache_len(prompt_len)} KV-cache positions but this "
-                           f"server's whole KV cache holds {self.pool_positions}; lower max_tokens "
-                           "(the operator can raise --kv-cache-memory)", param="max_tokens")
+                           f"server's whole KV cache holds {self.pool_positions}; lower {name} "
+                           "(the operator can raise --kv-cache-memory)", param=name)
         if params.speculative and not self.speculative:
             raise APIError("this server was not started for speculative decoding; start it with "
                            "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
@@ -207,6 +279,32 @@ class Server:
                            "send \"mode\": \"ar\" or start the server with --mask-token-id",
                            param="mode")
         return params
+
+    def check_shapes(self, req) -> None:
+        """Server-side bounds on the decoding shapes a request may ask for, and the speculative
+        fields only a speculative server reads."""
+        if req.block_size is not None and req.block_size > self.max_block_size:
+            raise APIError(f"block_size {req.block_size} is larger than this server allows "
+                           f"({self.max_block_size}, --max-block-size)", param="block_size")
+        for name in ("draft_length", "draft_steps", "draft_cache"):
+            if getattr(req, name) is not None and not self.speculative:
+                raise APIError(f"'{name}' is for speculative decoding and this server does not "
+                               "decode speculatively (start it with --draft-model or --mode "
+                               "speculative); leave it out", param=name)
+        if req.draft_length is not None and req.draft_length > self.max_draft_length:
+            raise APIError(f"draft_length {req.draft_length} is larger than this server allows "
+                           f"({self.max_draft_length}, --max-draft-length)", param="draft_length")
+
+    async def score_prompt(self, ids: list[int], params: DecodeConfig, top: int) -> Scores:
+        """Log-probabilities of the prompt's tokens after its first (`echo` with `logprobs`),
+        the exact log-likelihood of the lm-eval model `fastdllm` (evaluation/loglikelihood.py)
+        in the request's mode (speculative output is the target's AR distribution: "ar").
+        Runs on the scheduler thread, which owns the model, between two decoding steps."""
+        mode = "diffusion" if params.diffusion else "ar"
+        model, mask = self.llm.model, self.llm.special.mask_token_id
+        return await self.scheduler.call(lambda: continuation_scores(
+            model, ids[:1], ids[1:], mode=mode, block_size=params.block_size,
+            token_shift=params.token_shift, mask_token_id=mask, top=top))
 
     # ------------------------------------------------------------------ waiting on a job
     async def next_event(self, job: Job, deadline: float | None) -> Event:
@@ -225,26 +323,21 @@ class Server:
         t = self.config.request_timeout
         return None if t is None else asyncio.get_running_loop().time() + t
 
-    async def cancel_on_disconnect(self, request: Request, job: Job) -> None:
-        """Run beside a non-streamed request: when its client hangs up, cancel the job (freeing
-        its slot now, not when the answer is done) and wake its handler. Starlette does the
-        same for streamed responses by cancelling their body generator."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self.scheduler.cancel(job)
-        job.events.put_nowait(Event(error=CLIENT_GONE))
-
 
 class TextWorkers:
     """Tokenizing and chat-template rendering, off the event loop: a small pool of threads,
     each with its own tokenizer (a fast tokenizer refuses use from two threads at once), so
     that a long prompt or a slow template never stalls /health or another request. The
-    template sandbox stops itself at its deadline; `run`'s own time limit is the backstop."""
+    template sandbox stops itself at its deadline; `run`'s own time limit is the backstop and
+    counts from when the work starts: time spent queued behind other requests is overload, not
+    the request's fault, so a full queue answers 503 with Retry-After, never a 400."""
 
-    def __init__(self, model_dir, workers: int = 2):
+    def __init__(self, model_dir, workers: int = 2, max_queued: int = 256):
         self._local = threading.local()
         self._model_dir = model_dir
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdllm-text")
+        self.max_queued = max_queued
+        self.queued = 0  # submitted and not finished (event-loop side only)
 
     def _tokenizer(self):
         if getattr(self._local, "tokenizer", None) is None:
@@ -254,18 +347,50 @@ class TextWorkers:
     async def run(self, work, seconds: float, param: str):
         """`work(tokenizer)` on a worker thread; a FastDLLMError becomes a 400 naming its field
         (`param` for the prompt's own problems)."""
+        if self.queued >= self.max_queued:
+            raise APIError("the server is busy preparing other requests; retry shortly", status=503,
+                           type="server_error", code="overloaded", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def job():
+            loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
+            return work(self._tokenizer())
+
+        self.queued += 1
+        future = loop.run_in_executor(self._pool, job)
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._pool, lambda: work(self._tokenizer())), seconds + 1.0)
+            await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
+            return await asyncio.wait_for(future, seconds + 1.0)
         except asyncio.TimeoutError:
             raise APIError(f"preparing the {param} took longer than this server's limit of "
                            f"{seconds:g} s", param=param) from None
         except FastDLLMError as e:
             raise APIError.from_user_error(e, {"prompt": param}) from None
+        finally:
+            self.queued -= 1
+            if not future.done():
+                future.cancel()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_batch(prompt) -> bool:
+    """A batch of prompts: texts or id lists (a flat id list is one prompt)."""
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+
+
+def echo_only(req) -> bool:
+    """`max_tokens: 0` with `echo`: the prompt (and its log-probabilities), nothing decoded."""
+    return isinstance(req, p.CompletionRequest) and req.echo and req.max_tokens == 0
+
+
+def logprob_count(req) -> int | None:
+    """Alternatives per token the request asks for; None: no log-probabilities."""
+    if isinstance(req, p.CompletionRequest):
+        return req.logprobs
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def _too_large(size: int, limit: int) -> APIError:

@@ -1,0 +1,164 @@
+"""Issue 21's failure classes of the server under hostile or careless clients, each through the
+real HTTP stack (the simple refusals are in the bad-request corpus, tests/data/bad_requests.jsonl,
+run by tests/test_fault_injection.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from fastdllm import LLM
+from fastdllm.server import BackgroundServer, ServerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llm(qwen2_ckpt) -> LLM:
+    return LLM.load(qwen2_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    config = ServerConfig(served_model_name="tiny", defaults=llm.decode_config(max_new_tokens=16),
+                          max_batch=4)
+    with BackgroundServer(llm, config) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def cors_server(llm):
+    config = ServerConfig(served_model_name="tiny", defaults=llm.decode_config(max_new_tokens=16),
+                          max_batch=2, allowed_origins=("http://localhost:3000",))
+    with BackgroundServer(llm, config) as srv:
+        yield srv
+
+
+def post(server, route, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/{route}", json={"model": "tiny", **body}, timeout=60, **kw)
+
+
+# class 4: parsing is off the event loop
+def test_slow_to_parse_bodies_do_not_stall_health(server):
+    bomb = b'{"prompt": "Hi", "x": [' + b",".join([b"{}"] * 1_300_000) + b"]}"  # ~4 MB
+    assert len(bomb) < 4 << 20
+    threads = [threading.Thread(target=httpx.post, args=(f"{server.base_url}/completions",),
+                                kwargs={"content": bomb, "timeout": 120,
+                                        "headers": {"content-type": "application/json"}})
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the bodies are uploaded and being parsed
+    worst = 0.0
+    while any(t.is_alive() for t in threads):
+        t0 = time.monotonic()
+        assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    assert worst < 0.75, f"/health took {worst:.2f} s while bodies were parsed"
+    r = httpx.post(f"{server.base_url}/completions", content=bomb, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON objects and arrays" in r.json()["error"]["message"]
+
+
+# class 12: content type, origins, a block size without its sub-block
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_only_json_bodies(server, kind):
+    headers = {"content-type": kind} if kind else {}
+    r = httpx.post(f"{server.base_url}/completions", content=b'{"prompt": "Hi", "max_tokens": 2}',
+                   headers=headers, timeout=60)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_web_pages_are_refused_by_default(server):
+    r = post(server, "completions", {"prompt": "Hi", "max_tokens": 2}, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert "access-control-allow-origin" not in r.headers
+    assert post(server, "completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200  # no Origin
+
+
+def test_allowed_origins(cors_server):
+    body = {"prompt": "Hi", "max_tokens": 2}
+    assert post(cors_server, "completions", body, headers={"origin": "http://evil.example"}).status_code == 403
+    ok = post(cors_server, "completions", body, headers={"origin": "http://localhost:3000"})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+def test_block_size_alone_picks_a_sub_block(server):
+    r = post(server, "completions", {"prompt": "Hi", "max_tokens": 6, "block_size": 3})
+    assert r.status_code == 200, r.text
+    r = post(server, "completions", {"prompt": "Hi", "max_tokens": 6, "block_size": 4, "sub_block_size": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sub_block_size"
+
+
+# class 13: usage counts the tokens shown, not those decoded past a stop string
+def test_completion_tokens_stop_at_the_stop_string(server, llm):
+    body = {"prompt": "Once upon a time", "max_tokens": 64, "threshold": 0.05, "rule": "threshold"}
+    text = post(server, "completions", body).json()["choices"][0]["text"]
+    ref = llm.generate("Once upon a time", max_new_tokens=64, threshold=0.05, rule="threshold").token_ids
+    stop = text[3:5]  # early: a step makes a whole sub-block final at once
+    expected = text[:text.index(stop)]
+    out = post(server, "completions", {**body, "stop": stop}).json()
+    assert out["choices"][0]["text"] == expected
+    needed = next(n for n in range(len(ref) + 1)
+                  if len(llm.tokenizer.decode(ref[:n], skip_special_tokens=True).rstrip("\ufffd")) >= len(expected))
+    assert out["usage"]["completion_tokens"] == needed
+    # and the logprobs list exactly those tokens
+    out = post(server, "completions", {**body, "stop": stop, "logprobs": 0}).json()
+    assert len(out["choices"][0]["logprobs"]["tokens"]) == needed
+
+
+# class 5: time queued behind other requests is overload (503 + Retry-After), never a 400
+def test_queueing_does_not_count_against_the_text_timeout(qwen2_ckpt):
+    import asyncio
+
+    from fastdllm.server.protocol import APIError
+    from fastdllm.server.service import TextWorkers
+
+    workers = TextWorkers(qwen2_ckpt, workers=1, max_queued=3)
+
+    async def flood():
+        slow = [asyncio.ensure_future(workers.run(lambda tok: time.sleep(0.8), 1.0, "messages"))
+                for _ in range(2)]
+        await asyncio.sleep(0.05)
+        fast = asyncio.ensure_future(workers.run(lambda tok: "ok", 0.2, "messages"))  # queued 1.6 s
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError) as busy:
+            await workers.run(lambda tok: "late", 0.2, "messages")
+        await asyncio.gather(*slow)
+        return await fast, busy.value
+
+    try:
+        result, busy = asyncio.run(flood())
+    finally:
+        workers.close()
+    assert result == "ok"
+    assert busy.status == 503 and busy.headers == {"Retry-After": "1"}
+
+
+# classes 1 and 3: on a merged (self-speculative) server, what the engine would refuse after
+# queueing (draft_length past the merged form's 32) or fail a whole batch over (top_p below
+# float32) is a 400 before anything is queued, streamed too, and its peers are untouched
+def test_merged_server_refuses_before_queueing(llm):
+    config = ServerConfig(served_model_name="tiny", max_batch=4, defaults=llm.decode_config(
+        mode="speculative", merged=True, block_size=64, sub_block_size=8, max_new_tokens=16))
+    with BackgroundServer(llm, config) as srv:
+        good = {"prompt": "Once upon a time", "max_tokens": 16}
+        solo = post(srv, "completions", good).json()["choices"][0]["text"]
+        results = {}
+
+        def run_good():
+            results["good"] = post(srv, "completions", good).json()["choices"][0]["text"]
+
+        t = threading.Thread(target=run_good)
+        t.start()
+        for bad, param in (({"draft_length": 40}, "draft_length"), ({"top_p": 1e-46, "temperature": 1.0}, "top_p")):
+            for stream in (False, True):
+                r = post(srv, "completions", {**good, **bad, "stream": stream})
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        t.join(60)
+        assert results["good"] == solo
