@@ -651,6 +651,18 @@ NOTES = (
     "only for this machine (2 cores shared with other jobs).")
 
 
+def _revision(src: Path) -> str:
+    """The commit the paged engine's code was measured at (+ "dirty" when its src had edits)."""
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted edits" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--diffusion-model", type=Path, default=REPO / "models" / "fastdllm-wp-diffusion")
@@ -729,7 +741,7 @@ def main(argv: list[str] | None = None) -> dict:
             static.close()
         shutil.rmtree(tmp, ignore_errors=True)
     gs = goals(sections)
-    machine = {**machine_info("cpu"), "dtype": "float32"}
+    machine = {**machine_info("cpu"), "dtype": "float32", "paged_src": _revision(args.paged_src)}
     write_report(args.out, machine, command, sections, info, gs, args)
     return {"goals": gs, **{k: rows for k, (rows, _) in sections.items()}}
 

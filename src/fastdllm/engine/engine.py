@@ -1,12 +1,13 @@
-"""The engine: a set of running sequences, one KV cache, and a `step()` that advances every
+"""The engine: a set of running sequences, one paged KV cache, and a `step()` that advances every
 sequence by one forward and says what it made final in each (`Step`, one `Delta` a sequence).
 `stream()` is the one driver loop that every front end decodes through: `LLM.stream` (and with
 it `generate`, `generate_batch` and the chat CLI) and the server's scheduler.
 
 Each sequence plans its own next forward (see `sequence.py`); the model runner turns all plans
 of a step, whatever their phases and widths, into exactly one forward, one draw and one
-device-to-host transfer (see `runner.py`). Each row has its own positions, block size and slot
-of the cache, and a sequence's decisions depend only on its own logits, so its greedy output
+device-to-host transfer (see `runner.py`). Each row has its own positions, block size and page
+table (`pages.py` hands pages out, shares cached prefixes and preempts when the pool runs
+short), and a sequence's decisions depend only on its own logits, so its greedy output
 does not depend on what else is in the batch. Sequences can be added between steps (they join
 at their own prefill) and leave as soon as they finish, which is what the server's scheduler
 builds on.
