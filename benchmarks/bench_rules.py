@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also the lossless modes (self-speculative, merged; speculative with --ar-base)")
     ap.add_argument("--ar-base", type=Path, default=None,
                     help="the AR base: its causal accuracy (and the speculative point with --lossless)")
+    ap.add_argument("--confidence-temperature", type=float, default=None,
+                    help="temperature of the confidences every rule reads (default: each checkpoint's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu")
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"AR base causal acc {100 * r['accuracy']:5.1f}%", flush=True)
     for label, path in args.model:
         llm = LLM.load(path, device=args.device, dtype=args.dtype)
-        runs = [(rule, t, dict(mode="diffusion", rule=rule, threshold=t)) for rule, ts in sweep for t in ts]
+        ct = {} if args.confidence_temperature is None else {"confidence_temperature": args.confidence_temperature}
+        runs = [(rule, t, dict(mode="diffusion", rule=rule, threshold=t, **ct)) for rule, ts in sweep for t in ts]
         if args.left_to_right:
             runs.append(("left-to-right", 1.0, dict(mode="diffusion", sub_block_size=1, threshold=1.0)))
         if args.lossless:
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                 "accuracy", "tok/fwd", "accuracy gain (points)"]
     notes = (f"{len(problems)} problems of the {args.split} split, greedy, block 32 / sub-block 8 "
              f"(the checkpoint's), both caches, max_new_tokens {args.max_new_tokens}, batch "
-             f"{args.batch_size}, {args.dtype} on {args.device}. tokens/forward = generated tokens / "
+             f"{args.batch_size}, {args.dtype} on {args.device}, confidence temperature "
+             f"{args.confidence_temperature or 'of the checkpoint'}. tokens/forward = generated tokens / "
              "forwards each sequence took part in (a batched call counts for every row in it).")
     sections = [("Accuracy vs tokens per forward", rows, cols),
                 ("AUP (accuracy under parallelism, d3LLM; y_max = the run's best accuracy)", aups,

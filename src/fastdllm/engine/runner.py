@@ -26,7 +26,7 @@ from .block_manager import NULL_PAGE
 from ..model.transformer import Transformer
 from .attention import row_limits
 from .params import DecodeConfig, RunnerConfig
-from .sampling import draw, draw_entropy
+from .sampling import calibrate, draw, draw_entropy
 from .selection import needs_entropy
 from .sequence import ForwardPlan, PlanKind, Sequence
 from .static_step import StaticSteps
@@ -66,6 +66,10 @@ class ModelRunner:
         self._hide = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
         model.rope_tables(max_len)
         self.static = StaticSteps.for_runner(self) if StaticSteps.enabled(config, self.device) else None
+        # an observer of every eager step: probe(rows, logits (R, V), spans), called before the
+        # sequences advance (their state is the one the logits were computed in). For
+        # measurements (benchmarks/bench_calibration.py); None in serving
+        self.probe = None
 
     # ------------------------------------------------------------------ pages
     def write_index(self, pages: list[int], start: int, end: int) -> list[int]:
@@ -114,10 +118,13 @@ class ModelRunner:
         # sequence's generator advances exactly as it would have without the preemption
         settings = [GREEDY if p.kind is PlanKind.RECOMPUTE else s.params for s, p in rows]
         generators = [None if p.kind is PlanKind.RECOMPUTE else s.generator for s, p in rows]
-        # static steps capture tokens and confidences only: a step that needs entropies is eager
+        # static steps capture tokens and plain confidences only: a step that needs entropies,
+        # temperature-scaled confidences or a logits probe is eager
         entropy_needed = any(p.diffusion and needs_entropy(p.rule) for p in settings)
+        calibrated = any(p.calibrated for p in settings)
         entropy = None
-        if self.static is not None and not entropy_needed and self.static.fits(rows):
+        if (self.static is not None and not entropy_needed and not calibrated and self.probe is None
+                and self.static.fits(rows)):
             tokens, conf = self.static.run(rows)
         else:
             logits = self.forward_logits(rows)
@@ -125,6 +132,10 @@ class ModelRunner:
             tokens, conf = draw(logits, spans, settings, generators)
             if entropy_needed:
                 entropy = draw_entropy(logits, spans, settings)
+            if calibrated:
+                conf = calibrate(logits, tokens, conf, spans, settings)
+            if self.probe is not None:
+                self.probe(rows, logits, spans)
         toks, confs, ents = to_host(tokens, conf, entropy)
         return toks, confs, ents, spans
 
