@@ -6,6 +6,11 @@ Reproduce (CPU, fp32, one torch thread; the static engine is a worktree of 5bb25
     OMP_NUM_THREADS=1 python benchmarks/bench_paged.py --baseline-src /tmp/fastdllm-static/src
     python benchmarks/bench_paged.py --smoke --out /tmp/paged_smoke      # < 30 s, for tests
 
+While the working tree is being edited, measure a frozen commit of the paged engine instead:
+`git worktree add --detach /tmp/fastdllm-paged HEAD`, then run the first command with
+`PYTHONPATH=/tmp/fastdllm-paged/src` in front and `--paged-src /tmp/fastdllm-paged/src` (the
+report's machine line names the commit measured, `paged_src`).
+
 Four measurements, each against the issue's goal (computed from this run's numbers):
 
 a) Concurrency under one KV budget (`--budget-slots` static slots of `--long-context` positions).
@@ -670,7 +675,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="src of a worktree of 5bb25e8 (the static engine); without it (a)'s static slot is "
                          "computed (slot = context) and (d) is skipped")
-    ap.add_argument("--paged-src", type=Path, default=REPO / "src", help="src of the paged engine for (d)'s worker")
+    ap.add_argument("--paged-src", type=Path, default=REPO / "src",
+                    help="src of the paged engine for (d)'s worker (run the script with the same PYTHONPATH "
+                         "so that (a)-(c) import it too)")
     ap.add_argument("--sections", nargs="+", default=["concurrency", "shared_prefix", "chat", "decode"])
     ap.add_argument("--long-context", type=int, default=32768)
     ap.add_argument("--budget-slots", type=int, default=4)
@@ -706,10 +713,15 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_sizes, args.decode_tokens, args.reps_decode, args.decode_prompts = [1, 2], 16, 1, 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    revision = _revision(args.paged_src)
     given = list(argv if argv is not None else sys.argv[1:])
     if args.baseline_src:
         given = [("<worktree of 5bb25e8>/src" if a == str(args.baseline_src) else a) for a in given]
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/bench_paged.py", *given])
+    prefix = "OMP_NUM_THREADS=1"
+    if args.paged_src != REPO / "src":  # a frozen worktree of the paged commit, imported in-process too
+        given = [("<worktree of the paged commit>/src" if a == str(args.paged_src) else a) for a in given]
+        prefix = "PYTHONPATH=<worktree of the paged commit>/src " + prefix
+    command = " ".join([prefix, "python benchmarks/bench_paged.py", *given])
     sections, info = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_paged_"))
     static = Worker(args.baseline_src, args.threads) if args.baseline_src else None
@@ -741,7 +753,7 @@ def main(argv: list[str] | None = None) -> dict:
             static.close()
         shutil.rmtree(tmp, ignore_errors=True)
     gs = goals(sections)
-    machine = {**machine_info("cpu"), "dtype": "float32", "paged_src": _revision(args.paged_src)}
+    machine = {**machine_info("cpu"), "dtype": "float32", "paged_src": revision}
     write_report(args.out, machine, command, sections, info, gs, args)
     return {"goals": gs, **{k: rows for k, (rows, _) in sections.items()}}
 

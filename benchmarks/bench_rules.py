@@ -10,9 +10,18 @@ Decisions are taken on `--split val` (1,000 training problems held out from trai
 is for confirming a decision, never for making one. `--left-to-right` adds the model's error
 without parallel decoding (sub-blocks of one token, threshold 1) as the ceiling a rule can reach.
 
-Writes `<out>.json`, `<out>.md` (the table, and for every official point the alternative points
-that dominate it: at least its accuracy at no fewer tokens per forward) and `<out>.png` (the
-plane, one curve per model and rule).
+`--lossless` adds the model's lossless modes as points on the same plane (self-speculative,
+k = 8, and its merged form, k = 4: both give the model's own causal output); `--ar-base DIR`
+adds the AR base (causal, 1 token per forward) and, with `--lossless`, speculative decoding of
+the AR base drafted by the model (the AR base's exact output).
+
+One number per curve: AUP, accuracy under parallelism (d3LLM's definition, evaluation/aup.py),
+of each rule's thresholds and of each model's Pareto front over every point it has (rules and
+lossless modes), with y_max the best accuracy of the run (the AR base's when it is the best).
+
+Writes `<out>.json`, `<out>.md` (the table, the AUPs, and for every official point the
+alternative points that dominate it: at least its accuracy at no fewer tokens per forward) and
+`<out>.png` (the plane, one curve per model and rule, lossless modes as stars).
 """
 
 from __future__ import annotations
@@ -29,11 +38,16 @@ from bench_adaptation import evaluate, load_split, parse_model  # noqa: E402
 from common import machine_info, write_results  # noqa: E402
 
 from fastdllm.engine.selection import RULES  # noqa: E402
+from fastdllm.evaluation.aup import aup  # noqa: E402
 from fastdllm.llm import DTYPES, LLM  # noqa: E402
 
 DEFAULT_SWEEP = ["threshold=0.9,0.8,0.7,0.5", "left_anchored=0.95,0.9,0.8,0.7",
                  "entropy_bounded=0.95,0.9,0.8,0.7"]
 OFFICIAL = "threshold"
+# lossless modes: (label, decode settings); they reproduce the model's causal output
+LOSSLESS = [("self-speculative k=8", dict(mode="speculative", draft_length=8)),
+            ("merged k=4", dict(mode="speculative", merged=True, draft_length=4))]
+CURVE_RULES = RULES  # rows whose thresholds make a curve; every other row is a single point
 
 
 def parse_sweep(text: str) -> tuple[str, list[float]]:
@@ -70,6 +84,31 @@ def dominating(rows: list[dict]) -> list[dict]:
     return out
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (at least the accuracy at no fewer tokens
+    per forward, one of them strictly), sorted by tokens per forward."""
+    return sorted(p for p in points
+                  if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
+
+
+def aup_table(rows: list[dict]) -> list[dict]:
+    """AUP of every model's curve per rule and of its Pareto front over all its points, with
+    y_max the best accuracy of the run (in percent)."""
+    y_max = 100 * max(r["accuracy"] for r in rows)
+    out = []
+    for m in dict.fromkeys(r["model"] for r in rows if r["rule"] != "AR base"):
+        mine = [r for r in rows if r["model"] == m]
+        for rule in CURVE_RULES:
+            pts = [(r["tokens_per_forward"], 100 * r["accuracy"]) for r in mine if r["rule"] == rule]
+            if pts:
+                out.append({"model": m, "curve": rule, "points": len(pts),
+                            "AUP": round(aup(pts, y_max=y_max), 2), "y_max": round(y_max, 2)})
+        front = pareto_front([(r["tokens_per_forward"], 100 * r["accuracy"]) for r in mine])
+        out.append({"model": m, "curve": "Pareto front (all settings)", "points": len(front),
+                    "AUP": round(aup(front, y_max=y_max), 2), "y_max": round(y_max, 2)})
+    return out
+
+
 def plot_plane(rows: list[dict], out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -92,6 +131,10 @@ def plot_plane(rows: list[dict], out: Path) -> None:
                     label=f"{m}, {rule}" + (" (official)" if rule == OFFICIAL else ""))
             for x, y, t in pts:
                 ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        for r in rows:
+            if r["model"] == m and r["rule"] not in RULES and r["rule"] != "left-to-right":
+                ax.plot(r["tokens_per_forward"], 100 * r["accuracy"], marker="*", markersize=11,
+                        linestyle="none", label=m if m == r["rule"] else f"{m}, {r['rule']} (lossless)")
         for r in rows:
             if r["model"] == m and r["rule"] == "left-to-right":
                 ax.axhline(100 * r["accuracy"], color="gray", linestyle=style, linewidth=1,
@@ -116,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"RULE=T1,T2,... (default: {' '.join(DEFAULT_SWEEP)})")
     ap.add_argument("--left-to-right", action="store_true",
                     help="also decode left to right (one token per forward): the ceiling")
+    ap.add_argument("--lossless", action="store_true",
+                    help="also the lossless modes (self-speculative, merged; speculative with --ar-base)")
+    ap.add_argument("--ar-base", type=Path, default=None,
+                    help="the AR base: its causal accuracy (and the speculative point with --lossless)")
+    ap.add_argument("--confidence-temperature", type=float, default=None,
+                    help="temperature of the confidences every rule reads (default: each checkpoint's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu")
@@ -129,31 +178,51 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     problems = load_split(args.split, args.val_file, args.limit)
     rows = []
+    if args.ar_base is not None:
+        ar = LLM.load(args.ar_base, device=args.device, dtype=args.dtype)
+        r = evaluate(ar, problems, args.batch_size, args.max_new_tokens, "AR base", mode="ar")
+        rows.append({"model": "AR base", "rule": "AR base", "threshold": 1.0, **r})
+        print(f"AR base causal acc {100 * r['accuracy']:5.1f}%", flush=True)
     for label, path in args.model:
         llm = LLM.load(path, device=args.device, dtype=args.dtype)
-        runs = [(rule, t, dict(rule=rule, threshold=t)) for rule, ts in sweep for t in ts]
+        ct = {} if args.confidence_temperature is None else {"confidence_temperature": args.confidence_temperature}
+        runs = [(rule, t, dict(mode="diffusion", rule=rule, threshold=t, **ct)) for rule, ts in sweep for t in ts]
         if args.left_to_right:
-            runs.append(("left-to-right", 1.0, dict(sub_block_size=1, threshold=1.0)))
+            runs.append(("left-to-right", 1.0, dict(mode="diffusion", sub_block_size=1, threshold=1.0)))
+        if args.lossless:
+            runs += [(name, 1.0, decode) for name, decode in LOSSLESS]
         for rule, t, decode in runs:
             r = evaluate(llm, problems, args.batch_size, args.max_new_tokens, f"{label} {rule} {t}",
-                         mode="diffusion", **decode)
+                         **decode)
             rows.append({"model": label, "rule": rule, "threshold": t, **r})
             print(f"{label:20s} {rule:16s} t={t:<5g} acc {100 * r['accuracy']:5.1f}%  "
                   f"tok/fwd {r['tokens_per_forward']:.2f}  {r['seconds']:.0f}s", flush=True)
+        if args.lossless and args.ar_base is not None:
+            spec = LLM.load(args.ar_base, device=args.device, dtype=args.dtype, draft_model=path)
+            name = "speculative (AR base target) k=8"
+            r = evaluate(spec, problems, args.batch_size, args.max_new_tokens, f"{label} {name}",
+                         mode="speculative", draft_length=8)
+            rows.append({"model": label, "rule": name, "threshold": 1.0, **r})
+            print(f"{label:20s} {name} acc {100 * r['accuracy']:5.1f}%  tok/fwd "
+                  f"{r['tokens_per_forward']:.2f}", flush=True)
     cols = ["model", "rule", "threshold", "accuracy", "correct", "problems", "tokens_per_forward",
             "forward_calls", "new_tokens"]
+    aups = aup_table(rows)
     dom = dominating(rows)
     dom_cols = ["model", "official", "official accuracy", "official tok/fwd", "dominated by",
                 "accuracy", "tok/fwd", "accuracy gain (points)"]
     notes = (f"{len(problems)} problems of the {args.split} split, greedy, block 32 / sub-block 8 "
              f"(the checkpoint's), both caches, max_new_tokens {args.max_new_tokens}, batch "
-             f"{args.batch_size}, {args.dtype} on {args.device}. tokens/forward = generated tokens / "
+             f"{args.batch_size}, {args.dtype} on {args.device}, confidence temperature "
+             f"{args.confidence_temperature or 'of the checkpoint'}. tokens/forward = generated tokens / "
              "forwards each sequence took part in (a batched call counts for every row in it).")
-    sections = [("Accuracy vs tokens per forward", rows, cols)]
+    sections = [("Accuracy vs tokens per forward", rows, cols),
+                ("AUP (accuracy under parallelism, d3LLM; y_max = the run's best accuracy)", aups,
+                 ["model", "curve", "points", "AUP", "y_max"])]
     sections.append(("Official points dominated by an alternative", dom, dom_cols) if dom
                     else ("Official points dominated by an alternative (none)", [], dom_cols))
     write_results(out, f"Parallel-decoding rules on the {args.split} split", machine_info(args.device),
-                  sections, {"split": args.split, "rows": rows, "dominated": dom,
+                  sections, {"split": args.split, "rows": rows, "aup": aups, "dominated": dom,
                              "models": {lbl: str(p) for lbl, p in args.model}}, notes)
     plot_plane(rows, out.with_suffix(".png"))
 

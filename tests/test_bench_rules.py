@@ -46,6 +46,40 @@ def test_bench_rules_smoke(bench, qwen2_ckpt, tmp_path):
     assert "| tiny | left_anchored | 0.9 |" in md and "dominated" in md
     assert out.with_suffix(".png").stat().st_size > 1000
     assert data["split"] == "val" and data["machine"]["torch_threads"] == 1
+    assert [a["curve"] for a in data["aup"]] == ["threshold", "left_anchored", "entropy_bounded",
+                                                 "Pareto front (all settings)"]
+    assert "AUP" in md
+
+
+def test_bench_rules_lossless_points(bench, qwen2_ckpt, tmp_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": f"Ann has {i} pens.", "response": f"#### {i}"}) + "\n"
+                           for i in range(2)))
+    out = tmp_path / "rules"
+    bench.main(["--model", f"tiny={qwen2_ckpt}", "--val-file", str(val), "--limit", "2",
+                "--sweep", "left_anchored=0.9", "--lossless", "--ar-base", str(qwen2_ckpt),
+                "--max-new-tokens", "8", "--batch-size", "2", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    rules = [r["rule"] for r in data["rows"]]
+    assert rules == ["AR base", "left_anchored", "self-speculative k=8", "merged k=4",
+                     "speculative (AR base target) k=8"]
+    for r in data["rows"]:
+        assert r["tokens_per_forward"] > 0
+
+
+def test_aup_table_uses_the_runs_best_accuracy(bench):
+    from fastdllm.evaluation.aup import aup
+
+    def row(model, rule, acc, tpf):
+        return dict(model=model, rule=rule, threshold=0.9, accuracy=acc, tokens_per_forward=tpf)
+
+    rows = [row("AR base", "AR base", 0.90, 1.0), row("m", "left_anchored", 0.80, 2.0),
+            row("m", "left_anchored", 0.78, 2.5), row("m", "merged k=4", 0.88, 1.5)]
+    table = {a["curve"]: a for a in bench.aup_table(rows)}
+    assert table["left_anchored"]["AUP"] == round(aup([(2.0, 80), (2.5, 78)], y_max=90), 2)
+    # the front keeps the merged point and both rule points (none beats another on both axes)
+    assert table["Pareto front (all settings)"]["points"] == 3
+    assert table["left_anchored"]["y_max"] == 90
 
 
 def test_dominance_follows_its_definition(bench):

@@ -177,3 +177,24 @@ def test_lm_eval_command_line(tmp_path):
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["results"]["gsm8k_local"]["exact_match,none"] >= 0.0
     assert results["config"]["model"] == "fastdllm"
+
+
+def test_fastdllm_eval_sweep_reports_the_frontier_and_its_aup(tmp_path, problems_file):
+    from fastdllm.evaluation.aup import aup
+
+    out = tmp_path / "sweep.json"
+    rc = main(["eval", "--model", str(DIFFUSION), "--data", str(problems_file), "--limit", "4",
+               "--batch-size", "4", "--max-new-tokens", str(MAX_NEW), "--threshold", "0.9",
+               "--sweep", "1.0,0.7", "--compare-ar", "--json", str(out), "--no-progress",
+               "--device", "cpu"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["threshold"] for r in result["runs"][:3]] == [0.9, 1.0, 0.7] and result["runs"][3]["mode"] == "ar"
+    f = result["frontier"]
+    pts = [(r["speed"]["tokens_per_forward"], 100 * r["accuracy"]) for r in result["runs"][:3]]
+    assert sorted(pts) == [(p["tokens_per_forward"], p["accuracy"]) for p in f["points"]]
+    assert f["y_max"] == 100 * max(r["accuracy"] for r in result["runs"])
+    assert f["aup"] == pytest.approx(aup(pts, y_max=f["y_max"]))
+    assert "AUP" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(DIFFUSION), "--data", str(problems_file), "--sweep", "1.5"])

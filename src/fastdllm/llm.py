@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,18 @@ class GenerationResult:
         return out
 
 
+def _confidence_temperature(model_dir: Path) -> float:
+    """generation_config.json's "confidence_temperature" (a fitted calibration), else 1.0."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return 1.0
+    value = json.loads(path.read_text()).get("confidence_temperature", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise FastDLLMError(f"{path}: confidence_temperature must be a positive number, got {value!r}",
+                            field="confidence_temperature")
+    return float(value)
+
+
 @dataclass
 class LLM:
     model: Transformer
@@ -70,6 +83,9 @@ class LLM:
     model_dir: Path
     special: SpecialTokens
     default_block_size: int = 32
+    # the checkpoint's fitted confidence temperature (generation_config.json
+    # "confidence_temperature"), the default of every diffusion decode; 1.0 when absent
+    default_confidence_temperature: float = 1.0
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     draft: "LLM | None" = None  # the block-diffusion draft model of speculative decoding
@@ -118,7 +134,8 @@ class LLM:
         runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block),
                               cpu_static="compile" if cpu_compile else "off")
         return cls(model, tokenizer, model_dir, special, default_block_size=block, draft=draft,
-                   runner=runner, cache=cache)
+                   runner=runner, cache=cache,
+                   default_confidence_temperature=_confidence_temperature(model_dir))
 
     @property
     def config(self) -> ModelConfig:
@@ -134,7 +151,8 @@ class LLM:
                                       sub_block_size=min(8, self.default_block_size),
                                       token_shift=self.config.token_shift,
                                       mode="speculative" if self.draft else "diffusion",
-                                      draft_length=min(8, self.default_block_size))
+                                      draft_length=min(8, self.default_block_size),
+                                      confidence_temperature=self.default_confidence_temperature)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(base, **overrides) if overrides else base
 

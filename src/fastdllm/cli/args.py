@@ -47,6 +47,9 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                         "threshold (the official rule: every token above it plus the most "
                         "confident), entropy_bounded (EB-sampler: most confident first while the "
                         "entropy stays <= -ln of it)")
+    g.add_argument("--confidence-temperature", type=float, default=None,
+                   help="temperature of the confidences the rule reads (default: the checkpoint's "
+                        "generation_config.json confidence_temperature, else 1.0 = as drawn)")
     g.add_argument("--no-sub-block-cache", action="store_true", help="recompute the full block every step")
     g.add_argument("--no-block-cache", action="store_true",
                    help="slow reference: recompute the whole sequence every step")
@@ -70,7 +73,7 @@ def decode_overrides(args: argparse.Namespace) -> dict:
     return dict(
         mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
         sub_block_size=args.sub_block_size, threshold=args.threshold, rule=args.rule,
-        sub_block_cache=False if args.no_sub_block_cache else None,
+        confidence_temperature=args.confidence_temperature, sub_block_cache=False if args.no_sub_block_cache else None,
         block_cache=False if args.no_block_cache else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         draft_length=args.draft_length, draft_steps=args.draft_steps, draft_cache=args.draft_cache,

@@ -24,11 +24,24 @@ def add_parser(subparsers) -> None:
     g.add_argument("--compare-ar", action="store_true",
                    help="also run the same problems in AR mode (on --ar-model if given) side by side")
     g.add_argument("--ar-model", default=None, help="the AR base for --compare-ar (default: --model in AR mode)")
+    g.add_argument("--sweep", type=_thresholds, default=(), metavar="T1,T2,...",
+                   help="more thresholds, one run each: the accuracy vs tokens-per-forward frontier "
+                        "and its AUP (with --json, also OUT.png)")
     g.add_argument("--json", metavar="OUT.json", type=Path, default=None,
                    help="write the full result (and OUT.md, the markdown summary)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_decode_args(e)
     e.set_defaults(func=cmd_eval)
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep takes thresholds like 0.95,0.9,0.8, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--sweep thresholds must be in (0, 1], got {text!r}")
+    return values
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -49,11 +62,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ar_llm = LLM.load(args.ar_model, device=args.device, dtype=args.dtype) if args.ar_model else None
     device = str(next(llm.model.parameters()).device)
     result = evaluate(llm, cfg, model=args.model, ar_llm=ar_llm, ar_model=args.ar_model,
-                      compare_ar=args.compare_ar, device=device, **decode_overrides(args))
+                      compare_ar=args.compare_ar, device=device, sweep=args.sweep,
+                      **decode_overrides(args))
     summary = markdown_summary(result)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         atomic_write_text(args.json.with_suffix(".md"), summary)
         print(f"wrote {args.json} and {args.json.with_suffix('.md')}", file=sys.stderr)
+        if "frontier" in result:
+            from ..evaluation.report import plot_frontier
+
+            plot_frontier(result, args.json.with_suffix(".png"))
     print(summary)
     return 0

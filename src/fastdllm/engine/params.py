@@ -44,6 +44,12 @@ class DecodeConfig:
     # (joint confidence; the default: it dominates the official rule on the validation split,
     # docs/design.md), "threshold" (the official Fast-dLLM v2 rule) or "entropy_bounded"
     rule: str = "left_anchored"
+    # temperature of the confidences the rule reads (temperature scaling, fitted on the
+    # validation split; evaluation/calibration.py): a drawn token's confidence becomes its
+    # probability under softmax(logits / confidence_temperature). 1.0 (default): the confidence
+    # is the drawing distribution's probability, bit for bit the official rule's input. The
+    # token drawn never changes; a checkpoint's generation_config.json may set it
+    confidence_temperature: float = 1.0
     block_cache: bool = True  # False: the slow reference that recomputes the sequence every step
     sub_block_cache: bool = True
     token_shift: bool = True  # token i is predicted from the output at i - 1 (paper §3.2)
@@ -92,6 +98,12 @@ class DecodeConfig:
             raise FastDLLMError(
                 f"rule must be one of {', '.join(RULES)}, got {self.rule!r}; threshold is the "
                 "official Fast-dLLM v2 rule", field="rule", fixes=[("rule", "threshold")])
+        _real("confidence_temperature", self.confidence_temperature)
+        if not MIN_TEMPERATURE <= self.confidence_temperature <= MAX_TEMPERATURE:
+            raise FastDLLMError(
+                f"confidence_temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got "
+                f"{self.confidence_temperature}; 1.0 leaves the confidences as drawn",
+                field="confidence_temperature")
         _real("temperature", self.temperature)
         if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
             raise FastDLLMError(
@@ -166,6 +178,11 @@ class DecodeConfig:
     def processes_logits(self) -> bool:
         """Whether logits are changed before the draw (bias or penalties)."""
         return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the rule reads temperature-scaled confidences (a diffusion row only)."""
+        return self.mode == "diffusion" and self.confidence_temperature != 1.0
 
     @property
     def diffusion(self) -> bool:

@@ -27,7 +27,7 @@ from ..model.transformer import Transformer
 from . import logit_processing
 from .attention import row_limits
 from .params import DecodeConfig, RunnerConfig
-from .sampling import draw, draw_entropy
+from .sampling import calibrate, draw, draw_entropy
 from .selection import needs_entropy
 from .sequence import ForwardPlan, PlanKind, Sequence
 from .static_step import StaticSteps
@@ -69,6 +69,10 @@ class ModelRunner:
         # later engine asks for longer ones, while a graph captured now keeps reading these
         self.rope = model.rope_tables(max_len)
         self.static = StaticSteps.for_runner(self) if StaticSteps.enabled(config, self.device) else None
+        # an observer of every eager step: probe(rows, logits (R, V), spans), called before the
+        # sequences advance (their state is the one the logits were computed in). For
+        # measurements (benchmarks/bench_calibration.py); None in serving
+        self.probe = None
 
     # ------------------------------------------------------------------ pages
     def write_index(self, pages: list[int], start: int, end: int) -> list[int]:
@@ -124,6 +128,7 @@ class ModelRunner:
         settings = [GREEDY if p.kind is PlanKind.RECOMPUTE else s.params for s, p in rows]
         generators = [None if p.kind is PlanKind.RECOMPUTE else s.generator for s, p in rows]
         entropy_needed = any(p.diffusion and needs_entropy(p.rule) for p in settings)
+        calibrated = any(p.calibrated for p in settings)
         entropy = None
         eager = logit_processing.needs_eager(rows)  # logit_bias, penalties, logprobs
         if self.static is not None and not eager and self.static.fits(rows):
@@ -143,6 +148,10 @@ class ModelRunner:
             tokens, conf = draw(logits, spans, settings, generators)
             if entropy_needed:
                 entropy = draw_entropy(logits, spans, settings)
+        if calibrated:  # the rule reads temperature-scaled confidences (calibration.py)
+            conf = calibrate(logits, tokens, conf, spans, settings)
+        if self.probe is not None:
+            self.probe(rows, logits, spans)
         toks, confs, ents = to_host(tokens, conf, entropy)
         return toks, confs, ents, spans
 

@@ -92,3 +92,16 @@ def draw_entropy(logits: torch.Tensor, segments: list[tuple[int, int]], settings
             else distribution(logits[a:b], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         ).sum(dim=-1)
         for (a, b), s in zip(segments, settings)])
+
+
+def calibrate(logits: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor,
+              segments: list[tuple[int, int]], settings: list) -> torch.Tensor:
+    """The confidences the decoding rule reads: for a row whose settings ask for it
+    (`calibrated`), the drawn token's probability under softmax(logits / confidence_temperature);
+    every other row keeps `conf` as drawn. logits (R, V), tokens and conf (R,)."""
+    out = conf.clone()
+    for (a, b), s in zip(segments, settings):
+        if a < b and s.calibrated:
+            probs = torch.softmax(logits[a:b].float() / s.confidence_temperature, dim=-1)
+            out[a:b] = probs.gather(-1, tokens[a:b, None]).squeeze(-1)
+    return out

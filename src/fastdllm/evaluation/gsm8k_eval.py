@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..errors import FastDLLMError
 from ..tasks import extract_answer, format_prompt, is_correct, read_gsm8k_jsonl
+from .aup import aup
 from .decoding import decode
 from .report import wilson_interval
 
@@ -83,13 +84,19 @@ def run_model(llm, problems: list[dict], exemplars: list[dict], cfg: EvalConfig,
 
 
 def evaluate(llm, cfg: EvalConfig, *, model: str, ar_llm=None, ar_model: str | None = None,
-             compare_ar: bool = False, device: str = "cpu", **decode_overrides) -> dict:
-    """The full result of `fastdllm eval` (what --json writes)."""
+             compare_ar: bool = False, device: str = "cpu", sweep: tuple[float, ...] = (),
+             **decode_overrides) -> dict:
+    """The full result of `fastdllm eval` (what --json writes). `sweep`: more thresholds, each
+    one more run with the same settings; the result then has a `frontier`: accuracy against
+    tokens per forward of the diffusion runs and its AUP (evaluation/aup.py)."""
     rows = read_gsm8k_jsonl(cfg.data)
     exemplars, problems = split_rows(rows, cfg)
     first = run_model(llm, problems, exemplars, cfg, name=decode_overrides.get("mode") or "diffusion",
                       model=model, **decode_overrides)
     runs = [first]
+    for t in sweep:
+        runs.append(run_model(llm, problems, exemplars, cfg, name=f"threshold {t:g}", model=model,
+                              **{**decode_overrides, "threshold": t}))
     if compare_ar:
         ar_overrides = {k: v for k, v in decode_overrides.items()
                         if k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
@@ -98,7 +105,19 @@ def evaluate(llm, cfg: EvalConfig, *, model: str, ar_llm=None, ar_model: str | N
     result = {"data": str(cfg.data), "problems": len(problems), "num_fewshot": cfg.num_fewshot,
               "batch_size": cfg.batch_size, "max_new_tokens": first["max_new_tokens"],
               "device": device, "runs": runs}
-    if compare_ar and runs[1]["speed"]["tokens_per_second"]:
+    if compare_ar and runs[-1]["speed"]["tokens_per_second"]:
         result["speedup_vs_ar"] = round(first["speed"]["tokens_per_second"]
-                                        / runs[1]["speed"]["tokens_per_second"], 3)
+                                        / runs[-1]["speed"]["tokens_per_second"], 3)
+    if sweep:
+        result["frontier"] = frontier(runs)
     return result
+
+
+def frontier(runs: list[dict]) -> dict:
+    """Accuracy (%) against tokens per forward of the diffusion runs, and their AUP with y_max
+    the best accuracy of every run (the AR run's included)."""
+    points = [(r["speed"]["tokens_per_forward"], 100 * r["accuracy"], r["threshold"])
+              for r in runs if r["mode"] == "diffusion"]
+    y_max = 100 * max(r["accuracy"] for r in runs)
+    return {"points": [{"tokens_per_forward": x, "accuracy": y, "threshold": t} for x, y, t in sorted(points)],
+            "y_max": y_max, "aup": aup([(x, y) for x, y, _ in points], y_max=y_max)}

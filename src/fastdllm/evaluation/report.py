@@ -42,8 +42,45 @@ def markdown_summary(result: dict) -> str:
     if "speedup_vs_ar" in result:
         lines += ["", f"Speed-up of the first run over the AR run (tokens/s): "
                       f"{result['speedup_vs_ar']:.2f}x."]
+    if "frontier" in result:
+        f = result["frontier"]
+        lines += ["", f"AUP (accuracy under parallelism, d3LLM's definition) of the diffusion runs: "
+                      f"{f['aup']:.2f} (y_max {f['y_max']:.1f}%, {len(f['points'])} points)."]
     lines += ["", "Generated tokens: output tokens up to and including the stop token (never prompt "
               "tokens or masks); tokens/forward: generated tokens / forwards each sequence took part "
               "in; forwards: model calls of the run (a batched call counts once); tokens/s: generated "
               "tokens / wall seconds of decoding. 95% CI: Wilson score interval.", ""]
     return "\n".join(lines)
+
+
+def plot_frontier(result: dict, out) -> None:
+    """The frontier of a `fastdllm eval --sweep` run as a PNG: accuracy against tokens per
+    forward, the AR run (if any) as a line. Needs matplotlib."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..atomic import atomic_write_bytes
+
+    f = result["frontier"]
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [p["tokens_per_forward"] for p in f["points"]]
+    ys = [p["accuracy"] for p in f["points"]]
+    ax.plot(xs, ys, marker="o", label=f"diffusion (AUP {f['aup']:.1f})")
+    for p in f["points"]:
+        ax.annotate(f"{p['threshold']:g}", (p["tokens_per_forward"], p["accuracy"]),
+                    textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for run in result["runs"]:
+        if run["mode"] == "ar":
+            ax.axhline(100 * run["accuracy"], color="black", linestyle="--", label="AR")
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(out, buf.getvalue())

@@ -108,9 +108,16 @@ class DiffusionConfig:
     # (schedule.ar_weight_at).
     ar_loss_weight: float = 3.0
     ar_loss_weight_end: float | None = None
+    # certainty distillation (training/loss.py `certainty_sums`; off until measured): + weight x
+    # mean entropy of the right predictions among the diffusion targets (dParallel's certainty
+    # forcing), + weight x mean -log(1 - p_argmax) of the wrong ones (confident mistakes)
+    certainty_weight: float = 0.0
+    wrong_confidence_weight: float = 0.0
 
     def __post_init__(self):
         _positive(self.block_size, "diffusion.block_size")
+        _positive(self.certainty_weight, "diffusion.certainty_weight", allow_zero=True)
+        _positive(self.wrong_confidence_weight, "diffusion.wrong_confidence_weight", allow_zero=True)
         _positive(self.ar_loss_weight, "diffusion.ar_loss_weight", allow_zero=True)
         if self.ar_loss_weight_end is not None:
             _positive(self.ar_loss_weight_end, "diffusion.ar_loss_weight_end", allow_zero=True)

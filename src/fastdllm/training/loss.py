@@ -85,3 +85,26 @@ def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor,
     if weights is not None:
         ce = ce * weights[valid]
     return ce.sum()
+
+
+def certainty_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Certainty distillation terms over the targets (dParallel's certainty forcing, arXiv
+    2509.26488, plus a penalty on confident mistakes), summed in float32:
+
+    - certainty: the entropy of the predicted distribution at every target the model already
+      predicts right (argmax == target): minimising it makes right predictions confident
+      earlier, which a threshold rule turns into more tokens per step;
+    - confident mistakes: -log(1 - p_argmax) at every target predicted wrong: minimising it
+      pulls probability off a wrong argmax, which a threshold rule would otherwise accept.
+
+    The argmax and the right/wrong split are taken without gradient (they select terms); the
+    gradient flows through the entropy and p_argmax. logits (n, L, V), targets (n, L)."""
+    valid = targets != IGNORE
+    logp = F.log_softmax(logits[valid].float(), dim=-1)  # (N, V)
+    tgt = targets[valid]
+    pred = logp.detach().argmax(dim=-1)
+    right = pred == tgt
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    p_max = logp.gather(-1, pred[:, None]).squeeze(-1).exp()
+    wrong = -torch.log1p(-p_max.clamp(max=1.0 - 1e-6))
+    return entropy[right].sum(), wrong[~right].sum()

@@ -27,7 +27,7 @@ from .base_model import initial_model, resumed_model
 from .config import TrainConfig, with_added_defaults
 from .config_file import load_train_config
 from .dataset import RowOrder, build_datasets, micro_batch_indices
-from .loss import target_loss_sum
+from .loss import certainty_sums, target_loss_sum
 from .noise import row_seed
 from .objective import Batch, StepLayout, ar_batch, diffusion_batch
 from .packing import PackedRows
@@ -146,6 +146,9 @@ class Trainer:
                                  attention=attention)
         self.eval_layout = dataclasses.replace(self.layout, attention=validation_attention(attention, t.compile))
         self.ar_term = cfg.objective == "diffusion" and uses_ar_loss(cfg.diffusion)
+        # certainty distillation: computed only when weighted, so weights 0 are the plain recipe
+        self.certainty_term = cfg.objective == "diffusion" and (
+            cfg.diffusion.certainty_weight > 0 or cfg.diffusion.wrong_confidence_weight > 0)
         self.order = RowOrder(len(self.train_rows), t.seed)
         self.last_loss: float | None = None
         self.last_val: float | None = None
@@ -216,7 +219,9 @@ class Trainer:
         # over every target of the global batch
         scale = {"main": self.acc.num_processes / max(denominator, 1.0),
                  "ar": ar_weight * self.acc.num_processes / max(ar_denominator, 1.0)}
-        sums = {kind: torch.zeros((), dtype=torch.float64, device=self.acc.device) for kind in scale}
+        sums = {kind: torch.zeros((), dtype=torch.float64, device=self.acc.device)
+                for kind in (*scale, "certainty", "wrong")}
+        d = self.cfg.diffusion
         for i, (kind, batch) in enumerate(parts):
             last = i == len(parts) - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
@@ -224,8 +229,13 @@ class Trainer:
                     logits = self.forward(batch.input_ids, batch.positions, batch.attn_mask,
                                           logits_slice=batch.logits_index)
                 loss = target_loss_sum(logits, batch.targets, batch.weights)
+                sums[kind] += loss.detach().double()  # no host sync per micro-batch
+                if kind == "main" and self.certainty_term:
+                    certain, wrong = certainty_sums(logits, batch.targets)
+                    loss = loss + d.certainty_weight * certain + d.wrong_confidence_weight * wrong
+                    sums["certainty"] += certain.detach().double()
+                    sums["wrong"] += wrong.detach().double()
                 self.acc.backward(loss * scale[kind])
-            sums[kind] += loss.detach().double()  # no host sync per micro-batch
         grad_norm = None
         if self.cfg.optimizer.grad_clip > 0:
             if self.sharded:
@@ -235,7 +245,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        main_total, ar_total = self._reduce(*torch.stack([sums["main"], sums["ar"]]).tolist())
+        main_total, ar_total, certain_total, wrong_total = self._reduce(
+            *torch.stack([sums["main"], sums["ar"], sums["certainty"], sums["wrong"]]).tolist())
         self.tokens_seen += self.global_rows * self.cfg.data.seq_len
         self.data_tokens_seen += int(data_tokens)
         main_loss = main_total / max(denominator, 1.0)
@@ -245,6 +256,11 @@ class Trainer:
             ar_loss = ar_total / max(ar_denominator, 1.0) if ar_weight > 0 else None
             record.update(diffusion_loss=main_loss, ar_loss=ar_loss, ar_weight=ar_weight,
                           loss=main_loss + ar_weight * (ar_loss or 0.0))
+        if self.certainty_term:
+            certain, wrong = certain_total / max(denominator, 1.0), wrong_total / max(denominator, 1.0)
+            record.update(certainty_loss=certain, wrong_confidence_loss=wrong,
+                          loss=record["loss"] + d.certainty_weight * certain
+                          + d.wrong_confidence_weight * wrong)
         self.last_loss = record["loss"]
         return record
 
