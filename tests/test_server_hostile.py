@@ -162,3 +162,31 @@ def test_merged_server_refuses_before_queueing(llm):
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         t.join(60)
         assert results["good"] == solo
+
+
+# class 11: a checkpoint never adapted for block diffusion serves AR by default and refuses
+# "mode": "diffusion" with a 400 naming the fix, streamed or not; `serve --mode diffusion` refuses
+def test_a_never_adapted_checkpoint_refuses_diffusion(ar_ckpt, capsys):
+    from fastdllm.cli import main
+
+    llm = LLM.load(ar_ckpt, device="cpu")
+    with BackgroundServer(llm, ServerConfig(served_model_name="tiny", max_batch=2,
+                                            defaults=llm.decode_config(max_new_tokens=8))) as srv:
+        body = {"prompt": "Once upon a time", "max_tokens": 8}
+        out = post(srv, "completions", body)
+        assert out.status_code == 200
+        assert out.json()["choices"][0]["text"] == llm.generate("Once upon a time", mode="ar",
+                                                                max_new_tokens=8).text
+        for stream in (False, True):
+            r = post(srv, "completions", {**body, "mode": "diffusion", "stream": stream})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "mode", r.text
+            assert "never adapted" in err["message"] and '"mode": "ar"' in err["message"]
+            assert "fastdllm train" in err["message"]
+    out: dict = {}
+    argv = ["serve", "--model", str(ar_ckpt), "--device", "cpu", "--mode", "diffusion", "--port", "0"]
+    t = threading.Thread(target=lambda: out.update(code=main(argv)), daemon=True)
+    t.start()
+    t.join(60)
+    assert out.get("code") == 2, "serve --mode diffusion started on a checkpoint never adapted"
+    assert "never adapted" in capsys.readouterr().err

@@ -35,7 +35,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--mode", choices=("diffusion", "ar", "speculative"), default=None,
-                   help="default: diffusion (speculative with --draft-model); speculative without "
+                   help="default: diffusion (speculative with --draft-model; ar for a checkpoint never "
+                        "adapted, with no bd_size or mask_token_id in its config.json, which "
+                        "refuses diffusion); speculative without "
                         "--draft-model drafts with --model itself (self-speculative)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: 256")
     g.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's bd_size, else 32")

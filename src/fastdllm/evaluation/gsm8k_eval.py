@@ -87,7 +87,7 @@ def evaluate(llm, cfg: EvalConfig, *, model: str, ar_llm=None, ar_model: str | N
     """The full result of `fastdllm eval` (what --json writes)."""
     rows = read_gsm8k_jsonl(cfg.data)
     exemplars, problems = split_rows(rows, cfg)
-    first = run_model(llm, problems, exemplars, cfg, name=decode_overrides.get("mode") or "diffusion",
+    first = run_model(llm, problems, exemplars, cfg, name=llm.decode_config(mode=decode_overrides.get("mode")).mode,
                       model=model, **decode_overrides)
     runs = [first]
     if compare_ar:
