@@ -360,3 +360,33 @@ def test_host_header_is_checked(server):
     assert allowed_hosts("0.0.0.0", None) == ("*",) and allowed_hosts("::1", None) == allowed_hosts("127.0.0.1", None)
     assert allowed_hosts("0.0.0.0", ("api.example",)) == ("api.example",)
     assert host_name("[::1]:8000") == "::1" and host_name("a.example:80") == "a.example"
+
+
+# class 7: a per-step cost budget. Measured on the shipped model (CPU, 4 rows, docs/serving.md):
+# one merged row at draft_length 16 slowed its three K=8 peers' steps 3.9x, at 32 21x, while
+# --max-draft-length allowed both; a diffusion row of block 64 costs its peers 1.1x
+def test_per_step_cost_budget(llm):
+    from fastdllm.engine.params import DecodeConfig
+
+    def shape(**kw) -> int:
+        return DecodeConfig(**{"block_size": 32, "sub_block_size": 8, **kw}).step_positions
+
+    assert shape(mode="ar") == 1 and shape() == 32
+    assert shape(mode="speculative", draft_length=8) == 32
+    assert shape(mode="speculative", merged=True, draft_length=8) == 90
+    merged = ServerConfig(served_model_name="tiny", max_batch=2, defaults=llm.decode_config(
+        mode="speculative", merged=True, block_size=64, sub_block_size=8, max_new_tokens=8))
+    body = {"prompt": "Once upon a time", "max_tokens": 8}
+    with BackgroundServer(llm, merged) as srv:  # defaults: draft_length 8, 90 positions
+        assert post(srv, "completions", {**body, "draft_length": 8}).status_code == 200
+        for stream in (False, True):
+            r = post(srv, "completions", {**body, "draft_length": 9, "stream": stream})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "draft_length", r.text
+            assert "110 positions" in err["message"] and "--max-step-tokens" in err["message"]
+    wide = ServerConfig(served_model_name="tiny", max_batch=2, max_block_size=256,
+                        defaults=llm.decode_config(max_new_tokens=8))
+    with BackgroundServer(llm, wide) as srv:  # --max-block-size allows 256, the budget 64
+        assert post(srv, "completions", {**body, "block_size": 64}).status_code == 200
+        r = post(srv, "completions", {**body, "block_size": 128})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "block_size", r.text

@@ -44,6 +44,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--max-draft-length", type=int, default=None,
                    help="largest draft_length a speculative request may ask for (default: 16, "
                         "at most 32 for the merged form)")
+    g.add_argument("--max-step-tokens", type=int, default=None,
+                   help="most positions one request may put into each forward (its block; the "
+                        "merged form's (draft_length + 1) x (draft_length + 2)); default: the "
+                        "server's own decoding defaults', at least 64")
     g.add_argument("--allowed-origins", nargs="*", default=(),
                    help="browser origins allowed to call the server (CORS), e.g. "
                         "http://localhost:3000, or * for any; default: none (requests carrying an "
@@ -86,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_block_size=args.max_block_size,
         max_draft_length=args.max_draft_length,
+        max_step_tokens=args.max_step_tokens,
         allowed_origins=tuple(args.allowed_origins),
         allowed_hosts=None if args.allowed_hosts is None else tuple(args.allowed_hosts),
         header_timeout=args.header_timeout,

@@ -185,6 +185,20 @@ class DecodeConfig:
         """KV-cache positions one request occupies: prompt + max_new_tokens in whole blocks."""
         return round_up(prompt_len + self.max_new_tokens, self.block)
 
+    @property
+    def step_positions(self) -> int:
+        """The most positions this request puts into one forward while it decodes (its prompt's
+        prefill aside), what its row costs every sequence batched with it: AR 1; diffusion a
+        block; speculative the draft's forward to the block's end or the k + 1 verified; the
+        merged form k + 1 verified plus k + 1 draft groups of k + 1 (merged.py)."""
+        if self.mode == "ar":
+            return 1
+        if self.mode == "diffusion":
+            return self.block_size
+        if self.merged:
+            return (self.draft_length + 1) * (self.draft_length + 2)
+        return max(self.block_size, self.draft_length + 1)
+
 
 def _integer(name: str, value, lo: int, hi: int, what: str) -> None:
     """An int (never a bool or a float) in [lo, hi], else an error naming the field."""

@@ -47,6 +47,9 @@ class ServerConfig:
     # (a step is as slow as its widest row): None = the defaults' own value, at least 64 / 16
     max_block_size: int | None = None
     max_draft_length: int | None = None
+    # positions one request's row may put into each forward (DecodeConfig.step_positions);
+    # None: the defaults' own, at least 64
+    max_step_tokens: int | None = None
     # browser origins allowed to call the server (CORS); none by default, so no web page can
     # drive a local server. "*" allows any.
     allowed_origins: tuple[str, ...] = ()
@@ -80,7 +83,7 @@ class ServerConfig:
         if not 0 < self.text_timeout <= 3600:
             raise FastDLLMError(f"text_timeout must be in (0, 3600] seconds, got {self.text_timeout}",
                                 field="text_timeout")
-        for name in ("max_block_size", "max_draft_length"):
+        for name in ("max_block_size", "max_draft_length", "max_step_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FastDLLMError(f"{name} must be >= 1, got {value}", field=name)
@@ -142,6 +145,7 @@ class Server:
         self.max_block_size = config.max_block_size or max(64, d.block_size)
         self.max_draft_length = min(config.max_draft_length or max(16, d.draft_length),
                                     MAX_MERGED_DRAFT if d.merged else MAX_BLOCK_SIZE)
+        self.max_step_tokens = config.max_step_tokens or max(64, d.step_positions)
         self.draining = False  # SIGTERM: new requests get 503 while in-flight ones finish
         self.drain_deadline: float | None = None  # (event-loop time) when in-flight ones are cut
         self.in_flight = 0  # requests whose response has not been sent in full
@@ -307,6 +311,15 @@ class Server:
                            f"needs {params.cache_len(prompt_len)} KV-cache positions but this "
                            f"server's whole KV cache holds {self.pool_positions}; lower {name} "
                            "(the operator can raise --kv-cache-memory)", param=name)
+        if params.step_positions > self.max_step_tokens:
+            field = "draft_length" if params.speculative and (
+                params.merged or params.draft_length + 1 > params.block_size) else "block_size"
+            raise APIError(
+                f"{field} {getattr(params, field)} makes each forward carry "
+                f"{params.step_positions} positions of this request, more than this server "
+                f"allows one request ({self.max_step_tokens}, --max-step-tokens): a step is as slow "
+                f"as its widest row, for every request batched with it; lower {field}",
+                param=field)
         if params.speculative and not self.speculative:
             raise APIError("this server was not started for speculative decoding; start it with "
                            "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
