@@ -43,6 +43,13 @@ def qwen2_ckpt(checkpoint_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ar_ckpt(checkpoint_factory) -> Path:
+    """`qwen2_ckpt`'s weights as a plain AR checkpoint: no bd_size, no mask_token_id in config.json
+    (its tokenizer still holds |<MASK>|, as the shipped fastdllm-wp-ar's does)."""
+    return checkpoint_factory("qwen2", bd_size=None)
+
+
+@pytest.fixture(scope="session")
 def qwen2_tied_ckpt(checkpoint_factory) -> Path:
     return checkpoint_factory("qwen2", tie=True)
 

@@ -195,7 +195,7 @@ def make_checkpoint(
     rope_scaling: dict[str, Any] | None = None,
     seed: int = 0,
     num_layers: int = 2,
-    bd_size: int = 32,
+    bd_size: int | None = 32,
     mask_token_id: int | None = None,
     legacy_rope: bool = False,
     rope_theta: float = 10000.0,
@@ -211,6 +211,9 @@ def make_checkpoint(
         the published top-level `rope_theta` spelling; no mask_token_id (the tokenizer's
         |<MASK>| is the mask).
     rope_scaling: e.g. `LLAMA3_ROPE`.
+    bd_size: written to config.json (a checkpoint adapted for block diffusion, as the random
+        weights stand for in the diffusion tests); None: a plain AR checkpoint, which
+        refuses diffusion decoding (`LLM.is_adapted`).
     mask_token_id: written to config.json when given.
     lm_head_scale: multiplies the output embedding (see `_shape_random_init`).
     legacy_rope: rewrite RoPE as top-level `rope_theta` + `rope_scaling` (transformers 4.x and
@@ -245,6 +248,8 @@ def make_checkpoint(
         _rewrite_rope_legacy(model_dir)
     if official_layout:
         _make_official_layout(model_dir, bd_size)
+    elif bd_size is not None:
+        update_config(model_dir, bd_size=bd_size)
     if mask_token_id is not None:
         update_config(model_dir, mask_token_id=mask_token_id)
     return model_dir

@@ -32,7 +32,9 @@ CASES = [
     ("diffusion-no-subcache", "diffusion", {"sub_block_cache": False}),
     ("diffusion-block16", "diffusion", {"block_size": 16, "sub_block_size": 4}),
     ("diffusion-t07", "diffusion", {"threshold": 0.7, "rule": "threshold"}),
-    ("diffusion-sampled", "diffusion", {"temperature": 0.8, "top_p": 0.95, "seed": 7}),
+    # the official sampler's confidences: what the engine before paging read (5bb25e8)
+    ("diffusion-sampled", "diffusion", {"temperature": 0.8, "top_p": 0.95, "seed": 7,
+                                        "confidence": "sampler"}),
     ("ar-on-diffusion", "diffusion", {"mode": "ar"}),
     ("ar-model", "ar", {"mode": "ar"}),
     ("ar-sampled", "ar", {"mode": "ar", "temperature": 0.8, "top_k": 20, "seed": 3}),

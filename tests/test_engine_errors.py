@@ -118,13 +118,55 @@ def test_prompt_ids_outside_the_vocabulary(qwen2):
         qwen2.generate([-1, 5])
 
 
-def test_diffusion_needs_a_mask_token(stories260k_dir):
-    llm = LLM.load(stories260k_dir, device="cpu")
-    assert llm.special.mask_token_id is None
+def test_diffusion_needs_a_mask_token(no_tokenizer_ckpt):
+    llm = LLM.load(no_tokenizer_ckpt, device="cpu")  # adapted (bd_size), but nothing names a mask
+    assert llm.special.mask_token_id is None and llm.adapted
     with raises("needs a mask token", "--mask-token-id", "--mode ar"):
-        llm.generate("Once upon a time", max_new_tokens=8)
+        llm.generate([5, 6, 7], max_new_tokens=8)
     # the failed request left nothing behind: AR decoding still works
-    assert llm.generate("Once upon a time", mode="ar", max_new_tokens=8).token_ids
+    assert llm.generate([5, 6, 7], mode="ar", max_new_tokens=8).token_ids
+
+
+# issue 21, class 11: a checkpoint never adapted for block diffusion decodes AR by default and
+# refuses diffusion in every front end (the server's refusal: tests/test_server_hostile.py)
+@pytest.mark.parametrize("which", ["ar_ckpt", "stories260k_dir"])
+def test_never_adapted_checkpoints_refuse_diffusion(which, request, capsys):
+    from fastdllm.cli import main
+
+    ckpt = request.getfixturevalue(which)
+    llm = LLM.load(ckpt, device="cpu")
+    assert not llm.adapted and llm.decode_config().mode == "ar"
+    prompt = "Once upon a time"
+    default = llm.generate(prompt, max_new_tokens=8)
+    assert default.params.mode == "ar"
+    assert default.token_ids == llm.generate(prompt, mode="ar", max_new_tokens=8).token_ids
+    for call in (lambda: llm.generate(prompt, mode="diffusion", max_new_tokens=8),
+                 lambda: llm.generate_batch([prompt, prompt], mode="diffusion"),
+                 lambda: llm.decode_config(mode="diffusion")):
+        with raises("never adapted for block diffusion", "no bd_size and no mask_token_id",
+                    "fastdllm train", "--mode ar") as e:
+            call()
+        assert e.value.field == "mode"
+    for command in ("generate", "chat") if which == "ar_ckpt" else ("generate",):  # chat: a template
+        argv = [command, "--model", str(ckpt), "--device", "cpu", "--mode", "diffusion"]
+        if command == "generate":
+            argv += ["--prompt", prompt]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "never adapted" in err and "--mode ar" in err and "Traceback" not in err
+    # naming the mask token says it was adapted: diffusion is the caller's choice again
+    mask = llm.special.mask_token_id
+    if mask is not None:
+        told = LLM.load(ckpt, device="cpu", mask_token_id=mask)
+        assert told.adapted and told.generate(prompt, max_new_tokens=4).params.mode == "diffusion"
+
+
+def test_shipped_ar_model_is_not_adapted():
+    from fixtures import REPO_ROOT
+
+    ar = LLM.load(REPO_ROOT / "models" / "fastdllm-wp-ar", device="cpu")
+    assert not ar.adapted and ar.decode_config().mode == "ar"
+    assert LLM.load(REPO_ROOT / "models" / "fastdllm-wp-diffusion", device="cpu").adapted
 
 
 def test_text_prompt_without_tokenizer(no_tokenizer_ckpt):

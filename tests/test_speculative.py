@@ -175,6 +175,73 @@ def test_mixed_batch_of_modes_and_settings(pair):
                                      **SMALL).token_ids
 
 
+# ---------------------------------------------------------------------------------- isolation
+CULPRIT = [3, 2, 1]  # ids _prompts never makes, in an order a peer will not draw: the culprit's mark
+
+
+@pytest.fixture(scope="module")
+def self_spec(qwen2_ckpt) -> LLM:
+    return LLM.load(qwen2_ckpt, device="cpu")
+
+
+def _forward_fault(monkeypatch):
+    """Any forward whose input holds the culprit's mark raises (its first one: the prompt)."""
+    forward = Transformer.forward
+
+    def faulty(self, input_ids, *args, **kwargs):
+        x = input_ids
+        a, b, c = CULPRIT
+        if bool(((x[:, :-2] == a) & (x[:, 1:-1] == b) & (x[:, 2:] == c)).any()):
+            raise RuntimeError("injected fault in a forward")
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", faulty)
+
+
+def _row_fault(monkeypatch):
+    """The culprit's own verification raises on its third cycle (mid-decode)."""
+    from fastdllm.engine.speculation import Speculation
+
+    apply_verify = Speculation.apply_verify
+
+    def faulty(self, accepted, next_token):
+        if self.tokens[:3] == CULPRIT and self.stats.cycles == 2:
+            raise RuntimeError("injected fault in a row")
+        apply_verify(self, accepted, next_token)
+
+    monkeypatch.setattr(Speculation, "apply_verify", faulty)
+
+
+@pytest.mark.parametrize("fault", [_forward_fault, _row_fault], ids=["forward", "row"])
+@pytest.mark.parametrize("which,merged", [("pair", False), ("self_spec", False), ("self_spec", True)],
+                         ids=["draft-model", "self-speculative", "merged"])
+def test_one_failing_request_does_not_fail_its_batch(which, merged, fault, request, monkeypatch):
+    """Issue 21, class 1: a request whose row fails (its forward raises, or its own verification)
+    ends alone with its error; its peers (greedy, an AR opt-out, a seeded sampled one) keep the
+    outputs they get alone, and the engine serves the next batch."""
+    llm = request.getfixturevalue(which)
+    prompts = _prompts([4, 9, 17, 8])
+    prompts[1] = CULPRIT + prompts[1]
+    spec = dict(mode="speculative", draft_length=4, merged=merged)
+    settings = [spec, spec, dict(mode="ar"), dict(spec, temperature=0.9, top_k=20, seed=4)]
+    params = [llm.decode_config(max_new_tokens=20, **SMALL, **o) for o in settings]
+    alone = [llm.generate(p, config=c, stop_token_ids=[]).token_ids for p, c in zip(prompts, params)]
+    fault(monkeypatch)
+    engine = llm.new_engine(4, 64, 8, speculative=True)
+    seqs = [engine.add(p, c, stop_token_ids=()) for p, c in zip(prompts, params)]
+    while engine.running:
+        engine.step()
+    assert "injected fault" in str(seqs[1].error) and seqs[1] not in engine.running
+    assert [s.error for s in seqs[2:]] == [None, None]
+    assert [s.output_ids() for i, s in enumerate(seqs) if i != 1] == alone[:1] + alone[2:]
+    assert all(s.error is None and s.finished for i, s in enumerate(seqs) if i != 1)
+    assert engine.usage()["pages_used"] == 0  # the culprit's pages went back too
+    again = engine.add(prompts[0], params[0], stop_token_ids=())
+    while engine.running:
+        engine.step()
+    assert again.output_ids() == alone[0]
+
+
 # ---------------------------------------------------------------------------------- caches
 def _fresh_kv(model: Transformer, tokens: torch.Tensor, block: int):
     cfg = model.config

@@ -89,6 +89,7 @@ class LLM:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     draft: "LLM | None" = None  # the block-diffusion draft model of speculative decoding
+    adapted: bool = True  # adapted for block diffusion (see `is_adapted`); if not, AR only
     _engine: Engine | None = field(default=None, repr=False)
     _spec_engine: SpeculativeEngine | None = field(default=None, repr=False)
 
@@ -134,7 +135,7 @@ class LLM:
         runner = RunnerConfig(enforce_eager=enforce_eager, widths=(1, min(8, block), block),
                               cpu_static="compile" if cpu_compile else "off")
         return cls(model, tokenizer, model_dir, special, default_block_size=block, draft=draft,
-                   runner=runner, cache=cache,
+                   runner=runner, cache=cache, adapted=is_adapted(cfg, mask_token_id),
                    default_confidence_temperature=_confidence_temperature(model_dir))
 
     @property
@@ -146,15 +147,26 @@ class LLM:
         return self.config.max_position_embeddings
 
     def decode_config(self, config: DecodeConfig | None = None, **overrides) -> DecodeConfig:
-        """Defaults from the checkpoint (block size = its bd_size), then `overrides`."""
+        """Defaults from the checkpoint (block size = its bd_size; mode: speculative with a draft
+        model, else diffusion, or ar for a checkpoint never adapted), then `overrides`. Every
+        front end builds its decoding settings here, so diffusion on a checkpoint that was never
+        adapted is refused here for all of them."""
+        mode = "speculative" if self.draft else "diffusion" if self.adapted else "ar"
         base = config or DecodeConfig(block_size=self.default_block_size,
                                       sub_block_size=min(8, self.default_block_size),
-                                      token_shift=self.config.token_shift,
-                                      mode="speculative" if self.draft else "diffusion",
+                                      token_shift=self.config.token_shift, mode=mode,
                                       draft_length=min(8, self.default_block_size),
                                       confidence_temperature=self.default_confidence_temperature)
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        return dataclasses.replace(base, **overrides) if overrides else base
+        params = dataclasses.replace(base, **overrides) if overrides else base
+        if params.diffusion and not self.adapted:
+            raise FastDLLMError(
+                f"{self.model_dir.name} was never adapted for block diffusion (its config.json has "
+                "no bd_size and no mask_token_id), so diffusion decoding would only produce "
+                "garbage; decode it autoregressively, or adapt it first with `fastdllm train` "
+                "(objective diffusion); if it was adapted, give its mask_token_id",
+                field="mode", fixes=[("mode", "ar")])
+        return params
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | Seq[int], *, tokenizer=None) -> list[int]:
@@ -325,6 +337,15 @@ class LLM:
         return GenerationResult(out, self.decode(out), seq.finish_reason or "length",
                                 seq.prompt_len, stats, seq.trace, params=seq.params,
                                 prompt_ids=seq.tokens[: seq.prompt_len])
+
+
+def is_adapted(cfg: ModelConfig, mask_token_id: int | None = None) -> bool:
+    """Whether a checkpoint was adapted for block diffusion: its config.json names its block size
+    (`bd_size`, the published layout) or its mask token (`mask_token_id`, `fastdllm train`), or
+    the caller names the mask token (`mask_token_id`). A |<MASK>| in the tokenizer alone does
+    not count: an AR base can share the tokenizer of the model adapted from it (the shipped
+    fastdllm-wp-ar does), and decoding it by diffusion gives garbage (issue 21, class 11)."""
+    return cfg.bd_size is not None or cfg.mask_token_id is not None or mask_token_id is not None
 
 
 def check_same_tokenizer(target_dir: Path, target_tok, draft_dir: Path, draft_tok) -> None:

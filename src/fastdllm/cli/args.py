@@ -35,12 +35,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--mode", choices=("diffusion", "ar", "speculative"), default=None,
-                   help="default: diffusion (speculative with --draft-model); speculative without "
+                   help="default: diffusion (speculative with --draft-model; ar for a checkpoint never "
+                        "adapted, with no bd_size or mask_token_id in its config.json, which "
+                        "refuses diffusion); speculative without "
                         "--draft-model drafts with --model itself (self-speculative)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: 256")
     g.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's bd_size, else 32")
     g.add_argument("--sub-block-size", type=int, default=None, help="default: 8")
     g.add_argument("--threshold", type=float, default=None, help="confidence threshold in (0, 1], default 0.9")
+    g.add_argument("--confidence", choices=("model", "sampler"), default=None,
+                   help="with --temperature > 0 in diffusion mode, the probability the threshold reads: "
+                        "the model's own (default: near-greedy as the temperature goes to 0) or the "
+                        "sampling distribution's (the official sampler)")
     g.add_argument("--rule", choices=RULES, default=None,
                    help="parallel-decoding rule the threshold drives: left_anchored (default: the "
                         "run from the first mask while the confidence product stays >= it), "
@@ -72,7 +78,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 def decode_overrides(args: argparse.Namespace) -> dict:
     return dict(
         mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-        sub_block_size=args.sub_block_size, threshold=args.threshold, rule=args.rule,
+        sub_block_size=args.sub_block_size, threshold=args.threshold, rule=args.rule, confidence=args.confidence,
         confidence_temperature=args.confidence_temperature, sub_block_cache=False if args.no_sub_block_cache else None,
         block_cache=False if args.no_block_cache else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

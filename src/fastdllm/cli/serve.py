@@ -44,10 +44,28 @@ def add_parser(subparsers) -> None:
     g.add_argument("--max-draft-length", type=int, default=None,
                    help="largest draft_length a speculative request may ask for (default: 16, "
                         "at most 32 for the merged form)")
+    g.add_argument("--max-step-tokens", type=int, default=None,
+                   help="most positions one request may put into each forward (its block; the "
+                        "merged form's (draft_length + 1) x (draft_length + 2)); default: the "
+                        "server's own decoding defaults', at least 64")
     g.add_argument("--allowed-origins", nargs="*", default=(),
                    help="browser origins allowed to call the server (CORS), e.g. "
                         "http://localhost:3000, or * for any; default: none (requests carrying an "
                         "Origin header get 403)")
+    g.add_argument("--allowed-hosts", nargs="*", default=None,
+                   help="Host header names the server answers (DNS rebinding), or * for any; "
+                        "default: localhost, 127.0.0.1 and ::1 when bound to a loopback address, "
+                        "any otherwise")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers (default: 10)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request's body may take to arrive after its headers; past it "
+                        "408 (default: 30)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle kept-alive connection stays open (default: 5)")
+    g.add_argument("--limit-concurrency", type=int, default=None,
+                   help="connections and requests at once; over it new ones get 503 (default: "
+                        "the open-file limit less 64)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_decode_args(s)
     s.set_defaults(func=cmd_serve)
@@ -72,7 +90,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_block_size=args.max_block_size,
         max_draft_length=args.max_draft_length,
+        max_step_tokens=args.max_step_tokens,
         allowed_origins=tuple(args.allowed_origins),
+        allowed_hosts=None if args.allowed_hosts is None else tuple(args.allowed_hosts),
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        limit_concurrency=args.limit_concurrency,
     )
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -65,10 +65,12 @@ def merged_layout(L: int, k: int, K: int, target_done: int, scratch: int):
     return rope, cache, prefix, lo, hi, torch.cat([v_logits, g_logits])
 
 
-def merged_cycle(model: Transformer, cache: KVCache, page_size: int, mask_token_id: int,
-                 seqs: list[Speculation]) -> None:
-    """One forward of `model` for every sequence in merged self-speculative mode; each one's
-    draft groups' KV goes to its scratch positions (`seq.scratch` on, pages of its table)."""
+def merged_forward(model: Transformer, cache: KVCache, page_size: int,
+                   seqs: list[Speculation]) -> torch.Tensor:
+    """One forward of `model` for every sequence in merged self-speculative mode: logits
+    (N, k+1 + (k+1)K, V) per row, for `merged_apply`; each one's draft groups' KV goes to its
+    scratch positions (`seq.scratch` on, pages of its table). Running it again for the same
+    sequences rewrites the same cache positions with the same values (the engine's retry)."""
     dev = next(model.parameters()).device
     layouts = [merged_layout(s.length, s.k, s.params.draft_length, s.target_done, s.scratch) for s in seqs]
     width = max(lay[0].shape[0] for lay in layouts)
@@ -96,14 +98,14 @@ def merged_cycle(model: Transformer, cache: KVCache, page_size: int, mask_token_
         logit_idx.append(torch.cat([li, li[-1:].expand(n_logits - li.shape[0])]))
     access = CacheAccess(cache, torch.stack(tables).to(dev), torch.stack(writes).to(dev), key_len)
     with torch.inference_mode():
-        logits = model(torch.stack(ids).to(dev), torch.stack(rope).to(dev),
-                               torch.stack(masks)[:, None].to(dev), access,
-                               logits_slice=torch.stack(logit_idx).to(dev))
-    for i, s in enumerate(seqs):
-        _apply(s, logits[i], mask_token_id)
+        return model(torch.stack(ids).to(dev), torch.stack(rope).to(dev),
+                     torch.stack(masks)[:, None].to(dev), access,
+                     logits_slice=torch.stack(logit_idx).to(dev))
 
 
-def _apply(s: Speculation, logits: torch.Tensor, mask_token_id: int) -> None:
+def merged_apply(s: Speculation, logits: torch.Tensor, mask_token_id: int) -> None:
+    """One sequence's part of a merged forward (its row of logits): verify, then keep the
+    draft group of the outcome."""
     L, k, K = s.length, s.k, s.params.draft_length
     verify = logits[: k + 1]
     draft = s.tokens[L:L + k]

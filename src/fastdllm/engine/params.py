@@ -17,6 +17,7 @@ from .selection import RULES
 
 MODES = ("diffusion", "ar", "speculative")
 DRAFT_CACHES = ("block", "reuse")
+CONFIDENCES = ("model", "sampler")
 # Bounds on what one request may ask for. Temperatures below 1e-3 divide logits into
 # overflow (inf - inf = NaN in the softmax) and above 100 the distribution is uniform noise;
 # seeds are what torch.Generator.manual_seed accepts (a signed 64-bit range, non-negative here).
@@ -50,6 +51,13 @@ class DecodeConfig:
     # is the drawing distribution's probability, bit for bit the official rule's input. The
     # token drawn never changes; a checkpoint's generation_config.json may set it
     confidence_temperature: float = 1.0
+    # which probability of a *sampled* diffusion token the rule reads: "model" (default) its
+    # probability under the model's own distribution (softmax(logits / confidence_temperature)),
+    # so that as the sampling temperature goes to 0 decoding goes to greedy (tempered
+    # confidences are all ~1 and would unmask everything at once); "sampler" its probability
+    # under the distribution it was drawn from (the official Fast-dLLM v2 sampler). Greedy rows
+    # read the same number either way. Decided on the validation split (docs/design.md)
+    confidence: str = "model"
     block_cache: bool = True  # False: the slow reference that recomputes the sequence every step
     sub_block_cache: bool = True
     token_shift: bool = True  # token i is predicted from the output at i - 1 (paper §3.2)
@@ -98,6 +106,9 @@ class DecodeConfig:
             raise FastDLLMError(
                 f"rule must be one of {', '.join(RULES)}, got {self.rule!r}; threshold is the "
                 "official Fast-dLLM v2 rule", field="rule", fixes=[("rule", "threshold")])
+        if self.confidence not in CONFIDENCES:
+            raise FastDLLMError(f"confidence must be one of {CONFIDENCES}, got {self.confidence!r}; "
+                                "sampler is the official rule's input", field="confidence")
         _real("confidence_temperature", self.confidence_temperature)
         if not MIN_TEMPERATURE <= self.confidence_temperature <= MAX_TEMPERATURE:
             raise FastDLLMError(
@@ -181,8 +192,11 @@ class DecodeConfig:
 
     @property
     def calibrated(self) -> bool:
-        """Whether the rule reads temperature-scaled confidences (a diffusion row only)."""
-        return self.mode == "diffusion" and self.confidence_temperature != 1.0
+        """Whether the rule reads confidences other than the drawing distribution's (a diffusion
+        row only): temperature-scaled ones, or a sampled token's probability under the model."""
+        return self.mode == "diffusion" and (
+            self.confidence_temperature != 1.0
+            or (self.temperature != 0.0 and self.confidence == "model"))
 
     @property
     def diffusion(self) -> bool:
@@ -201,6 +215,20 @@ class DecodeConfig:
     def cache_len(self, prompt_len: int) -> int:
         """KV-cache positions one request occupies: prompt + max_new_tokens in whole blocks."""
         return round_up(prompt_len + self.max_new_tokens, self.block)
+
+    @property
+    def step_positions(self) -> int:
+        """The most positions this request puts into one forward while it decodes (its prompt's
+        prefill aside), what its row costs every sequence batched with it: AR 1; diffusion a
+        block; speculative the draft's forward to the block's end or the k + 1 verified; the
+        merged form k + 1 verified plus k + 1 draft groups of k + 1 (merged.py)."""
+        if self.mode == "ar":
+            return 1
+        if self.mode == "diffusion":
+            return self.block_size
+        if self.merged:
+            return (self.draft_length + 1) * (self.draft_length + 2)
+        return max(self.block_size, self.draft_length + 1)
 
 
 def _integer(name: str, value, lo: int, hi: int, what: str) -> None:

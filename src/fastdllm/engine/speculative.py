@@ -27,7 +27,7 @@ from ..errors import FastDLLMError
 from ..model.transformer import Transformer
 from .block_manager import BlockManager
 from .engine import EngineStats, Step, StepRecord, check_room
-from .merged import MAX_MERGED_DRAFT, merged_cycle, merged_room
+from .merged import MAX_MERGED_DRAFT, merged_apply, merged_forward, merged_room
 from .params import DecodeConfig, RunnerConfig
 from .runner import ModelRunner
 from .speculation import Chunk, Speculation, Stage
@@ -177,65 +177,118 @@ class SpeculativeEngine:
 
     @torch.inference_mode()
     def step(self) -> Step:
-        """One draft + verify cycle for every running sequence; finished ones leave `running`."""
+        """One draft + verify cycle for every running sequence; finished ones leave `running`.
+
+        As in `Engine.step`, a failure that belongs to one sequence (starting its cycle, its
+        chunk, drawing or accepting its tokens) ends that sequence alone: it leaves `running`
+        with `seq.error` set, and its peers advance as if it had not been there. When a batched
+        forward raises, its rows are retried one by one, so only the culprit fails."""
         seqs = list(self.running)
         record = StepRecord(seqs, self.stats)
         for seq in seqs:
             if not seq.target_table and not seq.finished and not self._take_pages(seq):
                 break  # first come, first served
-        active = [s for s in seqs if not s.finished and s.target_table]
-        for seq in active:
-            seq.begin_cycle()
-        merged = [s for s in active if s.params.merged]
-        if merged:
-            merged_cycle(self.target, self.cache, self.page_size, self.mask_token_id, merged)
-            self.stats.forward_calls += 1
+        active = []
+        for seq in [s for s in seqs if not s.finished and s.target_table]:
+            try:
+                seq.begin_cycle()
+                active.append(seq)
+            except Exception as e:
+                self._fail(seq, e)
+        self._batch([s for s in active if s.params.merged], self._merged_forward, self._merged_apply)
         plain = [s for s in active if not s.params.merged]
-        while drafting := [s for s in plain if s.stage is Stage.DRAFT]:
-            self._draft(drafting)
-        if plain:
-            self._verify(plain)
+        while drafting := [s for s in plain if s.stage is Stage.DRAFT and s.error is None]:
+            self._batch(drafting, self._draft_forward, self._draft_apply)
+        self._batch([s for s in plain if s.error is None], self._verify_forward, self._verify_apply)
         for seq in [s for s in self.running if s.finished]:
             self.abort(seq)
         return record.finish()
 
-    # ------------------------------------------------------------------ the two forwards
-    def _draft(self, seqs: list[Speculation]) -> None:
+    def _batch(self, seqs: list[Speculation], forward, apply) -> None:
+        """One forward for `seqs` (`forward(seqs)`: one output per sequence), then each
+        sequence's own part (`apply(seq, output)`). A forward that raises is retried row by row
+        (rerunning a chunk rewrites the same cache positions, so a retry is safe); a row that
+        fails alone, or whose own part raises, is failed."""
+        if not seqs:
+            return
+        try:
+            groups = [(seqs, forward(seqs))]
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs[0], e)
+                return
+            groups = []
+            for seq in seqs:
+                try:
+                    groups.append(([seq], forward([seq])))
+                except Exception as e:
+                    self._fail(seq, e)
+        for group, outputs in groups:
+            for seq, out in zip(group, outputs):
+                try:
+                    apply(seq, out)
+                except Exception as e:
+                    self._fail(seq, e)
+
+    def _fail(self, seq: Speculation, error: Exception) -> None:
+        seq.error = error
+        self.abort(seq)
+
+    # ------------------------------------------------------------------ the forwards
+    def _merged_forward(self, seqs: list[Speculation]) -> torch.Tensor:
+        self.stats.forward_calls += 1
+        return merged_forward(self.target, self.cache, self.page_size, seqs)
+
+    def _merged_apply(self, seq: Speculation, logits: torch.Tensor) -> None:
+        merged_apply(seq, logits, self.mask_token_id)
+
+    def _draft_forward(self, seqs: list[Speculation]) -> list[tuple]:
+        """Per sequence: (its logits, their argmax when the whole batch is greedy, its width)."""
         chunks = [s.draft_chunk() for s in seqs]
+        self.stats.forward_calls += 1
         logits = self.draft_runner.forward_logits([(_Row(s.tokens, s.block, s.draft_table), c)
                                                    for s, c in zip(seqs, chunks)])
         logits[:, self.mask_token_id] = float("-inf")  # a draft is never [MASK]
-        self.stats.forward_calls += 1
-        greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
-        a = 0
-        for seq, chunk in zip(seqs, chunks):
-            b, width = a + len(chunk.logit_positions), chunk.end - chunk.start
-            if seq.params.greedy:
-                seq.apply_draft(greedy[a:b] if greedy is not None else logits[a:b].argmax(-1).tolist(),
-                                None, width)
-            else:
-                q = _distribution(logits[a:b], seq.params)
-                seq.apply_draft(torch.multinomial(q, 1, generator=seq.generator)[:, 0].tolist(), q, width)
-            a = b
+        return [(lg, g, c.end - c.start) for (lg, g), c in zip(_split(logits, seqs, chunks), chunks)]
 
-    def _verify(self, seqs: list[Speculation]) -> None:
+    def _draft_apply(self, seq: Speculation, out: tuple) -> None:
+        logits, greedy, width = out
+        if seq.params.greedy:
+            seq.apply_draft(greedy if greedy is not None else logits.argmax(-1).tolist(), None, width)
+        else:
+            q = _distribution(logits, seq.params)
+            seq.apply_draft(torch.multinomial(q, 1, generator=seq.generator)[:, 0].tolist(), q, width)
+
+    def _verify_forward(self, seqs: list[Speculation]) -> list[tuple]:
+        """Per sequence: (its k + 1 logits, their argmax when the whole batch is greedy)."""
         chunks = [s.verify_chunk() for s in seqs]
+        self.stats.forward_calls += 1
         logits = self.target_runner.forward_logits([(_Row(s.tokens, 1, s.target_table), c)
                                                     for s, c in zip(seqs, chunks)])
-        self.stats.forward_calls += 1
-        greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
-        a = 0
-        for seq, chunk in zip(seqs, chunks):
-            b = a + len(chunk.logit_positions)  # k + 1
-            draft = seq.tokens[seq.length:seq.length + seq.k]
-            if seq.params.greedy:
-                target = greedy[a:b] if greedy is not None else logits[a:b].argmax(-1).tolist()
-                seq.apply_verify(*accept_greedy(draft, target))
-            else:
-                p = _distribution(logits[a:b], seq.params)
-                seq.apply_verify(*accept_sampled(torch.tensor(draft, device=p.device), seq.q, p,
-                                                 seq.generator))
-            a = b
+        return _split(logits, seqs, chunks)
+
+    def _verify_apply(self, seq: Speculation, out: tuple) -> None:
+        logits, greedy = out
+        draft = seq.tokens[seq.length:seq.length + seq.k]
+        if seq.params.greedy:
+            target = greedy if greedy is not None else logits.argmax(-1).tolist()
+            seq.apply_verify(*accept_greedy(draft, target))
+        else:
+            p = _distribution(logits, seq.params)
+            seq.apply_verify(*accept_sampled(torch.tensor(draft, device=p.device), seq.q, p,
+                                             seq.generator))
+
+
+def _split(logits: torch.Tensor, seqs: list[Speculation], chunks: list[Chunk]) -> list[tuple]:
+    """A forward's packed logits (sum of logit positions, V) cut per sequence, with their argmax
+    read in one device-to-host copy when every sequence is greedy."""
+    greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
+    out, a = [], 0
+    for chunk in chunks:
+        b = a + len(chunk.logit_positions)
+        out.append((logits[a:b], greedy[a:b] if greedy is not None else None))
+        a = b
+    return out
 
 
 class _Row(NamedTuple):

@@ -91,7 +91,7 @@ def evaluate(llm, cfg: EvalConfig, *, model: str, ar_llm=None, ar_model: str | N
     tokens per forward of the diffusion runs and its AUP (evaluation/aup.py)."""
     rows = read_gsm8k_jsonl(cfg.data)
     exemplars, problems = split_rows(rows, cfg)
-    first = run_model(llm, problems, exemplars, cfg, name=decode_overrides.get("mode") or "diffusion",
+    first = run_model(llm, problems, exemplars, cfg, name=llm.decode_config(mode=decode_overrides.get("mode")).mode,
                       model=model, **decode_overrides)
     runs = [first]
     for t in sweep:

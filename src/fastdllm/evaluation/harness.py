@@ -59,7 +59,7 @@ def _as_bool(name: str, value) -> bool:
 @register_model("fastdllm")
 class FastDLLMLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, *, llm: LLM | None = None,
-                 mode: str = "diffusion", threshold: float | None = None, rule: str | None = None,
+                 mode: str | None = None, threshold: float | None = None, rule: str | None = None,
                  block_size: int | None = None, sub_block_size: int | None = None,
                  sub_block_cache=True, batch_size: int | str = 8, max_gen_toks: int = 256,
                  max_length: int | None = None, device: str | None = None, dtype: str | None = None,

@@ -27,11 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..llm import LLM
 from . import protocol as p
 from .protocol import APIError
+from .limits import allowed_hosts, host_name
 from .respond import ChatFormat, CompletionFormat, run
 from .service import Server, ServerConfig
 
 
-def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
+def create_app(llm: LLM, config: ServerConfig, *, host: str = "127.0.0.1") -> FastAPI:
+    """The app for a server bound to `host` (which picks the Host names it answers by default)."""
     server = Server(llm, config)
 
     @asynccontextmanager
@@ -48,6 +50,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(_OriginPolicy, allowed=config.allowed_origins)
+    app.add_middleware(_HostPolicy, allowed=allowed_hosts(host, config.allowed_hosts))
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -101,7 +104,7 @@ async def drain(server: Server, timeout: float) -> None:
     `[DONE]`, a non-streamed one a 503 body."""
     loop = asyncio.get_running_loop()
     server.draining = True
-    deadline = loop.time() + timeout
+    deadline = server.drain_deadline = loop.time() + timeout  # request bodies still uploading too
     while server.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if server.in_flight:
@@ -127,6 +130,25 @@ class _OriginPolicy:
                 error = APIError("requests from web pages are refused: this server allows no "
                                  f"origin {p._shorten(origin.decode('latin-1'))!r}; start it with "
                                  "--allowed-origins to allow one", status=403, code="origin_not_allowed")
+                return await JSONResponse(error.body(), status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _HostPolicy:
+    """ASGI middleware: a request whose Host header names a host this server does not answer to
+    gets 403 (DNS rebinding: a web page whose own name now resolves to 127.0.0.1 sends that
+    name; `--allowed-hosts`, by default the loopback names when bound to loopback)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, tuple(h.lower() for h in allowed)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.allowed:
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(header).lower() not in self.allowed:
+                error = APIError(f"this server does not answer to the host {p._shorten(header or 'none')!r} "
+                                 f"(it answers to {', '.join(self.allowed)}); start it with "
+                                 "--allowed-hosts to add one", status=403, code="host_not_allowed")
                 return await JSONResponse(error.body(), status_code=403)(scope, receive, send)
         return await self.app(scope, receive, send)
 

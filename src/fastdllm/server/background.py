@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -15,6 +16,7 @@ import uvicorn
 
 from ..llm import LLM
 from .app import create_app, drain
+from .limits import header_deadline_protocol, limit_repeated_logs
 from .service import ServerConfig
 
 log = logging.getLogger("fastdllm.server")
@@ -23,9 +25,25 @@ log = logging.getLogger("fastdllm.server")
 def serve(llm: LLM, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
     """Serve until SIGTERM or Ctrl-C, then drain (see `app.drain`); a second signal exits at once."""
-    app = create_app(llm, config)
-    _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                   timeout_graceful_shutdown=2)).run()
+    app = create_app(llm, config, host=host)
+    _DrainingServer(uvicorn_config(app, config, host=host, port=port, log_level=log_level)).run()
+
+
+def uvicorn_config(app, config: ServerConfig, **kw) -> uvicorn.Config:
+    """uvicorn with the slow-client limits (limits.py): the h11 protocol with a header deadline,
+    the keep-alive timeout, the connection cap, and repeated log messages rate-limited."""
+    limit_repeated_logs()
+    return uvicorn.Config(app, http=header_deadline_protocol(config.header_timeout),
+                          timeout_keep_alive=config.keep_alive_timeout,
+                          limit_concurrency=config.limit_concurrency or default_concurrency(),
+                          timeout_graceful_shutdown=2, **kw)
+
+
+def default_concurrency() -> int:
+    """Connections + requests at once: the file-descriptor limit less 64 (the model's files, the
+    log, the listening socket), so the server answers 503 before accept() starts failing."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(soft, 1 << 16) - 64)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -59,7 +77,7 @@ class BackgroundServer:
 
     def __init__(self, llm: LLM, config: ServerConfig, *, host: str = "127.0.0.1",
                  startup_timeout: float = 30.0):
-        self.app = create_app(llm, config)
+        self.app = create_app(llm, config, host=host)
         # bind before starting, so the port is ours (no race for a "free" port number)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,8 +85,7 @@ class BackgroundServer:
         self.host, self.port = host, self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self.base_url = f"{self.url}/v1"
-        self._server = _DrainingServer(uvicorn.Config(self.app, log_level="warning",
-                                                      timeout_graceful_shutdown=2))
+        self._server = _DrainingServer(uvicorn_config(self.app, config, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="fastdllm-uvicorn", daemon=True)
         self._startup_timeout = startup_timeout

@@ -90,6 +90,8 @@ class _Sampling(_Strict):
     sub_block_size: int | None = None
     threshold: float | None = None
     rule: str | None = None
+    # which probability of a sampled token the rule reads: "model" (default) or "sampler"
+    confidence: str | None = None
     top_k: int | None = None
     # speculative decoding (a server started with --draft-model or --mode speculative);
     # "mode": "ar" opts a request out (the target alone, same output, one token per forward)

@@ -47,9 +47,22 @@ class ServerConfig:
     # (a step is as slow as its widest row): None = the defaults' own value, at least 64 / 16
     max_block_size: int | None = None
     max_draft_length: int | None = None
+    # positions one request's row may put into each forward (DecodeConfig.step_positions);
+    # None: the defaults' own, at least 64
+    max_step_tokens: int | None = None
     # browser origins allowed to call the server (CORS); none by default, so no web page can
     # drive a local server. "*" allows any.
     allowed_origins: tuple[str, ...] = ()
+    # Host names answered (DNS rebinding); None: the loopback names when bound to loopback,
+    # else any (limits.allowed_hosts). "*" allows any.
+    allowed_hosts: tuple[str, ...] | None = None
+    # slow clients (limits.py): seconds for a request's headers, for its whole body, and an
+    # idle kept-alive connection's life; connections + requests at once (uvicorn's cap, over it
+    # a 503), None: the file-descriptor limit less 64
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    limit_concurrency: int | None = None
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -70,10 +83,17 @@ class ServerConfig:
         if not 0 < self.text_timeout <= 3600:
             raise FastDLLMError(f"text_timeout must be in (0, 3600] seconds, got {self.text_timeout}",
                                 field="text_timeout")
-        for name in ("max_block_size", "max_draft_length"):
+        for name in ("max_block_size", "max_draft_length", "max_step_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FastDLLMError(f"{name} must be >= 1, got {value}", field=name)
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise FastDLLMError(f"{name} must be in (0, 3600] seconds, got {getattr(self, name)}",
+                                    field=name)
+        if self.limit_concurrency is not None and self.limit_concurrency < 2:
+            raise FastDLLMError(f"limit_concurrency must be >= 2, got {self.limit_concurrency}",
+                                field="limit_concurrency")
         if not 0 <= self.drain_timeout <= 86400:
             raise FastDLLMError(f"drain_timeout must be in [0, 86400] seconds, got "
                                 f"{self.drain_timeout}", field="drain_timeout")
@@ -125,7 +145,9 @@ class Server:
         self.max_block_size = config.max_block_size or max(64, d.block_size)
         self.max_draft_length = min(config.max_draft_length or max(16, d.draft_length),
                                     MAX_MERGED_DRAFT if d.merged else MAX_BLOCK_SIZE)
+        self.max_step_tokens = config.max_step_tokens or max(64, d.step_positions)
         self.draining = False  # SIGTERM: new requests get 503 while in-flight ones finish
+        self.drain_deadline: float | None = None  # (event-loop time) when in-flight ones are cut
         self.in_flight = 0  # requests whose response has not been sent in full
         self.created = int(time.time())
 
@@ -164,17 +186,39 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self._parsing, p.parse_request, raw, model)
 
     async def read_body(self, request: Request) -> bytes:
-        """The raw body, refused (413) as soon as it passes `max_body_bytes`."""
+        """The raw body, refused (413) as soon as it passes `max_body_bytes`, and cut (408) when
+        it is not complete `body_timeout` seconds after the headers (a client sending a byte a
+        second holds nothing for long), or (503) when a drain's deadline passes while it uploads.
+        Each wait is short (`_BODY_POLL`), so a drain that starts meanwhile is seen in time;
+        cancelling uvicorn's receive() between messages loses nothing."""
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _too_large(int(declared), limit)
-        body, size = [], 0
-        async for chunk in request.stream():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.body_timeout
+        body, size, more = [], 0, True
+        while more:
+            now = loop.time()
+            if self.drain_deadline is not None and now >= self.drain_deadline:
+                raise _closing(shutting_down())
+            if now >= deadline:
+                raise _closing(APIError(
+                    f"the request body did not arrive within {self.config.body_timeout:g} s "
+                    f"({size:,} bytes came); send it faster", status=408, type="timeout_error",
+                    code="body_timeout"))
+            try:
+                message = await asyncio.wait_for(request.receive(), min(_BODY_POLL, deadline - now))
+            except asyncio.TimeoutError:
+                continue
+            if message["type"] == "http.disconnect":
+                raise CLIENT_GONE
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise _too_large(size, limit)
             body.append(chunk)
+            more = message.get("more_body", False)
         return b"".join(body)
 
     def check_admitting(self) -> None:
@@ -245,7 +289,8 @@ class Server:
                 top_p=req.top_p, top_k=req.top_k,
                 seed=None if req.seed is None else req.seed + choice, mode=req.mode,
                 block_size=req.block_size, sub_block_size=sub_block_size,
-                threshold=req.threshold, rule=req.rule, draft_length=req.draft_length,
+                threshold=req.threshold, rule=req.rule, confidence=req.confidence,
+                draft_length=req.draft_length,
                 draft_steps=req.draft_steps, draft_cache=req.draft_cache, logit_bias=bias or None,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 logprobs=logprob_count(req))
@@ -267,6 +312,15 @@ class Server:
                            f"needs {params.cache_len(prompt_len)} KV-cache positions but this "
                            f"server's whole KV cache holds {self.pool_positions}; lower {name} "
                            "(the operator can raise --kv-cache-memory)", param=name)
+        if params.step_positions > self.max_step_tokens:
+            field = "draft_length" if params.speculative and (
+                params.merged or params.draft_length + 1 > params.block_size) else "block_size"
+            raise APIError(
+                f"{field} {getattr(params, field)} makes each forward carry "
+                f"{params.step_positions} positions of this request, more than this server "
+                f"allows one request ({self.max_step_tokens}, --max-step-tokens): a step is as slow "
+                f"as its widest row, for every request batched with it; lower {field}",
+                param=field)
         if params.speculative and not self.speculative:
             raise APIError("this server was not started for speculative decoding; start it with "
                            "--draft-model (or --mode speculative), or send \"mode\": \"ar\"",
@@ -391,6 +445,16 @@ def logprob_count(req) -> int | None:
     if isinstance(req, p.CompletionRequest):
         return req.logprobs
     return (req.top_logprobs or 0) if req.logprobs else None
+
+
+_BODY_POLL = 0.25  # seconds: how soon a body read notices a drain's deadline
+
+
+def _closing(error: APIError) -> APIError:
+    """An answer sent before the body was read to its end: the connection cannot carry another
+    request, so it says it closes."""
+    error.headers = {**(error.headers or {}), "Connection": "close"}
+    return error
 
 
 def _too_large(size: int, limit: int) -> APIError:
