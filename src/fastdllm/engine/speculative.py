@@ -8,8 +8,10 @@ block-level cache of whole known blocks; the target keeps its causal cache. With
 verify with causal attention, each attention with its own cache. A `step()` runs one cycle for
 every running sequence: the draft forwards (one, or `draft_steps` with refinement), then one
 target forward that verifies them (speculation.py has the per-sequence state machine). Each
-model's forwards go through its own `ModelRunner` (runner.py), as the plain engine's do: rows of
-different widths share one forward, packed without padding, inputs shipped in one copy.
+model's forwards go through its own `ModelRunner` (runner.py), as the plain engine's do: a static
+step (a CUDA graph on the GPU) when the rows fit one of its widths (verify_widths, draft_widths),
+else rows of different widths share one forward, packed without padding. Acceptance is decided on
+the device for the whole batch, and each forward reads back once (verification.py).
 
 Same interface as `Engine` (add, abort, step -> `Step`, stream, room, running, stats, cache,
 max_len), so the one driver loop (`LLM.stream`, the server's scheduler) drives either one. Requests in mode "ar" run here as
@@ -64,16 +66,18 @@ def check_pair(target: Transformer, draft: Transformer, mask_token_id: int | Non
 
 def verify_widths(block: int) -> tuple[int, ...]:
     """Static-step widths of the target's forwards: after the prompt a verify forward is k + 1
-    wide (the last accepted token and k drafts), so k = 0 (mode "ar", the last token) and each
-    power of two up to the block run unpadded."""
-    return (1, *(1 + b for b in buckets(block)))
+    wide (the last accepted token and k drafts): k = 0 (mode "ar", the last token), then k + 1
+    for k = 4, 8, 16 .. the block (the default draft length 8 runs unpadded; shorter drafts near
+    a block's end pad up to the next)."""
+    return (1, *(1 + b for b in buckets(block, first=4)))
 
 
 def draft_widths(block: int) -> tuple[int, ...]:
     """Static-step widths of the draft's forwards: the tokens accepted since its last forward
     and k [MASK]s (at most 2 draft_length + 1), a whole block ("block" cache, or the first
-    forward in a block), or a block and what was accepted before it: powers of two up to 2 blocks."""
-    return tuple(buckets(2 * block))
+    forward in a block), or a block and what was accepted before it: powers of two from 8 up to
+    two blocks. Few widths: every width is a graph per batch and key bucket to capture."""
+    return tuple(buckets(2 * block, first=min(8, 2 * block)))
 
 
 class SpeculativeEngine:
@@ -98,16 +102,18 @@ class SpeculativeEngine:
         self.max_slots = max_slots
         self.page_size = page_size
         runner = runner or RunnerConfig()
+        # the two runners share the warm-up cap: it bounds the engine's start, not each model's
+        half = runner.warmup_seconds / 2
         # + the merged form's draft groups: their rope positions stay below max_len + K + 1;
         # a verify forward draws every place, a draft forward at most a block's drafts
-        self.target_runner = ModelRunner(target, num_pages=num_pages, page_size=page_size,
-                                         max_len=max_len + MAX_MERGED_DRAFT + 1, max_slots=max_slots,
-                                         mask_token_id=None, picks=page_size + 1,
-                                         config=replace(runner, widths=verify_widths(page_size)))
-        self.draft_runner = ModelRunner(draft, num_pages=num_pages, page_size=page_size,
-                                        max_len=max_len, max_slots=max_slots,
-                                        mask_token_id=mask_token_id, picks=page_size,
-                                        config=replace(runner, widths=draft_widths(page_size)))
+        self.target_runner = ModelRunner(
+            target, num_pages=num_pages, page_size=page_size, max_len=max_len + MAX_MERGED_DRAFT + 1,
+            max_slots=max_slots, mask_token_id=None, picks=page_size + 1,
+            config=replace(runner, widths=verify_widths(page_size), warmup_seconds=half))
+        self.draft_runner = ModelRunner(
+            draft, num_pages=num_pages, page_size=page_size, max_len=max_len, max_slots=max_slots,
+            mask_token_id=mask_token_id, picks=page_size,
+            config=replace(runner, widths=draft_widths(page_size), warmup_seconds=half))
         self.cache, self.draft_cache = self.target_runner.cache, self.draft_runner.cache
         self.target_pages = BlockManager(num_pages, page_size, prefix_caching=False)
         self.draft_pages = BlockManager(num_pages, page_size, prefix_caching=False)
