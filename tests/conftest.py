@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fixtures import (
+    CountSyncs,
     HOSTILE_TEMPLATE,
     LLAMA3_ROPE,
     STORIES260K,
@@ -144,3 +145,17 @@ def strict_server(hostile_template_ckpt):
                           max_batch=4)
     with BackgroundServer(llm, config) as srv:
         yield srv
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    mode = CountSyncs()
+    for method in ("tolist", "numpy", "cpu"):
+        original = getattr(torch.Tensor, method)
+
+        def wrapped(self, *a, _original=original, **k):
+            mode.count += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, method, wrapped)
+    return mode

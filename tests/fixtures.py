@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORIES260K = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -347,3 +348,27 @@ def bad_requests() -> list[dict[str, Any]]:
             content = text.encode("utf-8", "surrogatepass")
         out.append({**case, "content": content})
     return out
+
+
+# ---------------------------------------------------------------- host reads
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item",
+            "is_nonzero", "equal"}
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts ops that need the device's data on the host (a host sync on a GPU): scalar reads
+    (item/bool/int/float), data-dependent shapes (nonzero, boolean masks, unique), and, through
+    the wrapped Tensor methods, tolist/numpy/cpu copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.count += 1
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                   for i in (args[1] if len(args) > 1 else [])):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -230,7 +230,10 @@ def test_cuda_one_sampled_row_keeps_the_batch_on_graphs(qwen2_ckpt):
 # ---------------------------------------------------------------- speculative forms
 def test_cuda_speculative_forms_equal_ar_fp32():
     """Both speculative forms on the GPU: a separate draft (the shipped pair) and the
-    self-speculative model (plain and merged) give the target's own greedy output."""
+    self-speculative model (plain and merged) give the target's own greedy output. Draft and
+    verify forwards replay CUDA graphs (issue 20, defect 3): after the first cycle's prompt,
+    most of both models' forwards are static steps, and every static step is a replay. (The
+    merged form's one forward per cycle runs eagerly.)"""
     pair = LLM.load(SHIPPED_AR, device="cuda", dtype="float32", draft_model=SHIPPED_DIFFUSION)
     one = LLM.load(SHIPPED_DIFFUSION, device="cuda", dtype="float32")
     questions = ["Mia buys 3 pens for 4 dollars each. How much does she pay?",
@@ -242,9 +245,25 @@ def test_cuda_speculative_forms_equal_ar_fp32():
         if llm is one:
             forms.append(dict(mode="speculative", merged=True, draft_length=8))
         for form in forms:
+            if llm._spec_engine is not None:  # a fresh engine: its counts are this form's
+                llm._spec_engine.close()
+                llm._spec_engine = None
             out = llm.generate_batch(prompts, max_new_tokens=48, **form)
             assert [r.token_ids for r in out] == ar, form
             assert sum(len(r.token_ids) for r in out) / sum(r.stats["cycles"] for r in out) > 1.2
+            if form.get("merged"):
+                continue
+            e = llm._spec_engine
+            steps, forwards, verify_static, verify_replays, draft_static, draft_replays = _spec_counts(e)
+            assert e.target_runner.static.mode == e.draft_runner.static.mode == "graph"
+            assert verify_replays == verify_static >= steps - 1 > 0, _spec_counts(e)
+            assert draft_replays == draft_static >= 0.8 * (forwards - steps) > 0, _spec_counts(e)
+
+
+def _spec_counts(e) -> tuple[int, ...]:
+    """Cycles (= verify forwards), forwards, and each runner's static steps and graph replays."""
+    t, d = e.target_runner.static, e.draft_runner.static
+    return (e.stats.steps, e.stats.forward_calls, t.steps_run, t.replays, d.steps_run, d.replays)
 
 
 # ---------------------------------------------------------------- a second GPU

@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdllm import LLM
 from fastdllm.engine.params import DecodeConfig, RunnerConfig
@@ -263,43 +262,6 @@ def test_static_step_with_rows_joining_and_leaving(llm):
 
 
 # ---------------------------------------------------------------- one transfer per step
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item",
-            "is_nonzero", "equal"}
-
-
-class CountSyncs(TorchDispatchMode):
-    """Counts ops that need the device's data on the host (a host sync on a GPU): scalar reads
-    (item/bool/int/float), data-dependent shapes (nonzero, boolean masks, unique), and, through
-    the wrapped Tensor methods, tolist/numpy/cpu copies."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in SYNC_OPS:
-            self.count += 1
-        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                   for i in (args[1] if len(args) > 1 else [])):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture
-def count_syncs(monkeypatch):
-    mode = CountSyncs()
-    for method in ("tolist", "numpy", "cpu"):
-        original = getattr(torch.Tensor, method)
-
-        def wrapped(self, *a, _original=original, **k):
-            mode.count += 1
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, method, wrapped)
-    return mode
-
-
 def steps_with_one_read_each(engine, count_syncs) -> int:
     """Step the engine to the end, asserting one host read per step; returns the steps."""
     steps = 0

@@ -20,7 +20,7 @@ from fastdllm import LLM
 from fastdllm.model.config import ModelConfig
 from fastdllm.engine.attention import attention_limits, limit_mask
 from fastdllm.engine.engine import Engine
-from fastdllm.engine.params import DecodeConfig
+from fastdllm.engine.params import DecodeConfig, RunnerConfig
 from fastdllm.engine.sampling import distribution
 from fastdllm.engine.speculative import SpeculativeEngine
 from fastdllm.engine.verification import accept_greedy, accept_sampled
@@ -292,9 +292,14 @@ def test_cache_rollback_equals_fresh_computation(pair, qwen2_ckpt, two_models, d
 
 # ---------------------------------------------------------------------------------- sampling
 def test_accept_rule_greedy_and_sampled_units():
-    assert accept_greedy(torch.tensor([4, 5, 6]), torch.tensor([4, 5, 9, 1])) == (2, 9)
-    assert accept_greedy(torch.tensor([4, 5]), torch.tensor([4, 5, 7])) == (2, 7)
-    assert accept_greedy(torch.tensor([3]), torch.tensor([4, 0])) == (0, 4)
+    # a batch of three rows: 3, 2 and 1 drafts (padding after each row's drafts agrees or not)
+    accepted, nxt = accept_greedy(torch.tensor([[4, 5, 6], [4, 5, 0], [3, 0, 0]]),
+                                  torch.tensor([[4, 5, 9, 1], [4, 5, 7, 0], [4, 0, 0, 0]]),
+                                  torch.tensor([3, 2, 1]))
+    assert accepted.tolist() == [2, 2, 0] and nxt.tolist() == [9, 7, 4]
+    accepted, nxt = accept_greedy(torch.zeros(2, 0, dtype=torch.long), torch.tensor([[8], [9]]),
+                                  torch.tensor([0, 0]))  # no drafts (mode "ar"): the target's token
+    assert accepted.tolist() == [0, 0] and nxt.tolist() == [8, 9]
     # one draft position: the emitted token is distributed as p, whatever q is
     p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
     q = torch.tensor([[0.1, 0.1, 0.4, 0.4]])
@@ -304,11 +309,51 @@ def test_accept_rule_greedy_and_sampled_units():
     for _ in range(n):
         d = torch.multinomial(q[0], 1, generator=g)
         acc, nxt = accept_sampled(d, q, p, g)
-        counts[int(d) if acc == 1 else nxt] += 1
+        counts[int(d) if int(acc) == 1 else int(nxt)] += 1
     assert counts[3] == 0  # the target never emits a token it gives probability 0
     expected = p[0, :3] * n
     chi2 = float(((counts[:3] - expected) ** 2 / expected).sum())
     assert chi2 < 13.8, (counts, chi2)  # chi-square, 2 degrees of freedom, p = 0.001
+
+
+def _accept_sampled_on_the_host(draft, q, p, generator) -> tuple[int, int]:
+    """The acceptance rule as it was written before it moved to the device (host reads at each
+    branch): the reference the device version must equal draw for draw."""
+    k = draft.shape[0]
+    if k == 0:
+        return 0, int(torch.multinomial(p[0], 1, generator=generator))
+    idx = torch.arange(k)
+    p_d, q_d = p[idx, draft], q[idx, draft]
+    u = torch.rand(k, generator=generator)
+    rejected = (u * q_d >= p_d).int()
+    if not bool(rejected.any()):
+        return k, int(torch.multinomial(p[k], 1, generator=generator))
+    n = int(rejected.argmax())
+    residual = (p[n] - q[n]).clamp_min(0.0)
+    total = residual.sum()
+    probs = residual / total if float(total) > 0 else p[n]
+    return n, int(torch.multinomial(probs, 1, generator=generator))
+
+
+def test_sampled_acceptance_on_the_device_draws_as_the_host_rule():
+    """The same uniforms and the same token for the same generator state, so a seeded request
+    decodes as it did when acceptance read back each branch (drafts of 0..5, near-equal p and q,
+    p == q: every branch, the residual guard included)."""
+    g = torch.Generator().manual_seed(0)
+    outcomes = set()
+    for trial in range(300):
+        k, V = trial % 6, 11
+        q = torch.softmax(torch.randn(k, V, generator=g) * 2, -1)
+        p = torch.softmax(torch.randn(k + 1, V, generator=g) * 2, -1)
+        if trial % 7 == 0:
+            p[:k] = q
+        draft = torch.multinomial(q, 1, generator=g)[:, 0] if k else torch.zeros(0, dtype=torch.long)
+        seed = 1000 + trial
+        a = accept_sampled(draft, q, p, torch.Generator().manual_seed(seed))
+        b = _accept_sampled_on_the_host(draft, q, p, torch.Generator().manual_seed(seed))
+        assert (int(a[0]), int(a[1])) == b
+        outcomes.add("all" if b[0] == k else "rejected")
+    assert outcomes == {"all", "rejected"}
 
 
 def _tiny_models(vocab: int):
@@ -379,6 +424,117 @@ def test_seeded_sampling_is_reproducible(pair):
     a = pair.generate([5, 6, 7], max_new_tokens=20, temperature=0.8, seed=3, **SMALL)
     b = pair.generate([5, 6, 7], max_new_tokens=20, temperature=0.8, seed=3, **SMALL)
     assert a.token_ids == b.token_ids
+
+
+# ------------------------------------------------ static steps, acceptance on the device
+def _with_runner(llm: LLM, runner: RunnerConfig) -> LLM:
+    """The same models under another RunnerConfig, with engines of their own."""
+    return dataclasses.replace(llm, runner=runner, _engine=None, _spec_engine=None)
+
+
+STATIC = RunnerConfig(cpu_static="eager")  # the padded layout a CUDA graph replays, run eagerly
+EAGER = RunnerConfig(enforce_eager=True)
+
+
+def _decode(llm: LLM, prompts, settings, max_new_tokens=30):
+    engine = llm.new_engine(len(prompts), 64, 8, speculative=True)
+    seqs = [engine.add(ids, llm.decode_config(max_new_tokens=max_new_tokens, **SMALL, **o), stop_token_ids=())
+            for ids, o in zip(prompts, settings)]
+    while engine.running:
+        engine.step()
+    return engine, [s.output_ids() for s in seqs]
+
+
+@pytest.mark.parametrize("draft_cache", ["reuse", "block"])
+@pytest.mark.parametrize("which", ["pair", "twin", "self"])
+def test_static_steps_decode_as_the_eager_engine_and_the_target(which, draft_cache, request, qwen2_ckpt):
+    """Issue 20, defect 3: draft and verify forwards run as static steps (verify k + 1 wide, the
+    draft up to two blocks); a forward no width holds (here the first verify, a 40-token prompt
+    and its drafts) runs eagerly. Greedy rows give the target's AR output, a seeded sampled row
+    what the eager engine gives it, batched with rows of other draft lengths and refinement."""
+    llm = LLM.load(qwen2_ckpt, device="cpu") if which == "self" else request.getfixturevalue(which)
+    prompts = _prompts([3, 8, 13, 40, 6])
+    settings = [dict(draft_length=3), dict(draft_length=8), dict(draft_length=8, draft_steps=2),
+                dict(draft_length=5), dict(draft_length=4, temperature=0.8, top_p=0.9, seed=3)]
+    settings = [dict(o, mode="speculative", draft_cache=draft_cache) for o in settings]
+    engine, got = _decode(_with_runner(llm, STATIC), prompts, settings)
+    _, want = _decode(_with_runner(llm, EAGER), prompts, settings)
+    assert got == want
+    ar = [llm.generate(p, mode="ar", max_new_tokens=30, stop_token_ids=[], **SMALL).token_ids
+          for p in prompts[:4]]
+    assert got[:4] == ar
+    verify = engine.stats.steps  # one verify forward per cycle of the batch
+    drafts = engine.stats.forward_calls - verify
+    assert engine.target_runner.static.steps_run == verify - 1  # all but the 40-token prefill
+    assert engine.draft_runner.static.steps_run == drafts  # the prompt's draft: 48 <= 64 wide
+
+
+def test_seeded_sampling_is_unchanged_by_static_steps():
+    """Sampled speculative outputs recorded before draft and verify moved to static steps and to
+    acceptance on the device (commit 56a15a8, the shipped models, batch of 3, fp32 on the CPU):
+    the same tokens, eager and static (tests/data/speculative_sampled_golden.json)."""
+    golden = json.loads((REPO_ROOT / "tests" / "data" / "speculative_sampled_golden.json").read_text())
+    pair = LLM.load(SHIPPED_AR, device="cpu", draft_model=SHIPPED_DIFFUSION)
+    one = LLM.load(SHIPPED_DIFFUSION, device="cpu")
+    for case, rec in golden.items():
+        llm = pair if case.startswith("pair") else one
+        qs = ["Mia buys 3 pens for 4 dollars each and pays with 20 dollars. How much change does she get?",
+              "Tom reads 15 pages a day for 4 days. How many pages does he read?"]
+        prompts = [llm.encode_chat([{"role": "user", "content": q}]) for q in qs]
+        prompts.append(prompts[0][:5])
+        for runner in (EAGER, STATIC):
+            out = _with_runner(llm, runner).generate_batch(prompts, mode="speculative", max_new_tokens=40,
+                                                           **rec["settings"])
+            assert [r.token_ids for r in out] == rec["batch"], (case, runner)
+
+
+def _reads_per_step(engine, count_syncs) -> list[tuple[int, int]]:
+    """(host reads, model forwards) of every step, stepping the engine to the end."""
+    out = []
+    while engine.running:
+        calls = engine.stats.forward_calls
+        count_syncs.count = 0
+        with count_syncs:
+            engine.step()
+        out.append((count_syncs.count, engine.stats.forward_calls - calls))
+    return out
+
+
+@pytest.mark.parametrize("runner", [EAGER, STATIC], ids=["eager", "static"])
+def test_each_forward_reads_back_once_for_the_whole_batch(pair, count_syncs, runner):
+    """Draft forwards bring back the batch's drafted tokens, verify forwards every row's
+    (accepted, next token): one transfer per forward, greedy and sampled rows alike (a sampled
+    row's acceptance and draws stay on the device)."""
+    llm = _with_runner(pair, runner)
+    engine = llm.new_engine(5, 64, 8, speculative=True)
+    rows = [dict(draft_length=3), dict(draft_length=8, draft_steps=2), dict(mode="ar"),
+            dict(draft_length=6, temperature=0.8, seed=1), dict(draft_length=2, temperature=1.0, top_k=5, seed=2)]
+    for ids, o in zip(_prompts([3, 9, 14, 5, 20]), rows):
+        engine.add(ids, llm.decode_config(max_new_tokens=24, **SMALL, **{"mode": "speculative", **o}),
+                   stop_token_ids=())
+    steps = _reads_per_step(engine, count_syncs)
+    assert len(steps) > 5 and all(reads == forwards for reads, forwards in steps), steps
+
+
+def test_merged_form_reads_back_once_per_forward_when_greedy(qwen2_ckpt, count_syncs):
+    """The merged form builds its masks on the device from per-query key limits and verifies
+    the batch in one pass: greedy rows read back once per forward (the outcome and the chosen
+    group's drafts together); a sampled row draws its next drafts once its outcome is known,
+    one more read for all such rows."""
+    llm = LLM.load(qwen2_ckpt, device="cpu")
+    prompts = _prompts([5, 16, 21])
+    for sampled, most in ((False, 1), (True, 2)):
+        engine = llm.new_engine(3, 64, 8, speculative=True)
+        seqs = [engine.add(ids, llm.decode_config(
+                    mode="speculative", merged=True, draft_length=4, max_new_tokens=25, **SMALL,
+                    **(dict(temperature=0.8, seed=4) if sampled and i == 0 else {})), stop_token_ids=())
+                for i, ids in enumerate(prompts)]
+        steps = _reads_per_step(engine, count_syncs)
+        assert all(forwards == 1 and reads <= most for reads, forwards in steps), steps
+        assert max(reads for reads, _ in steps) == most
+        ar = [llm.generate(p, mode="ar", max_new_tokens=25, stop_token_ids=[], **SMALL).token_ids
+              for p in prompts]
+        assert [s.output_ids() for s in seqs][sampled:] == ar[sampled:]
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -239,7 +239,7 @@ class LLM:
         a front end serves less; at least `needed`, rounded to whole blocks of `block`), over a
         paged KV cache of `self.cache.memory` (pages of the model's block size). `speculative`:
         this model verifies drafts of `draft`, or of itself (self-speculative) when it has none;
-        that engine also decodes mode "ar". An `Engine`'s static steps are captured here (CUDA
+        that engine also decodes mode "ar". Either engine's static steps are captured here (CUDA
         graphs; a progress line and a time cap, see RunnerConfig), which is also when a server
         warms up."""
         page = self.default_block_size
@@ -247,10 +247,12 @@ class LLM:
         pages = self.pool_pages(page, two_models=speculative)
         if speculative:
             draft = self.draft or self
-            return SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
-                                     num_pages=pages, page_size=page,
-                                     mask_token_id=draft.special.mask_token_id,
-                                     stop_token_ids=self.special.stop_token_ids)
+            engine = SpeculativeEngine(self.model, draft.model, max_slots=slots, max_len=max_len,
+                                       num_pages=pages, page_size=page,
+                                       mask_token_id=draft.special.mask_token_id,
+                                       stop_token_ids=self.special.stop_token_ids, runner=self.runner)
+            engine.warm_up()
+            return engine
         engine = Engine(self.model, max_slots=slots, max_len=max_len, num_pages=pages, page_size=page,
                         mask_token_id=self.special.mask_token_id,
                         stop_token_ids=self.special.stop_token_ids, runner=self.runner,

@@ -65,64 +65,99 @@ def merged_layout(L: int, k: int, K: int, target_done: int, scratch: int):
     return rope, cache, prefix, lo, hi, torch.cat([v_logits, g_logits])
 
 
-def merged_forward(model: Transformer, cache: KVCache, page_size: int,
-                   seqs: list[Speculation]) -> torch.Tensor:
-    """One forward of `model` for every sequence in merged self-speculative mode: logits
-    (N, k+1 + (k+1)K, V) per row, for `merged_apply`; each one's draft groups' KV goes to its
-    scratch positions (`seq.scratch` on, pages of its table). Running it again for the same
-    sequences rewrites the same cache positions with the same values (the engine's retry)."""
+def merged_forward(model: Transformer, cache: KVCache, page_size: int, mask_token_id: int,
+                   seqs: list[Speculation]) -> list[tuple]:
+    """One forward of `model` for every sequence in merged self-speculative mode, and each
+    one's outcome (for `merged_apply`); each one's draft groups' KV goes to its scratch
+    positions (`seq.scratch` on, pages of its table). The rows' inputs and per-query key limits
+    go to the device as one tensor; the masks are built there from the limits (keys
+    `j < prefix` or `lo <= j < hi`). Running it again for the same sequences rewrites the same
+    cache positions with the same values (the engine's retry of a failed batch)."""
     dev = next(model.parameters()).device
     layouts = [merged_layout(s.length, s.k, s.params.draft_length, s.target_done, s.scratch) for s in seqs]
-    width = max(lay[0].shape[0] for lay in layouts)
+    n, width = len(seqs), max(lay[0].shape[0] for lay in layouts)
     pages = max(len(s.target_table) for s in seqs)
     key_len = pages * page_size
     n_logits = max(lay[5].shape[0] for lay in layouts)
-    ids, rope, writes, masks, logit_idx, tables = [], [], [], [], [], []
-    keys = torch.arange(key_len)
+    parts = [[] for _ in range(8)]  # ids rope writes prefix lo hi logit_idx tables, each (n, ...)
     for s, (r, c, prefix, lo, hi, li) in zip(seqs, layouts):
-        t = r.shape[0]
-        pad = width - t
+        pad = width - r.shape[0]
         L, k = s.length, s.k
         row = torch.full((width,), s.mask_id, dtype=torch.long)
         row[: L + k - s.target_done] = torch.tensor(s.tokens[s.target_done: L + k], dtype=torch.long)
-        ids.append(row)
-        rope.append(torch.cat([r, torch.zeros(pad, dtype=torch.long)]))
         table = torch.tensor(s.target_table + [NULL_PAGE] * (pages - len(s.target_table)))
-        # cache position -> pool index; padding writes go to the null page
-        writes.append(torch.cat([table[c // page_size] * page_size + c % page_size,
-                                 torch.full((pad,), NULL_PAGE * page_size, dtype=torch.long)]))
-        tables.append(table)
-        m = (keys[None, :] < prefix[:, None]) | ((keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]))
-        masks.append(torch.cat([m, torch.zeros(pad, key_len, dtype=torch.bool)]) if pad else m)
-        masks[-1][t:, 0] = True  # padding rows see one key, so softmax stays finite
-        logit_idx.append(torch.cat([li, li[-1:].expand(n_logits - li.shape[0])]))
-    access = CacheAccess(cache, torch.stack(tables).to(dev), torch.stack(writes).to(dev), key_len)
+        zeros = torch.zeros(pad, dtype=torch.long)
+        # cache position -> pool index; padding writes go to the null page, and padding queries
+        # see key 0 only, so their softmax stays finite
+        writes = torch.cat([table[c // page_size] * page_size + c % page_size, zeros + NULL_PAGE * page_size])
+        for part, x in zip(parts, (row, torch.cat([r, zeros]), writes, torch.cat([prefix, zeros + 1]),
+                                   torch.cat([lo, zeros]), torch.cat([hi, zeros]),
+                                   torch.cat([li, li[-1:].expand(n_logits - li.shape[0])]), table)):
+            part.append(x)
+    flat = torch.cat([torch.stack(part).flatten() for part in parts]).to(dev, non_blocking=True)
+    ids, rope, writes, prefix, lo, hi, logit_idx, tables = flat.split([n * width] * 6 + [n * n_logits, n * pages])
+    keys = torch.arange(key_len, device=dev)
+    limit = lambda x: x.view(n, width, 1)  # noqa: E731
+    mask = (keys < limit(prefix)) | ((keys >= limit(lo)) & (keys < limit(hi)))  # (n, W, key_len)
+    access = CacheAccess(cache, tables.view(n, pages), writes.view(n, width), key_len)
     with torch.inference_mode():
-        return model(torch.stack(ids).to(dev), torch.stack(rope).to(dev),
-                     torch.stack(masks)[:, None].to(dev), access,
-                     logits_slice=torch.stack(logit_idx).to(dev))
+        logits = model(ids.view(n, width), rope.view(n, width), mask[:, None], access,
+                       logits_slice=logit_idx.view(n, n_logits))  # (n, n_logits, V)
+    return _outcomes(seqs, logits, mask_token_id)
 
 
-def merged_apply(s: Speculation, logits: torch.Tensor, mask_token_id: int) -> None:
-    """One sequence's part of a merged forward (its row of logits): verify, then keep the
-    draft group of the outcome."""
-    L, k, K = s.length, s.k, s.params.draft_length
-    verify = logits[: k + 1]
-    draft = s.tokens[L:L + k]
-    if s.params.greedy:
-        accepted, nxt = accept_greedy(draft, verify.argmax(-1).tolist())
-    else:
-        accepted, nxt = accept_sampled(torch.tensor(draft, device=verify.device), s.q,
-                                       _distribution(verify, s.params), s.generator)
+def merged_apply(s: Speculation, outcome: tuple) -> None:
+    """One sequence's part of a merged forward: its verification, then its next drafts."""
+    accepted, nxt, drafts, q = outcome
     s.apply_verify(accepted, nxt)
-    if s.finished:
-        return
-    group = logits[k + 1 + accepted * K: k + 1 + (accepted + 1) * K].clone()
-    group[:, mask_token_id] = float("-inf")  # a draft is never [MASK]
-    m = max(0, min(K, s.limit - 1 - s.length))
-    group = group[:m]
-    if s.params.greedy:
-        s.set_pending(group.argmax(-1).tolist(), None)
-    else:
-        q = _distribution(group, s.params)
-        s.set_pending(torch.multinomial(q, 1, generator=s.generator)[:, 0].tolist() if m else [], q)
+    if not s.finished:
+        s.set_pending(drafts, q)
+
+
+def _outcomes(seqs: list[Speculation], logits: torch.Tensor, mask_token_id: int) -> list[tuple]:
+    """Verify every row's pending drafts and take the next drafts from the group of its outcome:
+    per row (accepted, the target's token, the next drafts, their distributions when sampling).
+    One transfer brings back every row's outcome and, for greedy rows, the drafts of every
+    outcome's group, picked on the device; a sampled row draws its next drafts once its
+    outcome is known (one more transfer for it)."""
+    dev, (n, n_logits) = logits.device, logits.shape[:2]
+    ks = [s.k for s in seqs]
+    Ks = [s.params.draft_length for s in seqs]
+    k, K = max(ks), max(Ks)
+    # a draft is never [MASK]: suppressed at every group place (the verification's places keep
+    # the target's own distribution)
+    groups = [[j > ks[i] for j in range(n_logits)] for i in range(n)]
+    # host -> device, one copy: the drafts, the places of the target's tokens, the drafts' lengths,
+    # the groups' places, each group's first place and draft length
+    drafts = [t for s in seqs for t in s.tokens[s.length:s.length + s.k] + [0] * (k - s.k)]
+    places = [min(j, ki) for ki in ks for j in range(k + 1)]
+    flat = torch.tensor(drafts + places + ks + sum(groups, []) + [ki + 1 for ki in ks] + Ks,
+                        dtype=torch.long).to(dev, non_blocking=True)
+    drafts_t, places_t, ks_t, groups_t, first_t, Ks_t = flat.split(
+        [n * k, n * (k + 1), n, n * n_logits, n, n])
+    logits[..., mask_token_id].masked_fill_(groups_t.view(n, n_logits).bool(), float("-inf"))
+    argmax = logits.argmax(-1)  # (n, n_logits)
+    accepted, nxt = accept_greedy(drafts_t.view(n, k), argmax.gather(1, places_t.view(n, k + 1)), ks_t)
+    if not all(s.params.greedy for s in seqs):
+        rows = [(accepted[i], nxt[i]) if s.params.greedy else
+                accept_sampled(torch.tensor(s.tokens[s.length:s.length + s.k], device=dev), s.q,
+                               _distribution(logits[i, : s.k + 1], s.params), s.generator)
+                for i, s in enumerate(seqs)]
+        accepted, nxt = (torch.stack(x) for x in zip(*rows))
+    # greedy rows' next drafts: the group of their outcome, row i's places
+    # first_i + accepted_i K_i + j (j < K_i)
+    cols = first_t[:, None] + accepted[:, None] * Ks_t[:, None] + torch.arange(K, device=dev).clamp_max(Ks_t[:, None] - 1)
+    next_drafts = argmax.gather(1, cols.clamp_max(n_logits - 1))  # (n, K)
+    out = torch.cat([accepted, nxt, next_drafts.flatten()]).tolist()  # the one transfer
+    results = []
+    for i, s in enumerate(seqs):
+        done = s.length + out[i] + 1  # tokens known once this row's outcome is applied
+        m = max(0, min(Ks[i], s.limit - 1 - done))
+        if s.params.greedy:
+            results.append((out[i], out[n + i], out[2 * n + i * K: 2 * n + i * K + m], None))
+            continue
+        a = ks[i] + 1 + out[i] * Ks[i]
+        q = _distribution(logits[i, a:a + m], s.params)
+        drawn = torch.multinomial(q, 1, generator=s.generator)[:, 0].tolist() if m else []
+        results.append((out[i], out[n + i], drawn, q))
+    return results

@@ -262,7 +262,8 @@ class RunnerConfig:
         "eager" (the static step's padded layout run eagerly: what tests use to check the
         CUDA-graph step's inputs and padding without a GPU).
     widths: step widths captured as static steps (AR 1, sub-block S, block B); a step whose
-        widest row fits one is padded up to it.
+        widest row fits one is padded up to it. The speculative engine gives each of its two
+        models the widths its forwards take instead (speculative.py: verify_widths, draft_widths).
     max_batch: the largest batch bucket (buckets are powers of two up to it; 0: the engine's slots).
     warmup_seconds: cap on the time spent capturing/compiling at start; shapes not ready by then
         run eagerly.

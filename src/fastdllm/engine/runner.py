@@ -47,9 +47,12 @@ def to_host(tokens: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor | No
 
 class ModelRunner:
     def __init__(self, model: Transformer, *, num_pages: int, page_size: int, max_len: int,
-                 max_slots: int, mask_token_id: int | None, config: RunnerConfig):
+                 max_slots: int, mask_token_id: int | None, config: RunnerConfig,
+                 picks: int | None = None):
         """A pool of `num_pages` pages of `page_size` positions; sequences up to `max_len`
-        positions; at most `max_slots` sequences in a step (the static steps' batch buckets)."""
+        positions; at most `max_slots` sequences in a step (the static steps' batch buckets);
+        `picks`: the most places a static step draws per row (None: the plain engine's rule,
+        static_step.py)."""
         cfg = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -68,7 +71,8 @@ class ModelRunner:
         # the tables this runner's static steps read: the model replaces its own tables when a
         # later engine asks for longer ones, while a graph captured now keeps reading these
         self.rope = model.rope_tables(max_len)
-        self.static = StaticSteps.for_runner(self) if StaticSteps.enabled(config, self.device) else None
+        self.static = (StaticSteps.for_runner(self, picks) if StaticSteps.enabled(config, self.device)
+                       else None)
         # an observer of every eager step: probe(rows, logits (R, V), spans), called before the
         # sequences advance (their state is the one the logits were computed in). For
         # measurements (benchmarks/bench_calibration.py); None in serving
@@ -154,6 +158,23 @@ class ModelRunner:
             self.probe(rows, logits, spans)
         toks, confs, ents = to_host(tokens, conf, entropy)
         return toks, confs, ents, spans
+
+    def forward_greedy(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy tokens (R,) and logits (R, V) of every row's logit positions, in row order,
+        [MASK] suppressed on rows whose `suppress_mask` is set; nothing is read back, for a caller
+        that decides on the device (the speculative engine). A static step when the rows fit one
+        (a CUDA graph on the GPU), else the eager forward."""
+        if self.static is not None and self.static.fits(rows):
+            tokens, _, logits = self.static.run(rows)
+            return tokens, logits
+        logits = self.forward_logits(rows)
+        spans, start = [], 0
+        for _, plan in rows:
+            spans.append((start, start + len(plan.logit_positions)))
+            start = spans[-1][1]
+        self._suppress_mask(logits, rows, spans)
+        # the static step's greedy draw (max of the softmax), so both paths pick alike
+        return torch.softmax(logits.float(), dim=-1).max(dim=-1)[1], logits
 
     def attention_mask(self, limits: torch.Tensor, key_len: int) -> torch.Tensor:
         """(n, 1, W, key_len) additive mask from per-query limits (n, W): key j is seen iff
@@ -245,10 +266,10 @@ class ModelRunner:
         return list(flat.to(self.device, non_blocking=True).split([len(x) for x in parts]))
 
     def _suppress_mask(self, logits: torch.Tensor, rows: list[Row], spans) -> None:
-        """A drawn token is never [MASK] (diffusion rows only)."""
+        """A drawn token is never [MASK] (rows whose `suppress_mask` is set: diffusion rows)."""
         if self.mask_token_id is None:
             return
-        diffusion = [s.params.diffusion for s, _ in rows]
+        diffusion = [s.suppress_mask for s, _ in rows]
         if all(diffusion):
             logits[:, self.mask_token_id] = float("-inf")
         else:

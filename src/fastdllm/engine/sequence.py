@@ -371,6 +371,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.phase is Phase.FINISHED
 
+    @property
+    def suppress_mask(self) -> bool:
+        """Whether a token drawn for this row may never be [MASK] (diffusion rows)."""
+        return self.params.diffusion
+
     def output_ids(self) -> list[int]:
         end = self.end if self.end is not None else self.final_len
         return self.tokens[self.prompt_len:end]

@@ -8,8 +8,10 @@ block-level cache of whole known blocks; the target keeps its causal cache. With
 verify with causal attention, each attention with its own cache. A `step()` runs one cycle for
 every running sequence: the draft forwards (one, or `draft_steps` with refinement), then one
 target forward that verifies them (speculation.py has the per-sequence state machine). Each
-model's forwards go through its own `ModelRunner` (runner.py), as the plain engine's do: rows of
-different widths share one forward, packed without padding, inputs shipped in one copy.
+model's forwards go through its own `ModelRunner` (runner.py), as the plain engine's do: a static
+step (a CUDA graph on the GPU) when the rows fit one of its widths (verify_widths, draft_widths),
+else rows of different widths share one forward, packed without padding. Acceptance is decided on
+the device for the whole batch, and each forward reads back once (verification.py).
 
 Same interface as `Engine` (add, abort, step -> `Step`, stream, room, running, stats, cache,
 max_len), so the one driver loop (`LLM.stream`, the server's scheduler) drives either one. Requests in mode "ar" run here as
@@ -19,6 +21,7 @@ cycles without a draft (the server's per-request opt-out).
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Iterator, NamedTuple
 
 import torch
@@ -31,6 +34,7 @@ from .merged import MAX_MERGED_DRAFT, merged_apply, merged_forward, merged_room
 from .params import DecodeConfig, RunnerConfig
 from .runner import ModelRunner
 from .speculation import Chunk, Speculation, Stage
+from .static_step import buckets
 from .speculation import draft_or_target_distribution as _distribution
 from .verification import accept_greedy, accept_sampled
 
@@ -60,15 +64,34 @@ def check_pair(target: Transformer, draft: Transformer, mask_token_id: int | Non
             "as the draft, or --mask-token-id", field="draft_model")
 
 
+def verify_widths(block: int) -> tuple[int, ...]:
+    """Static-step widths of the target's forwards: after the prompt a verify forward is k + 1
+    wide (the last accepted token and k drafts): k = 0 (mode "ar", the last token), then k + 1
+    for k = 4, 8, 16 .. the block (the default draft length 8 runs unpadded; shorter drafts near
+    a block's end pad up to the next)."""
+    return (1, *(1 + b for b in buckets(block, first=4)))
+
+
+def draft_widths(block: int) -> tuple[int, ...]:
+    """Static-step widths of the draft's forwards: the tokens accepted since its last forward
+    and k [MASK]s (at most 2 draft_length + 1), a whole block ("block" cache, or the first
+    forward in a block), or a block and what was accepted before it: powers of two from 8 up to
+    two blocks. Few widths: every width is a graph per batch and key bucket to capture."""
+    return tuple(buckets(2 * block, first=min(8, 2 * block)))
+
+
 class SpeculativeEngine:
     def __init__(self, target: Transformer, draft: Transformer, *, max_slots: int, max_len: int,
                  num_pages: int, page_size: int, mask_token_id: int | None,
-                 stop_token_ids: tuple[int, ...]):
+                 stop_token_ids: tuple[int, ...], runner: RunnerConfig | None = None):
         """Each model's KV cache is a pool of `num_pages` pages of `page_size` positions. A
         sequence takes all the pages it can need when it starts (its whole prompt +
         max_new_tokens, and the merged form's scratch groups), so a cycle never runs short and
         nothing is ever preempted; a sequence the pools cannot hold yet waits in the engine.
-        No prefix caching here (docs/design.md, "Paged KV cache")."""
+        No prefix caching here (docs/design.md, "Paged KV cache"). `runner`: how the two models'
+        forwards run (static steps, CUDA graphs), as the plain engine's; each model gets the
+        widths its forwards take (verify_widths, draft_widths; a forward no width holds, such
+        as the first cycle's prompt, runs eagerly)."""
         check_pair(target, draft, mask_token_id)
         p = next(target.parameters())
         self.target, self.draft = target, draft
@@ -78,20 +101,31 @@ class SpeculativeEngine:
         self._max_len = max_len
         self.max_slots = max_slots
         self.page_size = page_size
-        eager = RunnerConfig(enforce_eager=True)
-        # + the merged form's draft groups: their rope positions stay below max_len + K + 1
-        self.target_runner = ModelRunner(target, num_pages=num_pages, page_size=page_size,
-                                         max_len=max_len + MAX_MERGED_DRAFT + 1, max_slots=max_slots,
-                                         mask_token_id=None, config=eager)
-        self.draft_runner = ModelRunner(draft, num_pages=num_pages, page_size=page_size,
-                                        max_len=max_len, max_slots=max_slots, mask_token_id=None,
-                                        config=eager)
+        runner = runner or RunnerConfig()
+        # the two runners share the warm-up cap: it bounds the engine's start, not each model's
+        half = runner.warmup_seconds / 2
+        # + the merged form's draft groups: their rope positions stay below max_len + K + 1;
+        # a verify forward draws every place, a draft forward at most a block's drafts
+        self.target_runner = ModelRunner(
+            target, num_pages=num_pages, page_size=page_size, max_len=max_len + MAX_MERGED_DRAFT + 1,
+            max_slots=max_slots, mask_token_id=None, picks=page_size + 1,
+            config=replace(runner, widths=verify_widths(page_size), warmup_seconds=half))
+        self.draft_runner = ModelRunner(
+            draft, num_pages=num_pages, page_size=page_size, max_len=max_len, max_slots=max_slots,
+            mask_token_id=mask_token_id, picks=page_size,
+            config=replace(runner, widths=draft_widths(page_size), warmup_seconds=half))
         self.cache, self.draft_cache = self.target_runner.cache, self.draft_runner.cache
         self.target_pages = BlockManager(num_pages, page_size, prefix_caching=False)
         self.draft_pages = BlockManager(num_pages, page_size, prefix_caching=False)
         self.running: list[Speculation] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
+
+    def warm_up(self, log=None) -> None:
+        """Capture/compile both models' static steps now (CUDA graphs on the GPU), within the
+        time cap, as `Engine.warm_up`."""
+        self.target_runner.warm_up(log)
+        self.draft_runner.warm_up(log)
 
     @property
     def max_len(self) -> int:
@@ -195,20 +229,21 @@ class SpeculativeEngine:
                 active.append(seq)
             except Exception as e:
                 self._fail(seq, e)
-        self._batch([s for s in active if s.params.merged], self._merged_forward, self._merged_apply)
+        self._batch([s for s in active if s.params.merged], self._merged_forward, merged_apply)
         plain = [s for s in active if not s.params.merged]
         while drafting := [s for s in plain if s.stage is Stage.DRAFT and s.error is None]:
-            self._batch(drafting, self._draft_forward, self._draft_apply)
-        self._batch([s for s in plain if s.error is None], self._verify_forward, self._verify_apply)
+            self._batch(drafting, self._draft_forward, _draft_apply)
+        self._batch([s for s in plain if s.error is None], self._verify_forward, _verify_apply)
         for seq in [s for s in self.running if s.finished]:
             self.abort(seq)
         return record.finish()
 
     def _batch(self, seqs: list[Speculation], forward, apply) -> None:
-        """One forward for `seqs` (`forward(seqs)`: one output per sequence), then each
-        sequence's own part (`apply(seq, output)`). A forward that raises is retried row by row
-        (rerunning a chunk rewrites the same cache positions, so a retry is safe); a row that
-        fails alone, or whose own part raises, is failed."""
+        """One forward for `seqs` (`forward(seqs)`: one output per sequence, decided for the
+        whole batch on the device and read back once), then each sequence's own part
+        (`apply(seq, output)`). A forward that raises is retried row by row (rerunning a chunk
+        rewrites the same cache positions, so a retry is safe); a row that fails alone, or whose
+        own part raises, is failed."""
         if not seqs:
             return
         try:
@@ -234,67 +269,88 @@ class SpeculativeEngine:
         seq.error = error
         self.abort(seq)
 
-    # ------------------------------------------------------------------ the forwards
-    def _merged_forward(self, seqs: list[Speculation]) -> torch.Tensor:
+    # ------------------------------------------------------------------ the two forwards
+    # Each forward runs as a static step when its rows fit one (runner.forward_greedy), decides
+    # on the device for the whole batch, and reads back once: the drafted tokens, or every
+    # row's (accepted, next token).
+    def _merged_forward(self, seqs: list[Speculation]) -> list[tuple]:
         self.stats.forward_calls += 1
-        return merged_forward(self.target, self.cache, self.page_size, seqs)
-
-    def _merged_apply(self, seq: Speculation, logits: torch.Tensor) -> None:
-        merged_apply(seq, logits, self.mask_token_id)
+        return merged_forward(self.target, self.cache, self.page_size, self.mask_token_id, seqs)
 
     def _draft_forward(self, seqs: list[Speculation]) -> list[tuple]:
-        """Per sequence: (its logits, their argmax when the whole batch is greedy, its width)."""
+        """Per sequence: (its drafted tokens, their distributions when sampling, its width)."""
         chunks = [s.draft_chunk() for s in seqs]
+        greedy, logits = self.draft_runner.forward_greedy(  # [MASK] suppressed: a draft never is
+            [(_Row(s.tokens, s.block, s.draft_table, True), c) for s, c in zip(seqs, chunks)])
         self.stats.forward_calls += 1
-        logits = self.draft_runner.forward_logits([(_Row(s.tokens, s.block, s.draft_table), c)
-                                                   for s, c in zip(seqs, chunks)])
-        logits[:, self.mask_token_id] = float("-inf")  # a draft is never [MASK]
-        return [(lg, g, c.end - c.start) for (lg, g), c in zip(_split(logits, seqs, chunks), chunks)]
+        spans = _spans(chunks)
+        qs = [None if s.params.greedy else _distribution(logits[a:b], s.params)
+              for s, (a, b) in zip(seqs, spans)]
+        if any(q is not None for q in qs):
+            greedy = torch.cat([greedy[a:b] if q is None else
+                                torch.multinomial(q, 1, generator=s.generator)[:, 0]
+                                for s, q, (a, b) in zip(seqs, qs, spans)])
+        drafted = greedy.tolist()  # the one transfer of this forward
+        return [(drafted[a:b], q, chunk.end - chunk.start)
+                for chunk, q, (a, b) in zip(chunks, qs, spans)]
 
-    def _draft_apply(self, seq: Speculation, out: tuple) -> None:
-        logits, greedy, width = out
-        if seq.params.greedy:
-            seq.apply_draft(greedy if greedy is not None else logits.argmax(-1).tolist(), None, width)
-        else:
-            q = _distribution(logits, seq.params)
-            seq.apply_draft(torch.multinomial(q, 1, generator=seq.generator)[:, 0].tolist(), q, width)
-
-    def _verify_forward(self, seqs: list[Speculation]) -> list[tuple]:
-        """Per sequence: (its k + 1 logits, their argmax when the whole batch is greedy)."""
+    def _verify_forward(self, seqs: list[Speculation]) -> list[tuple[int, int]]:
+        """Per sequence: (drafts accepted, the token after them)."""
         chunks = [s.verify_chunk() for s in seqs]
+        target, logits = self.target_runner.forward_greedy(
+            [(_Row(s.tokens, 1, s.target_table, False), c) for s, c in zip(seqs, chunks)])
         self.stats.forward_calls += 1
-        logits = self.target_runner.forward_logits([(_Row(s.tokens, 1, s.target_table), c)
-                                                    for s, c in zip(seqs, chunks)])
-        return _split(logits, seqs, chunks)
+        spans = _spans(chunks)  # row i: k_i + 1 places
+        accepted, nxt = self._accept_greedy(seqs, spans, target)
+        if not all(s.params.greedy for s in seqs):
+            rows = [(accepted[i], nxt[i]) if s.params.greedy else
+                    accept_sampled(torch.tensor(s.tokens[s.length:s.length + s.k], device=logits.device),
+                                   s.q, _distribution(logits[a:b], s.params), s.generator)
+                    for i, (s, (a, b)) in enumerate(zip(seqs, spans))]
+            accepted, nxt = (torch.stack(x) for x in zip(*rows))
+        outcome = torch.stack([accepted, nxt]).tolist()  # the one transfer of this forward
+        return list(zip(*outcome))
 
-    def _verify_apply(self, seq: Speculation, out: tuple) -> None:
-        logits, greedy = out
-        draft = seq.tokens[seq.length:seq.length + seq.k]
-        if seq.params.greedy:
-            target = greedy if greedy is not None else logits.argmax(-1).tolist()
-            seq.apply_verify(*accept_greedy(draft, target))
-        else:
-            p = _distribution(logits, seq.params)
-            seq.apply_verify(*accept_sampled(torch.tensor(draft, device=p.device), seq.q, p,
-                                             seq.generator))
+    def _accept_greedy(self, seqs: list[Speculation], spans: list[tuple[int, int]],
+                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's greedy outcome in one pass (sampled rows get one too, unused): the
+        drafts and the places of the target's tokens, padded to the longest draft, go to the
+        device in one copy."""
+        k = max(s.k for s in seqs)
+        drafts, places, lengths = [], [], []
+        for s, (a, _) in zip(seqs, spans):
+            drafts += s.tokens[s.length:s.length + s.k] + [0] * (k - s.k)
+            places += [a + min(j, s.k) for j in range(k + 1)]
+            lengths.append(s.k)
+        flat = torch.tensor(drafts + places + lengths, dtype=torch.long).to(target.device, non_blocking=True)
+        n = len(seqs)
+        drafts_t, places_t, lengths_t = flat.split([n * k, n * (k + 1), n])
+        return accept_greedy(drafts_t.view(n, k), target[places_t].view(n, k + 1), lengths_t)
 
 
-def _split(logits: torch.Tensor, seqs: list[Speculation], chunks: list[Chunk]) -> list[tuple]:
-    """A forward's packed logits (sum of logit positions, V) cut per sequence, with their argmax
-    read in one device-to-host copy when every sequence is greedy."""
-    greedy = logits.argmax(-1).tolist() if all(s.params.greedy for s in seqs) else None
-    out, a = [], 0
-    for chunk in chunks:
-        b = a + len(chunk.logit_positions)
-        out.append((logits[a:b], greedy[a:b] if greedy is not None else None))
-        a = b
-    return out
+def _draft_apply(seq: Speculation, out: tuple) -> None:
+    seq.apply_draft(*out)
+
+
+def _verify_apply(seq: Speculation, out: tuple[int, int]) -> None:
+    seq.apply_verify(*out)
+
+
+def _spans(chunks: list[Chunk]) -> list[tuple[int, int]]:
+    """Each row's range of a forward's logit positions."""
+    spans, a = [], 0
+    for c in chunks:
+        spans.append((a, a + len(c.logit_positions)))
+        a = spans[-1][1]
+    return spans
 
 
 class _Row(NamedTuple):
     """What the runner reads of a row: the sequence's tokens, the attention's block size for
-    this forward (1: causal, the target's verification) and the page table of that model's cache."""
+    this forward (1: causal, the target's verification), the page table of that model's cache,
+    and whether [MASK] is suppressed in its logits."""
 
     tokens: list[int]
     block: int
     pages: list[int]
+    suppress_mask: bool  # drawn tokens are never [MASK] (the draft's forwards)

@@ -171,16 +171,22 @@ class StaticShape:
 
 
 class StaticSteps:
-    def __init__(self, runner, mode: str, config: RunnerConfig):
+    def __init__(self, runner, mode: str, config: RunnerConfig, picks: int | None = None):
+        """`picks`: the most places a step draws per row (the speculative engine's: a verify
+        forward draws all of its places, a draft forward at most a block); None: the plain
+        engine's rule below."""
         self.runner, self.mode, self.config = runner, mode, config
         top = min(config.max_batch or runner.max_slots, runner.max_slots)
         self.batches = buckets(top)
         self.widths = sorted(set(config.widths))
-        # the widest (full-block) shape draws at most the next width's places, a full-block
-        # forward drawing one sub-block, unless that next width is the AR step's 1; every other
-        # shape draws all of its places
-        sub = self.widths[-2] if len(self.widths) > 1 and self.widths[-2] > 1 else None
-        self.picks = {w: sub if sub and w == self.widths[-1] else w for w in self.widths}
+        if picks is not None:
+            self.picks = {w: min(w, picks) for w in self.widths}
+        else:
+            # the widest (full-block) shape draws at most the next width's places, a full-block
+            # forward drawing one sub-block, unless that next width is the AR step's 1; every
+            # other shape draws all of its places
+            sub = self.widths[-2] if len(self.widths) > 1 and self.widths[-2] > 1 else None
+            self.picks = {w: sub if sub and w == self.widths[-1] else w for w in self.widths}
         self.key_lens = buckets(runner.max_len, first=min(64, runner.max_len))
         self.shapes: dict[tuple[int, int, int], StaticShape] = {}
         self.ready: set[tuple[int, int, int]] = set()  # captured/compiled (eager: every shape)
@@ -213,10 +219,10 @@ class StaticSteps:
         return device.type == "cuda" or config.cpu_static != "off"
 
     @classmethod
-    def for_runner(cls, runner) -> "StaticSteps":
+    def for_runner(cls, runner, picks: int | None = None) -> "StaticSteps":
         cfg = runner.config
         mode = "graph" if runner.device.type == "cuda" else cfg.cpu_static
-        return cls(runner, mode, cfg)
+        return cls(runner, mode, cfg, picks)
 
     # ------------------------------------------------------------------ choosing a shape
     def shape_for(self, rows: list[tuple]) -> tuple[int, int, int] | None:
@@ -258,7 +264,7 @@ class StaticSteps:
             lim = row_limits(plan.start, plan.end, block)
             limits += lim + [lim[-1]] * (W - w)
             read += r.table(seq.pages, plan.key_len, shape.pages)
-            suppress.append(1 if seq.params.diffusion else 0)
+            suppress.append(1 if seq.suppress_mask else 0)
             idx = [x - plan.start for x in plan.logit_positions]
             picks += idx + [idx[-1] if idx else 0] * (P - len(idx))
             sel += range(i * P, i * P + len(idx))
