@@ -143,7 +143,7 @@ def main() -> None:
             ap.error(f"{old} holds the {prev.get('split')} split; --append needs the same split")
         rows, models = prev["rows"], prev.get("models", {})
     for label, path in args.model:
-        llm = LLM.load(path, device=args.device, dtype=args.dtype)
+        llm = LLM.load(path, device=args.device, dtype=args.dtype, prefix_caching=False)
         for setting in args.settings:
             if setting in SETTINGS:
                 decode = SETTINGS[setting]

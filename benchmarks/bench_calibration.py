@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     allp = load_split("val", args.val_file, args.fit_from + args.fit_limit)
     measure, fit = allp[:args.limit], allp[args.fit_from:]
-    llm = LLM.load(args.model, device="cpu", dtype="float32")
+    llm = LLM.load(args.model, device="cpu", dtype="float32", prefix_caching=False)
     fl, fy, _ = collect(llm, fit, args.rule, args.threshold, args.batch_size, args.max_new_tokens)
     t = fit_temperature(fl, fy)
     ml, my, ms = collect(llm, measure, args.rule, args.threshold, args.batch_size, args.max_new_tokens)

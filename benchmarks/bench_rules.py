@@ -179,12 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     problems = load_split(args.split, args.val_file, args.limit)
     rows = []
     if args.ar_base is not None:
-        ar = LLM.load(args.ar_base, device=args.device, dtype=args.dtype)
+        ar = LLM.load(args.ar_base, device=args.device, dtype=args.dtype, prefix_caching=False)
         r = evaluate(ar, problems, args.batch_size, args.max_new_tokens, "AR base", mode="ar")
         rows.append({"model": "AR base", "rule": "AR base", "threshold": 1.0, **r})
         print(f"AR base causal acc {100 * r['accuracy']:5.1f}%", flush=True)
     for label, path in args.model:
-        llm = LLM.load(path, device=args.device, dtype=args.dtype)
+        # no prefix caching: every setting decodes the same prompts, and a prefill served from
+        # the cache would drop its forward from tokens per forward (not what a rule changes)
+        llm = LLM.load(path, device=args.device, dtype=args.dtype, prefix_caching=False)
         ct = {} if args.confidence_temperature is None else {"confidence_temperature": args.confidence_temperature}
         runs = [(rule, t, dict(mode="diffusion", rule=rule, threshold=t, **ct)) for rule, ts in sweep for t in ts]
         if args.left_to_right:

@@ -79,6 +79,15 @@ def record_alternatives(logits: torch.Tensor, rows: list, spans: list[tuple[int,
         seq.alternatives = top_logprobs(logits[a:b], seq.params, k) if k and a < b else None
 
 
+def record_drawn(conf: torch.Tensor, rows: list, spans: list[tuple[int, int]]) -> None:
+    """Hands each row that reports logprobs and whose rule reads other confidences than the
+    drawing distribution's (`calibrated`) its drawn tokens' probabilities under that
+    distribution (`seq.drawn`): a token's log-probability is the one it was drawn with."""
+    for (seq, _), (a, b) in zip(rows, spans):
+        p = seq.params
+        seq.drawn = conf[a:b].tolist() if p.logprobs is not None and p.calibrated and a < b else None
+
+
 def floor(logprob: float) -> float:
     """A log-probability JSON can carry: -inf (a probability of 0) becomes LOGPROB_FLOOR."""
     return logprob if math.isfinite(logprob) and logprob > LOGPROB_FLOOR else LOGPROB_FLOOR

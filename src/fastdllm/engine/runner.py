@@ -150,6 +150,8 @@ class ModelRunner:
                 logit_processing.process(logits, rows, spans)
                 logit_processing.record_alternatives(logits, rows, spans)
             tokens, conf = draw(logits, spans, settings, generators)
+            if eager:  # logprobs report the drawing distribution, whatever the rule reads
+                logit_processing.record_drawn(conf, rows, spans)
             if entropy_needed:
                 entropy = draw_entropy(logits, spans, settings)
         if calibrated:  # the rule reads temperature-scaled confidences (calibration.py)

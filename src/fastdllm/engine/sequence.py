@@ -136,6 +136,8 @@ class Sequence:
         self.token_probs: dict[int, float] = {}
         self.token_alternatives: dict[int, list[tuple[int, float]]] = {}
         self.alternatives: list[list[tuple[int, float]]] | None = None
+        # this step's drawn probabilities when the rule reads other confidences (logprobs only)
+        self.drawn: list[float] | None = None
         self.error: Exception | None = None  # set by the engine when this sequence failed alone
 
     def begin(self) -> None:
@@ -343,7 +345,7 @@ class Sequence:
         """Keep position `pos`'s draw (`index` into this step's logit positions) if asked to."""
         if self.params.logprobs is None:
             return
-        self.token_probs[pos] = conf
+        self.token_probs[pos] = self.drawn[index] if self.drawn is not None else conf
         if self.alternatives is not None:
             self.token_alternatives[pos] = self.alternatives[index]
 
