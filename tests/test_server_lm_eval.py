@@ -77,3 +77,26 @@ def test_generate_until_gsm8k_local(api, llm, tmp_path):
     served = run(api)
     assert all(isinstance(t, str) for t in served) and any(served)
     assert served == run(FastDLLMLM(llm=llm, mode="diffusion", batch_size=3))
+
+
+def test_local_chat_completions_runs_gsm8k_local(server, tmp_path):
+    """lm-eval's chat client (`local-chat-completions`, what chat-only deployments use) runs the
+    packaged gsm8k_local task against the server with the chat template applied."""
+    pytest.importorskip("tenacity")
+    import lm_eval
+    from lm_eval.models.openai_completions import LocalChatCompletion
+    from lm_eval.tasks import TaskManager
+
+    from fastdllm.evaluation import TASKS_DIR
+
+    data = write_jsonl(generate_problems(2, seed=11), tmp_path / "test.jsonl")
+    api = LocalChatCompletion(model="wp", base_url=f"{server.base_url}/chat/completions",
+                              max_retries=1, batch_size=1)
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                     metadata={"data_file": str(data)})
+    res = lm_eval.simple_evaluate(model=api, tasks=["gsm8k_local"], task_manager=tm, limit=2,
+                                  log_samples=True, apply_chat_template=True,
+                                  gen_kwargs="max_gen_toks=64")
+    texts = [s["resps"][0][0] for s in res["samples"]["gsm8k_local"]]
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    assert any(k.startswith("exact_match") for k in res["results"]["gsm8k_local"])
