@@ -58,6 +58,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except FastDLLMError as e:
         flag = f"--{e.field.replace('_', '-')}: " if e.field else ""
         raise FastDLLMError(f"{flag}{e}", field=e.field) from None
+    # no prefix caching: the report counts forwards (tokens per forward), and a sweep decodes the
+    # same prompts once per setting, so cached prefills would drop forwards from later settings
+    args.no_prefix_caching = True
     llm = load_llm(args)
     ar_llm = LLM.load(args.ar_model, device=args.device, dtype=args.dtype) if args.ar_model else None
     device = str(next(llm.model.parameters()).device)
