@@ -296,24 +296,24 @@ class StaticSteps:
         if self.mode == "eager":
             return shape.step()
         if self._compiled is None:
-            import torch._dynamo
-
-            # one entry per shape; the default limit (8) would silently fall back to eager
-            # (the cache is per code object: every engine's shapes count towards the accumulated
-            # limit too)
-            shapes = len(self.widths) * len(self.batches) * len(self.key_lens)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * shapes)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4096)
-            # cpp_wrapper: the compiled step calls its kernels from C++, not from Python; the guard
-            # filter drops the per-call checks on the model's modules and weights (they never
-            # change under an engine); freezing: see warm_up. Measured in docs/design.md, "Static
-            # steps".
-            self._compiled = torch.compile(
-                own_code(StaticShape.step), dynamic=False,
-                options={"cpp_wrapper": True,
-                         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            # cpp_wrapper: the compiled step calls its kernels from C++, not from Python; freezing:
+            # see warm_up. Measured in docs/design.md, "Static steps".
+            self._compiled = self._compile({"cpp_wrapper": True})
         return self._compiled(shape)
+
+    def _compile(self, options: dict):
+        """The step compiled by inductor, one entry per shape. The guard filter drops the
+        per-call checks on the model's modules and weights (they never change under an engine)."""
+        import torch._dynamo
+
+        # the default recompile limit (8) would silently fall back to eager (the cache is per
+        # code object: every engine's shapes count towards the accumulated limit too)
+        shapes = len(self.widths) * len(self.batches) * len(self.key_lens)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * shapes)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4096)
+        return torch.compile(own_code(StaticShape.step), dynamic=False, options={
+            **options, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     # ------------------------------------------------------------------ warm-up
     def warm_up(self, log=None) -> None:
@@ -395,15 +395,7 @@ class StaticSteps:
         if not self.config.compile_graphs or self._graph_compile_failed:
             return StaticShape.step
         if self._graph_compiled is None:
-            import torch._dynamo
-
-            shapes = len(self.widths) * len(self.batches) * len(self.key_lens)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * shapes)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4096)
-            self._graph_compiled = torch.compile(
-                own_code(StaticShape.step), dynamic=False,
-                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            self._graph_compiled = self._compile({})
         return self._graph_compiled
 
     def _prepare(self, shape: StaticShape) -> None:
