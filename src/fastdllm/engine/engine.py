@@ -110,6 +110,9 @@ class Engine:
         self.runner = ModelRunner(model, num_pages=num_pages, page_size=page_size, max_len=max_len,
                                   max_slots=max_slots, mask_token_id=mask_token_id,
                                   config=runner or RunnerConfig())
+        # on the CPU, uniform steps read a contiguous copy of their rows' KV rather than gathering
+        # pages in every layer (kv_cache.BatchMirror; docs/design.md, "Attention over page tables")
+        self.runner.use_mirror = self.runner.device.type == "cpu"
         self.model = model
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.cache = self.runner.cache

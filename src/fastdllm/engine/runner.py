@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.kv_cache import CacheAccess, KVCache, RowGroup
+from ..model.kv_cache import BatchMirror, CacheAccess, KVCache, RowGroup
 from .block_manager import NULL_PAGE
 from ..model.transformer import Transformer
 from . import logit_processing
@@ -33,6 +33,9 @@ from .sequence import ForwardPlan, PlanKind, Sequence
 from .static_step import StaticSteps
 
 Row = tuple[Sequence, ForwardPlan]
+# pages of room a batch's contiguous copy keeps past what its rows read, so it is not retaken
+# every time a row grows a page (kv_cache.BatchMirror)
+MIRROR_HEADROOM_PAGES = 8
 GREEDY = DecodeConfig()
 
 
@@ -77,6 +80,10 @@ class ModelRunner:
         # sequences advance (their state is the one the logits were computed in). For
         # measurements (benchmarks/bench_calibration.py); None in serving
         self.probe = None
+        # the plain engine's uniform steps read a contiguous copy of their rows' KV on the CPU
+        # (kv_cache.BatchMirror; measured in docs/design.md); off by default: set by the Engine
+        self.use_mirror = False
+        self.mirror: BatchMirror | None = None
 
     # ------------------------------------------------------------------ pages
     def write_index(self, pages: list[int], start: int, end: int) -> list[int]:
@@ -97,6 +104,7 @@ class ModelRunner:
                 v.view(v.shape[0], -1, *v.shape[3:]).index_select(1, idx).clone())
 
     def restore(self, pages: list[int], start: int, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.mirror = None  # written past the contiguous copy
         idx = torch.tensor(self.write_index(pages, start, start + saved[0].shape[1]), device=self.device)
         for pool, data in zip((self.cache.k, self.cache.v), saved):
             pool.view(pool.shape[0], -1, *pool.shape[3:])[:, idx] = data
@@ -191,7 +199,9 @@ class ModelRunner:
         widths = [p.end - p.start for _, p in rows]
         if all(w == widths[0] for w in widths):
             return self._forward_uniform(rows, widths[0])
-        # packed: rows ordered by width, so each width's rows are one contiguous range of tokens
+        # packed: rows ordered by width, so each width's rows are one contiguous range of tokens;
+        # its writes skip the uniform steps' contiguous copy, which is then dropped
+        self.mirror = None
         order = sorted(range(len(rows)), key=lambda r: widths[r])
         ids, pos, limits, writes, offsets = [], [], [], [], [0] * len(rows)
         groups: list[list[int]] = []  # row indices per width
@@ -239,18 +249,44 @@ class ModelRunner:
             idx = [x - plan.start for x in plan.logit_positions]
             logit_idx += idx + [idx[-1]] * (k_max - len(idx))
         tables = self._tables(rows, key_len)
-        gather = not isinstance(tables, slice)
-        tensors = self._ship([ids, pos, limits, writes, logit_idx] + ([sum(tables, [])] if gather else []))
+        mirror = self._mirror_for(rows, key_len) if not isinstance(tables, slice) else None
+        self.mirror = mirror
+        if mirror is not None:  # the rows read their contiguous copy, which takes the writes too
+            span = mirror.cap * self.page_size
+            extra = [r * span + x for r, (_, plan) in enumerate(rows) for x in range(plan.start, plan.end)]
+        else:
+            extra = sum(tables, []) if not isinstance(tables, slice) else None
+        tensors = self._ship([ids, pos, limits, writes, logit_idx] + ([extra] if extra is not None else []))
         ids_t, pos_t, lim_t, writes_t, lidx_t = tensors[:5]
-        read = tensors[5].view(n, -1) if gather else tables
         mask = self.attention_mask(lim_t.view(n, W), key_len)
-        access = CacheAccess(self.cache, read, writes_t.view(n, W), key_len)
+        if mirror is not None:
+            access = CacheAccess(self.cache, None, writes_t.view(n, W), key_len, mirror=mirror,
+                                 mirror_write=tensors[5].view(n, W))
+        else:
+            read = tensors[5].view(n, -1) if extra is not None else tables
+            access = CacheAccess(self.cache, read, writes_t.view(n, W), key_len)
         logits = self.model(ids_t.view(n, W), pos_t.view(n, W), mask, access,
                             logits_slice=lidx_t.view(n, k_max)).flatten(0, 1)
         if any(len(p.logit_positions) < k_max for _, p in rows):
             keep = [r * k_max + j for r, (_, p) in enumerate(rows) for j in range(len(p.logit_positions))]
             logits = logits[torch.tensor(keep, device=self.device)]
         return logits
+
+    def _mirror_for(self, rows: list, key_len: int) -> BatchMirror | None:
+        """The contiguous copy these rows read (kv_cache.BatchMirror), kept from the last
+        uniform step when it is still exact for them, else taken now; None where the runner
+        keeps none (off, or on a device that reads pages in place)."""
+        if not self.use_mirror:
+            return None
+        key = tuple(s.id for s, _ in rows)
+        pages = [s.pages for s, _ in rows]
+        needed = self.pages_for(key_len)
+        m = self.mirror
+        if m is not None and m.serves(key, pages, needed):
+            return m
+        self.mirror = None  # its memory goes before the new copy takes its own
+        cap = needed + MIRROR_HEADROOM_PAGES
+        return BatchMirror(self.cache, key, [p[:cap] for p in pages], cap)
 
     def _tables(self, rows: list, key_len: int) -> slice | list[list[int]]:
         """What the rows read for `key_len` keys: one row's consecutive pages as a slice (the

@@ -279,6 +279,7 @@ class StaticSteps:
         flat = torch.tensor(ids + pos + writes + limits + read + suppress + picks + sel, dtype=torch.long)
         flat = flat.to(r.device, non_blocking=True)
         shape.buffer.copy_(flat[: shape.buffer.numel()])
+        r.mirror = None  # the step writes past the eager steps' contiguous copy
         self.steps_run += 1
         tokens, conf, logits = shape()
         sel = flat[shape.buffer.numel():]

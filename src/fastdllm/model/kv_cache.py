@@ -91,6 +91,31 @@ class KVCache:
             self.v.index_fill_(1, idx, 0)
 
 
+class BatchMirror:
+    """A contiguous copy, per layer (rows, cap * page_size, kv_heads, head_dim), of the KV of one
+    batch's rows, kept exact by writing every forward's new KV to it as well: its reads are
+    views, as the slot-per-sequence cache's were, instead of a gather of every row's pages in
+    every layer (on the CPU that copy costs as much as the attention itself at batch 8). The
+    runner keeps one while the same rows, holding the same pages, run uniform steps, and
+    rebuilds it (one gather for all layers) when they change."""
+
+    def __init__(self, cache: "KVCache", rows: tuple, tables: list[list[int]], cap: int):
+        self.rows, self.cap = rows, cap
+        self.tables = [list(t) for t in tables]  # each row's pages the copy was taken from
+        flat = torch.tensor([p for t in tables for p in t + [0] * (cap - len(t))], device=cache.k.device)
+        n, L, P = len(tables), cache.k.shape[0], cache.page_size
+        # (layers, rows * cap, P, kv_heads, hd) -> (layers, rows, cap * P, kv_heads, hd)
+        self.k = cache.k.index_select(1, flat).view(L, n, cap * P, *cache.k.shape[3:])
+        self.v = cache.v.index_select(1, flat).view(L, n, cap * P, *cache.v.shape[3:])
+
+    def serves(self, rows: tuple, pages: list[list[int]], needed: int) -> bool:
+        """Whether this copy is exact for these rows now: the same rows in the same order, each
+        still holding the pages it was copied from (pages are only ever appended while a
+        sequence runs; new ones are filled by the writes the copy also receives), and room."""
+        return (rows == self.rows and needed <= self.cap
+                and all(p[:len(t)] == t for p, t in zip(pages, self.tables)))
+
+
 @dataclass
 class RowGroup:
     """Rows of one width in a step that packs rows of different widths into one (1, T) chunk:
@@ -122,15 +147,26 @@ class CacheAccess:
     write: torch.Tensor  # (N, T) long
     key_len: int
     groups: tuple[RowGroup, ...] | None = None
+    # the rows read their contiguous copy instead of their pages (`tables` is None then), and
+    # the chunk's KV goes there too, at `mirror_write` (N, T): row * cap * P + position
+    mirror: BatchMirror | None = None
+    mirror_write: torch.Tensor | None = None
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (N, T, kv_heads, head_dim), token-major."""
         kl, vl = self.cache.layers[layer]
         kl.view(-1, *kl.shape[2:])[self.write] = k
         vl.view(-1, *vl.shape[2:])[self.write] = v
+        if self.mirror is not None:
+            mk, mv = self.mirror.k[layer], self.mirror.v[layer]
+            mk.view(-1, *mk.shape[2:])[self.mirror_write] = k
+            mv.view(-1, *mv.shape[2:])[self.mirror_write] = v
 
-    def read(self, layer: int, tables: slice | torch.Tensor, key_len: int):
+    def read(self, layer: int, tables: slice | torch.Tensor | None, key_len: int):
         """Keys/values (n, kv_heads, key_len, head_dim) of the rows' first key_len positions."""
+        if self.mirror is not None:
+            return (self.mirror.k[layer][:, :key_len].transpose(1, 2),
+                    self.mirror.v[layer][:, :key_len].transpose(1, 2))
         kl, vl = self.cache.layers[layer]
         if isinstance(tables, slice):
             k, v = kl[tables], vl[tables]
