@@ -35,7 +35,7 @@ from .static_step import StaticSteps
 Row = tuple[Sequence, ForwardPlan]
 # pages of room a batch's contiguous copy keeps past what its rows read, so it is not retaken
 # every time a row grows a page (kv_cache.BatchMirror)
-MIRROR_HEADROOM_PAGES = 8
+MIRROR_HEADROOM_PAGES = 2
 GREEDY = DecodeConfig()
 
 
@@ -84,6 +84,7 @@ class ModelRunner:
         # (kv_cache.BatchMirror; measured in docs/design.md); off by default: set by the Engine
         self.use_mirror = False
         self.mirror: BatchMirror | None = None
+        self._mirror_store = (torch.empty(0, dtype=self.dtype, device=self.device),) * 2
 
     # ------------------------------------------------------------------ pages
     def write_index(self, pages: list[int], start: int, end: int) -> list[int]:
@@ -122,6 +123,7 @@ class ModelRunner:
 
     def close(self) -> None:
         """Free the static steps (graphs) and the KV cache now; the runner is unusable after."""
+        self.mirror, self._mirror_store = None, ()
         if self.static is not None:
             self.static.close()
         self.static = self.cache = None
@@ -284,9 +286,14 @@ class ModelRunner:
         m = self.mirror
         if m is not None and m.serves(key, pages, needed):
             return m
-        self.mirror = None  # its memory goes before the new copy takes its own
+        self.mirror = None
         cap = needed + MIRROR_HEADROOM_PAGES
-        return BatchMirror(self.cache, key, [p[:cap] for p in pages], cap)
+        c = self.cache
+        size = c.k.shape[0] * len(rows) * cap * c.k[0, 0].numel()
+        if self._mirror_store[0].numel() < size:  # grown by half again, so it is rarely regrown
+            self._mirror_store = tuple(torch.empty(size * 3 // 2, dtype=c.k.dtype, device=c.k.device)
+                                       for _ in range(2))
+        return BatchMirror(c, key, [p[:cap] for p in pages], cap, self._mirror_store)
 
     def _tables(self, rows: list, key_len: int) -> slice | list[list[int]]:
         """What the rows read for `key_len` keys: one row's consecutive pages as a slice (the

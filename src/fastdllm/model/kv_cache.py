@@ -99,14 +99,23 @@ class BatchMirror:
     runner keeps one while the same rows, holding the same pages, run uniform steps, and
     rebuilds it (one gather for all layers) when they change."""
 
-    def __init__(self, cache: "KVCache", rows: tuple, tables: list[list[int]], cap: int):
+    def __init__(self, cache: "KVCache", rows: tuple, tables: list[list[int]], cap: int,
+                 store: tuple[torch.Tensor, torch.Tensor]):
+        """`store`: two flat buffers of at least layers x rows x cap pages, reused from copy to
+        copy (fresh memory for every copy would page-fault its whole size each time)."""
         self.rows, self.cap = rows, cap
         self.tables = [list(t) for t in tables]  # each row's pages the copy was taken from
         flat = torch.tensor([p for t in tables for p in t + [0] * (cap - len(t))], device=cache.k.device)
-        n, L, P = len(tables), cache.k.shape[0], cache.page_size
+        n, L = len(tables), cache.k.shape[0]
+        page = cache.k.shape[2:]  # (P, kv_heads, hd)
+        size = L * n * cap * page.numel()
+        out_k = store[0][:size].view(L, n * cap, *page)
+        out_v = store[1][:size].view(L, n * cap, *page)
+        torch.index_select(cache.k, 1, flat, out=out_k)
+        torch.index_select(cache.v, 1, flat, out=out_v)
         # (layers, rows * cap, P, kv_heads, hd) -> (layers, rows, cap * P, kv_heads, hd)
-        self.k = cache.k.index_select(1, flat).view(L, n, cap * P, *cache.k.shape[3:])
-        self.v = cache.v.index_select(1, flat).view(L, n, cap * P, *cache.v.shape[3:])
+        self.k = out_k.view(L, n, cap * page[0], *page[1:])
+        self.v = out_v.view(L, n, cap * page[0], *page[1:])
 
     def serves(self, rows: tuple, pages: list[list[int]], needed: int) -> bool:
         """Whether this copy is exact for these rows now: the same rows in the same order, each
