@@ -166,3 +166,26 @@ def test_a_request_larger_than_the_whole_pool_is_refused_clearly():
     with pytest.raises(FastDLLMError, match="whole KV cache holds 128") as e:
         engine.add(list(range(5, 105)), llm.decode_config(max_new_tokens=100))
     assert e.value.field == "max_new_tokens" and "kv_cache_memory" in str(e.value)
+
+
+def test_needed_positions_is_the_next_plans_key_length(monkeypatch):
+    """Pages are taken by `needed_positions`, which skips building the plan: it must equal the
+    plan's key length in every phase (prefill, AR step, refinement, commit, no block cache)."""
+    from fastdllm.engine import sequence as S
+
+    real, bad = S.Sequence.needed_positions, []
+
+    def checked(self):
+        n = real(self)
+        plan = self._next_plan().key_len
+        if n != (plan if self.resume_from is None else max(self.committed, plan)):
+            bad.append((self.phase, n, plan))
+        return n
+
+    monkeypatch.setattr(S.Sequence, "needed_positions", checked)
+    llm = LLM.load(golden.DIFF)
+    ids = prompts(llm)
+    for kw in ({}, {"mode": "ar"}, {"block_size": 16, "sub_block_size": 4},
+               {"sub_block_cache": False}, {"block_cache": False}):
+        llm.generate_batch(ids, max_new_tokens=40, **kw)
+    assert not bad

@@ -150,9 +150,9 @@ class Pages:
 
     def share(self, seq: Sequence) -> None:
         """After a step: the sequence's full pages below its committed length enter the cache."""
-        if not seq.pages or seq.resume_from is not None or not self._shares(seq):
-            return
         full = min(seq.committed // self.page_size, len(seq.pages))
+        if full <= len(seq.hashes) or seq.resume_from is not None or not self._shares(seq):
+            return
         if full > len(seq.hashes):
             new = self._chain(seq, full, first=len(seq.hashes))
             for i, h in enumerate(new, start=len(seq.hashes)):

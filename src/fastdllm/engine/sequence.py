@@ -177,10 +177,16 @@ class Sequence:
                               generator=self.generator)
 
     def needed_positions(self) -> int:
-        """Cache positions the next forward writes or reads (pages must cover them)."""
-        if self.resume_from is not None:
-            return max(self.committed, self._next_plan().key_len)
-        return self.plan().key_len
+        """Cache positions the next forward writes or reads (pages must cover them): its plan's
+        key length (`_next_plan`), computed without building the plan (once per step per
+        sequence, on the host), and after a preemption at least the committed positions."""
+        if self.phase is Phase.PREFILL:
+            n = self.prefill_end()
+        elif self.phase is Phase.AR_STEP:
+            n = self.length
+        else:  # a block being refined or committed: its end
+            n = self.committed + self.block
+        return max(n, self.committed) if self.resume_from is not None else n
 
     def plan(self) -> ForwardPlan:
         if self.resume_from is not None:  # preempted: first the committed KV again
