@@ -4,7 +4,6 @@ middle of a block), cancellation and growth; prefix hits are exact and keyed by 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
