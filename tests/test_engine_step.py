@@ -175,7 +175,7 @@ def test_compiled_cpu_diffusion_equals_eager_token_for_token(llm, capsys):
     assert engine.runner.static.ready == {(w, n, 64) for w in (S, B) for n in (1, 2)}
     static, ran = engine.runner.static, []
     run = static.run
-    static.run = lambda rows: ran.append(static.shape_for(rows)) or run(rows)  # the compiled steps
+    static.run = lambda rows, **kw: ran.append(static.shape_for(rows)) or run(rows, **kw)  # the compiled steps
     prompts = [prompt(n, n) for n in (3, 8, 13, 16)]
     for kw in ({}, {"rule": "threshold"}, {"threshold": 1.0}):
         p = params("diffusion", trace=True, **kw)

@@ -146,10 +146,13 @@ class ModelRunner:
         entropy = None
         eager = logit_processing.needs_eager(rows)  # logit_bias, penalties, logprobs
         if self.static is not None and not eager and self.static.fits(rows):
-            # the static step gives greedy draws and the logits: sampled rows and entropies are
-            # drawn from those logits here, each row with its own generator, as the eager step does
-            tokens, conf, logits = self.static.run(rows)
-            if not all(p.greedy for p in settings):
+            # the static step gives greedy draws and, when asked, the logits: sampled rows and
+            # entropies are drawn from those here, each row with its own generator, as the eager
+            # step does
+            sampled = not all(p.greedy for p in settings)
+            tokens, conf, logits = self.static.run(
+                rows, logits=sampled or entropy_needed or calibrated or self.probe is not None)
+            if sampled:
                 tokens, conf = draw(logits, spans, settings, generators)
             if entropy_needed:
                 entropy = draw_entropy(logits, spans, settings)
@@ -171,14 +174,15 @@ class ModelRunner:
         toks, confs, ents = to_host(tokens, conf, entropy)
         return toks, confs, ents, spans
 
-    def forward_greedy(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_greedy(self, rows: list[Row], logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Greedy tokens (R,) and logits (R, V) of every row's logit positions, in row order,
         [MASK] suppressed on rows whose `suppress_mask` is set; nothing is read back, for a caller
         that decides on the device (the speculative engine). A static step when the rows fit one
-        (a CUDA graph on the GPU), else the eager forward."""
+        (a CUDA graph on the GPU; its logits copied out only when `logits`), else the eager
+        forward."""
         if self.static is not None and self.static.fits(rows):
-            tokens, _, logits = self.static.run(rows)
-            return tokens, logits
+            tokens, _, out = self.static.run(rows, logits=logits)
+            return tokens, out
         logits = self.forward_logits(rows)
         spans, start = [], 0
         for _, plan in rows:

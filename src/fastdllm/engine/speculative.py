@@ -281,7 +281,8 @@ class SpeculativeEngine:
         """Per sequence: (its drafted tokens, their distributions when sampling, its width)."""
         chunks = [s.draft_chunk() for s in seqs]
         greedy, logits = self.draft_runner.forward_greedy(  # [MASK] suppressed: a draft never is
-            [(_Row(s.tokens, s.block, s.draft_table, True), c) for s, c in zip(seqs, chunks)])
+            [(_Row(s.tokens, s.block, s.draft_table, True), c) for s, c in zip(seqs, chunks)],
+            logits=not all(s.params.greedy for s in seqs))  # only sampled rows read them
         self.stats.forward_calls += 1
         spans = _spans(chunks)
         qs = [None if s.params.greedy else _distribution(logits[a:b], s.params)
@@ -298,7 +299,8 @@ class SpeculativeEngine:
         """Per sequence: (drafts accepted, the token after them)."""
         chunks = [s.verify_chunk() for s in seqs]
         target, logits = self.target_runner.forward_greedy(
-            [(_Row(s.tokens, 1, s.target_table, False), c) for s, c in zip(seqs, chunks)])
+            [(_Row(s.tokens, 1, s.target_table, False), c) for s, c in zip(seqs, chunks)],
+            logits=not all(s.params.greedy for s in seqs))  # only sampled rows read them
         self.stats.forward_calls += 1
         spans = _spans(chunks)  # row i: k_i + 1 places
         accepted, nxt = self._accept_greedy(seqs, spans, target)

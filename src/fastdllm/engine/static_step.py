@@ -248,8 +248,10 @@ class StaticSteps:
         return self.shapes[key]
 
     # ------------------------------------------------------------------ running
-    def run(self, rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy tokens and confidences (R,) of the rows' logit positions, in row order."""
+    def run(self, rows: list[tuple], logits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Greedy tokens and confidences (R,) of the rows' logit positions, in row order, and,
+        when `logits` is asked for, their logits (R, V) (a copy of R x V values: only for steps
+        that sample, spend entropies or rescale confidences)."""
         r = self.runner
         W, n, K = key = self.shape_for(rows)
         shape = self.shape(key)
@@ -281,9 +283,9 @@ class StaticSteps:
         shape.buffer.copy_(flat[: shape.buffer.numel()])
         r.mirror = None  # the step writes past the eager steps' contiguous copy
         self.steps_run += 1
-        tokens, conf, logits = shape()
+        tokens, conf, all_logits = shape()
         sel = flat[shape.buffer.numel():]
-        return tokens[sel], conf[sel], logits[sel]
+        return tokens[sel], conf[sel], all_logits[sel] if logits else None
 
     def logits_buffer(self, rows: int) -> torch.Tensor:
         """The first `rows` rows of the logits buffer every captured graph writes to."""
