@@ -254,14 +254,14 @@ class ModelRunner:
             writes += self.write_index(seq.pages, plan.start, plan.end)
             idx = [x - plan.start for x in plan.logit_positions]
             logit_idx += idx + [idx[-1]] * (k_max - len(idx))
-        tables = self._tables(rows, key_len)
-        mirror = self._mirror_for(rows, key_len) if not isinstance(tables, slice) else None
+        view = self._view(rows, key_len)
+        mirror = self._mirror_for(rows, key_len) if view is None else None
         self.mirror = mirror
         if mirror is not None:  # the rows read their contiguous copy, which takes the writes too
             span = mirror.cap * self.page_size
             extra = [r * span + x for r, (_, plan) in enumerate(rows) for x in range(plan.start, plan.end)]
         else:
-            extra = sum(tables, []) if not isinstance(tables, slice) else None
+            extra = sum(self._padded_tables(rows, key_len), []) if view is None else None
         tensors = self._ship([ids, pos, limits, writes, logit_idx] + ([extra] if extra is not None else []))
         ids_t, pos_t, lim_t, writes_t, lidx_t = tensors[:5]
         mask = self.attention_mask(lim_t.view(n, W), key_len)
@@ -269,7 +269,7 @@ class ModelRunner:
             access = CacheAccess(self.cache, None, writes_t.view(n, W), key_len, mirror=mirror,
                                  mirror_write=tensors[5].view(n, W))
         else:
-            read = tensors[5].view(n, -1) if extra is not None else tables
+            read = tensors[5].view(n, -1) if extra is not None else view
             access = CacheAccess(self.cache, read, writes_t.view(n, W), key_len)
         logits = self.model(ids_t.view(n, W), pos_t.view(n, W), mask, access,
                             logits_slice=lidx_t.view(n, k_max)).flatten(0, 1)
@@ -299,14 +299,23 @@ class ModelRunner:
                                        for _ in range(2))
         return BatchMirror(c, key, [p[:cap] for p in pages], cap, self._mirror_store)
 
-    def _tables(self, rows: list, key_len: int) -> slice | list[list[int]]:
-        """What the rows read for `key_len` keys: one row's consecutive pages as a slice (the
-        read is a view), else each row's table padded to the same width (the read gathers)."""
+    def _view(self, rows: list, key_len: int) -> slice | None:
+        """One row whose pages below `key_len` are consecutive: those pages as a slice (the read
+        is a view); None otherwise."""
+        if len(rows) != 1:
+            return None
         width = self.pages_for(key_len)
-        if len(rows) == 1:
-            pages = rows[0][0].pages[:width]
-            if len(pages) == width and _consecutive(pages):
-                return slice(pages[0], pages[0] + width)
+        pages = rows[0][0].pages[:width]
+        return slice(pages[0], pages[0] + width) if len(pages) == width and _consecutive(pages) else None
+
+    def _tables(self, rows: list, key_len: int) -> slice | list[list[int]]:
+        """What the rows read for `key_len` keys: `_view`'s slice when there is one, else each
+        row's table padded to the same width (the read gathers)."""
+        view = self._view(rows, key_len)
+        return view if view is not None else self._padded_tables(rows, key_len)
+
+    def _padded_tables(self, rows: list, key_len: int) -> list[list[int]]:
+        width = self.pages_for(key_len)
         return [self.table(s.pages, p.key_len, width) for s, p in rows]
 
     def _ship(self, parts: list[list[int]]) -> list[torch.Tensor]:
