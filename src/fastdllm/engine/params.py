@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import FastDLLMError
+from ..model.weights import free_bytes
 from ..rounding import round_up
 from .selection import RULES
 
@@ -340,22 +341,8 @@ class CacheConfig:
         fraction = m if m is not None else (DEFAULT_GPU_FRACTION if device.type == "cuda" else None)
         if fraction is None:
             return DEFAULT_CPU_BYTES
-        return int(fraction * free_memory(device))
-
-
-def free_memory(device) -> int:
-    if device.type == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return DEFAULT_CPU_BYTES * 4
+        free = free_bytes(device)
+        return int(fraction * (free if free is not None else 4 * DEFAULT_CPU_BYTES))
 
 
 def parse_memory(text: str) -> int | float:

@@ -136,7 +136,7 @@ def check_tensors(files: list[Path], expected: dict[str, tuple[int, ...]], *,
 def check_fits(n_params: int, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse, with the numbers, a model whose weights cannot fit the device's free memory."""
     need = n_params * torch.finfo(dtype).bits // 8
-    free = _free_bytes(device)
+    free = free_bytes(device)
     if free is not None and need > free:
         raise FastDLLMError(f"config.json describes {n_params:,} parameters: {need / 2**30:,.1f} GiB "
                             f"in {str(dtype).replace('torch.', '')}, but {device} has "
@@ -152,7 +152,9 @@ def check_finite(name: str, tensor: torch.Tensor, file: Path) -> None:
                             "checkpoint)")
 
 
-def _free_bytes(device: torch.device) -> int | None:
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free on `device` now (None where it cannot be told): what loading checks the
+    weights against and what a KV-cache budget given as a fraction is a fraction of."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
