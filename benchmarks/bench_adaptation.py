@@ -88,7 +88,7 @@ def plot_curve(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastdllm.atomic import atomic_write_bytes
+    from fastdllm.atomic import atomic_write_png
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -106,11 +106,7 @@ def plot_curve(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    import io
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_png(out, fig)
 
 
 def main() -> None:

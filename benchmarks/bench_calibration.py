@@ -24,7 +24,6 @@ diagrams are reported on problems [0, --limit), before and after scaling. Writes
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def plot(diagrams: dict[str, list[dict]], out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from fastdllm.atomic import atomic_write_bytes
+    from fastdllm.atomic import atomic_write_png
 
     fig = Figure(figsize=(10, 4.2))
     FigureCanvasAgg(fig)
@@ -123,10 +122,7 @@ def plot(diagrams: dict[str, list[dict]], out: Path) -> None:
                      fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_png(out, fig)
 
 
 def main(argv: list[str] | None = None) -> None:

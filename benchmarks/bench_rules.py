@@ -27,7 +27,6 @@ alternative points that dominate it: at least its accuracy at no fewer tokens pe
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def plot_plane(rows: list[dict], out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from fastdllm.atomic import atomic_write_bytes
+    from fastdllm.atomic import atomic_write_png
 
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
@@ -143,10 +142,7 @@ def plot_plane(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_png(out, fig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,6 @@ Writes `<out>.png` and `<out>.md` (the table).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table  # noqa: E402
 
-from fastdllm.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from fastdllm.atomic import atomic_write_png, atomic_write_text  # noqa: E402
 
 
 def read_vals(path: Path) -> list[dict]:
@@ -54,10 +53,7 @@ def main() -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(args.out.with_suffix(".png"), buf.getvalue())
+    atomic_write_png(args.out.with_suffix(".png"), fig, dpi=110)
     atomic_write_text(args.out.with_suffix(".md"), "# Validation losses against adaptation tokens\n\n"
                       + markdown_table(rows, ["run", "tokens_M", "val_diffusion_loss", "val_ar_loss"]) + "\n")
 

@@ -144,12 +144,11 @@ def evaluate_sizes(models: dict[str, tuple[Path, Path]], limit: int, batch: int,
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from fastdllm.atomic import atomic_write_bytes
+    from fastdllm.atomic import atomic_write_png
 
     fig = Figure(figsize=(6.5, 4))
     FigureCanvasAgg(fig)
@@ -166,10 +165,7 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_png(out, fig)
 
 
 def main() -> None:

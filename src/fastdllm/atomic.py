@@ -52,3 +52,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def atomic_write_png(path: str | os.PathLike, fig, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG at `path`, laid out tight, written atomically."""
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buf.getvalue())

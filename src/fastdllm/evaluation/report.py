@@ -56,12 +56,11 @@ def markdown_summary(result: dict) -> str:
 def plot_frontier(result: dict, out) -> None:
     """The frontier of a `fastdllm eval --sweep` run as a PNG: accuracy against tokens per
     forward, the AR run (if any) as a line. Needs matplotlib."""
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..atomic import atomic_write_bytes
+    from ..atomic import atomic_write_png
 
     f = result["frontier"]
     fig = Figure(figsize=(6, 4))
@@ -80,7 +79,4 @@ def plot_frontier(result: dict, out) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_png(out, fig)
