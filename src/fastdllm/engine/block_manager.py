@@ -85,6 +85,14 @@ class BlockManager:
     def cached(self) -> int:
         return len(self._hash_of)
 
+    def usage(self, preemptions: int = 0) -> dict:
+        """The pool as /health and /metrics report it."""
+        return {"pages_total": self.num_pages, "pages_used": self.used, "pages_free": self.available,
+                "pages_cached": self.cached, "page_size": self.page_size,
+                "usage": round(self.used / self.num_pages, 6), "prefix_caching": self.prefix_caching,
+                "prefix_queried_tokens": self.stats.queried_tokens,
+                "prefix_hit_tokens": self.stats.hit_tokens, "preemptions": preemptions}
+
     # ------------------------------------------------------------------ taking and giving back
     def allocate(self, n: int) -> list[int] | None:
         """n pages for one sequence (refcount 1 each), evicting idle cached pages, least

@@ -38,13 +38,7 @@ class Pages:
         return self.manager.num_pages * self.page_size
 
     def usage(self) -> dict:
-        m = self.manager
-        return {"pages_total": m.num_pages, "pages_used": m.used, "pages_free": m.available,
-                "pages_cached": m.cached, "page_size": self.page_size,
-                "usage": round(m.used / m.num_pages, 6),
-                "prefix_caching": m.prefix_caching,
-                "prefix_queried_tokens": m.stats.queried_tokens,
-                "prefix_hit_tokens": m.stats.hit_tokens, "preemptions": self.preemptions}
+        return self.manager.usage(self.preemptions)
 
     @staticmethod
     def waiting(running: list[Sequence]) -> list[Sequence]:

@@ -151,12 +151,9 @@ class SpeculativeEngine:
         return sum(1 for s in self.running if not s.target_table and not s.finished)
 
     def usage(self) -> dict:
-        m = self.target_pages
-        return {"pages_total": m.num_pages, "pages_used": m.used, "pages_free": m.available,
-                "pages_cached": 0, "page_size": self.page_size,
-                "usage": round(m.used / m.num_pages, 6), "prefix_caching": False,
-                "prefix_queried_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0,
-                "draft_pages_used": self.draft_pages.used}
+        """The target's pool (this engine shares no prefixes and never preempts), and the
+        draft pool's pages in use."""
+        return {**self.target_pages.usage(), "draft_pages_used": self.draft_pages.used}
 
     def stream(self) -> Iterator[Step]:
         """Step until no sequence is left running (sequences may join or leave between steps)."""
