@@ -60,14 +60,15 @@ class Pages:
                     break
             else:
                 i += 1
-        for seq in self.waiting(running):
+        waiting = self.waiting(running)
+        for seq in waiting:
             # a page of headroom per holder, so a start does not preempt someone at once
             if not self._start(seq, reserve=len(holders)):
                 break  # first come, first served: nobody overtakes the oldest waiting sequence
             holders.append(seq)
         self.runner.cache.zero(self.manager.take_fresh())
-        if not holders and self.waiting(running):  # cannot happen: add() checks the pool size
-            seq = self.waiting(running)[0]
+        if not holders and waiting:  # cannot happen: add() checks the pool size
+            seq = waiting[0]  # nothing started, so the oldest waiting one could not
             fail(seq, RuntimeError(f"sequence {seq.id} cannot get its pages from an empty pool; "
                                    "please report this"))
         return sorted(holders, key=lambda s: s.id)
