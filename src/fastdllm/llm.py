@@ -279,7 +279,7 @@ class LLM:
         if e is None or e.max_slots < slots or e.max_len < needed or e.running:
             if e is not None and not e.running:  # replaced: free its graphs and cache first
                 e.close()
-            e = None
+            # never left holding a closed engine, should building the new one fail
             if speculative:
                 self._spec_engine = None
             else:
