@@ -74,6 +74,7 @@ from common import machine_info, markdown_table  # noqa: E402
 from fastdllm.atomic import atomic_write_text  # noqa: E402
 from fastdllm.llm import LLM  # noqa: E402
 from fastdllm.model.kv_cache import KVCache  # noqa: E402
+from fastdllm.rounding import round_down  # noqa: E402
 from fastdllm.tasks import format_prompt, generate_problems  # noqa: E402
 
 GOAL_CONCURRENCY = 4.0
@@ -164,19 +165,6 @@ def _r(x, n=3):
 
 def _ratio(a, b):
     return None if not a or not b else round(a / b, 3)
-
-
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _round_down(x: int, m: int) -> int:
-    return x - x % m
 
 
 def _first_token(engine, seqs, t0: dict, ttft: dict) -> None:
@@ -345,7 +333,7 @@ def shared_prefix(args, model: Path) -> tuple[list[dict], dict]:
     questions = [format_prompt(p.question) for p in generate_problems(args.shared_requests, seed=77)]
     prompts = [llm.encode_chat([{"role": "system", "content": sys_text}, {"role": "user", "content": q}])
                for q in questions]
-    shared = min(_lcp(prompts[0], p) for p in prompts[1:])
+    shared = min(len(os.path.commonprefix([prompts[0], p])) for p in prompts[1:])
     params = llm.decode_config(max_new_tokens=args.shared_answer)
     context = llm.context_length
     needed = max(params.cache_len(len(p)) for p in prompts)
@@ -447,12 +435,12 @@ def chat(args, model: Path) -> tuple[list[dict], dict]:
                 else:
                     engine.step()
             answer = seq.tokens[seq.prompt_len:seq.end]
-            lcp = _lcp(prompt, previous) if previous else 0
+            lcp = len(os.path.commonprefix([prompt, previous])) if previous else 0
             out.append({"prompt_tokens": len(prompt), "new_tokens": len(prompt) - lcp,
                         "reusable": lcp, "prefill_end": seq.prefill_end(), "cached": seq.cached,
                         "prefilled": seq.prefill_end() - seq.cached,
                         "computed": len(prompt) - seq.cached,
-                        "bound": len(prompt) - _round_down(lcp, params.block),
+                        "bound": len(prompt) - round_down(lcp, params.block),
                         "prefill_forwards": seq.stats.forwards_by_kind.get("prefill", 0),
                         "ttft": ttft[seq.id], "answer": answer})
             previous = prompt + answer
