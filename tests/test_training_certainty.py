@@ -64,3 +64,17 @@ def test_weights_zero_are_the_plain_recipe_and_nonzero_changes_training(tmp_path
     logged = [r for r in metrics(tmp_path / "on") if "certainty_loss" in r]
     assert logged and all(r["certainty_loss"] >= 0 and r["wrong_confidence_loss"] >= 0 for r in logged)
     assert not any("certainty_loss" in r for r in metrics(tmp_path / "zero"))
+
+
+def test_sub_block_noise_trains_end_to_end_and_differs_from_uniform(tmp_path, qwen2_ckpt):
+    """diffusion.noise: sub_block (the states decoding visits, one view per row) runs through the
+    trainer's layout and changes what is learned; the recipe's uniform noise is the default."""
+    uniform = tiny_run_config(tmp_path, qwen2_ckpt, "uniform", diffusion={"complementary": False})
+    sub = tiny_run_config(tmp_path, qwen2_ckpt, "sub",
+                          diffusion={"complementary": False, "noise": "sub_block", "sub_block_size": 4,
+                                     "wrong_confidence_weight": 0.5})
+    for name, cfg in (("uniform", uniform), ("sub", sub)):
+        run_training(write_config(tmp_path / f"{name}.yaml", cfg))
+    a, b = _weights(tmp_path / "uniform"), _weights(tmp_path / "sub")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "sub") if "loss" in r)

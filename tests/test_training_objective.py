@@ -9,13 +9,16 @@ import math
 import pytest
 import torch
 
+from fastdllm.errors import FastDLLMError
+
 from fastdllm.model.config import ModelConfig
 from fastdllm.model.transformer import Transformer
 from fastdllm.training.config import DiffusionConfig, OptimizerConfig
 from fastdllm.training.data import Example, render_record
 from fastdllm.training.loss import (IGNORE, diffusion_targets, inverse_t_weights, output_index,
                                     target_loss_sum)
-from fastdllm.training.noise import complement, mask_probability, row_seed, sample_block_mask
+from fastdllm.training.noise import (complement, mask_probability, row_seed, sample_block_mask,
+                                     sample_sub_block_mask)
 from fastdllm.training.objective import ar_batch, diffusion_batch, diffusion_views
 from fastdllm.training.packing import pack_examples
 from fastdllm.training.schedule import lr_at
@@ -81,6 +84,41 @@ def test_noise_is_a_function_of_the_seed_only():
     torch.manual_seed(999)  # the global RNG plays no part
     b = diffusion_views(rows, [123], cfg)[1]
     assert torch.equal(a, b)
+
+
+def test_sub_block_noise_draws_the_states_decoding_visits():
+    """noise: sub_block: per block, sub-blocks before the current one visible, the current one
+    masked at the block's p, every later one masked; prompt tokens never masked."""
+    loss = torch.tensor([False] * 5 + [True] * 59)  # a 5-token prompt, two blocks of 32
+    seen = set()
+    for seed in range(40):
+        masked, p = sample_sub_block_mask(loss, 32, 8, 1e-3, torch.Generator().manual_seed(seed))
+        assert not (masked & ~loss).any()
+        assert torch.equal(p.view(2, 32), p.view(2, 32)[:, :1].expand(-1, 32))
+        for block in range(2):
+            subs = masked[block * 32:(block + 1) * 32].view(4, 8)
+            covered = (masked | ~loss)[block * 32:(block + 1) * 32].view(4, 8).all(dim=1)
+            # the first sub-block with a mask is the current one (or the one after it, if the
+            # current drew none): nothing before it is masked, every loss token after it is
+            current = next((i for i in range(4) if subs[i].any()), 4)
+            assert covered[current + 1:].all()
+            seen.add(current)
+    assert {0, 1, 2, 3} <= seen  # every sub-block is drawn as the current one
+
+
+def test_sub_block_noise_config_and_views():
+    rows = rows_of([([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 1, 1, 1, 1, 1, 1])], seq_len=8, block=4)
+    cfg = DiffusionConfig(block_size=4, noise="sub_block", sub_block_size=2, complementary=False)
+    view_rows, masked, p, twin = diffusion_views(rows, [7], cfg)
+    assert view_rows.tolist() == [0] and twin.tolist() == [False]  # no twin
+    expected, _ = sample_sub_block_mask(rows.loss_mask[0], 4, 2, cfg.eps, torch.Generator().manual_seed(7))
+    assert torch.equal(masked[0], expected)
+    with pytest.raises(FastDLLMError, match="diffusion.complementary: false"):
+        DiffusionConfig(block_size=4, noise="sub_block", sub_block_size=2)
+    with pytest.raises(FastDLLMError, match="must divide diffusion.block_size"):
+        DiffusionConfig(block_size=32, noise="sub_block", sub_block_size=5, complementary=False)
+    with pytest.raises(FastDLLMError, match="diffusion.noise"):
+        DiffusionConfig(noise="suffix")
 
 
 # ---- token shift ----

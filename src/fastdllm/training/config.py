@@ -113,12 +113,29 @@ class DiffusionConfig:
     # forcing), + weight x mean -log(1 - p_argmax) of the wrong ones (confident mistakes)
     certainty_weight: float = 0.0
     wrong_confidence_weight: float = 0.0
+    # uniform: the paper's noise (each token of a block masked with the block's p) | sub_block:
+    # the states decoding visits (training/noise.py `sample_sub_block_mask`; needs
+    # complementary: false); sub_block_size is decoding's sub-block (engine default 8)
+    noise: str = "uniform"
+    sub_block_size: int = 8
 
     def __post_init__(self):
         _positive(self.block_size, "diffusion.block_size")
         _positive(self.certainty_weight, "diffusion.certainty_weight", allow_zero=True)
         _positive(self.wrong_confidence_weight, "diffusion.wrong_confidence_weight", allow_zero=True)
         _positive(self.ar_loss_weight, "diffusion.ar_loss_weight", allow_zero=True)
+        _choice(self.noise, ("uniform", "sub_block"), "diffusion.noise")
+        _positive(self.sub_block_size, "diffusion.sub_block_size")
+        if self.noise == "sub_block":
+            if self.block_size % self.sub_block_size:
+                raise FastDLLMError(
+                    f"diffusion.sub_block_size ({self.sub_block_size}) must divide diffusion.block_size "
+                    f"({self.block_size})", field="diffusion.sub_block_size")
+            if self.complementary or self.loss_weighting != "none":
+                raise FastDLLMError(
+                    "diffusion.noise: sub_block has no complementary twin and no inverse_t weighting; "
+                    "set diffusion.complementary: false and diffusion.loss_weighting: none",
+                    field="diffusion.noise")
         if self.ar_loss_weight_end is not None:
             _positive(self.ar_loss_weight_end, "diffusion.ar_loss_weight_end", allow_zero=True)
         if not 0.0 <= self.eps < 1.0:

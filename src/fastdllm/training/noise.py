@@ -8,6 +8,11 @@ padding tokens are never masked. The complementary twin masks exactly the loss-b
 the first view left visible, so every loss-bearing token is a prediction target in exactly one
 of the two views; in the twin a token of the block is masked with probability 1 - p.
 
+`noise: sub_block` (`sample_sub_block_mask`) draws the states decoding visits instead: per block
+a current sub-block j and a level t; the sub-blocks before j are visible (decoded), j is masked
+with probability p, the ones after it are fully masked (not reached yet). It has no complementary
+twin (the twin of such a state, the past masked and the future visible, never occurs).
+
 Randomness comes from an explicit `torch.Generator` seeded per packed row by `row_seed`, never
 from the global RNG: the same row at the same point of the run gets the same noise on one
 process or eight, and after a resume.
@@ -40,6 +45,21 @@ def sample_block_mask(loss_mask: torch.Tensor, block_size: int, eps: float,
     p = mask_probability(t, eps).repeat_interleave(block_size)  # (L,)
     u = torch.rand(length, generator=generator)
     return (u < p) & loss_mask, p
+
+
+def sample_sub_block_mask(loss_mask: torch.Tensor, block_size: int, sub_block_size: int, eps: float,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise one row in decoding's shape (module docstring). Same returns as `sample_block_mask`."""
+    (length,) = loss_mask.shape
+    blocks = length // block_size
+    t = torch.rand(blocks, generator=generator)
+    current = torch.randint(block_size // sub_block_size, (blocks,), generator=generator)
+    p = mask_probability(t, eps).repeat_interleave(block_size)
+    u = torch.rand(length, generator=generator)
+    sub = (torch.arange(length) % block_size) // sub_block_size  # each token's sub-block in its block
+    j = current.repeat_interleave(block_size)
+    masked = (sub > j) | ((sub == j) & (u < p))
+    return masked & loss_mask, p
 
 
 def complement(masked: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
