@@ -18,7 +18,7 @@ from fastdllm.training.data import Example, render_record
 from fastdllm.training.loss import (IGNORE, diffusion_targets, inverse_t_weights, output_index,
                                     target_loss_sum)
 from fastdllm.training.noise import (complement, mask_probability, row_seed, sample_block_mask,
-                                     sample_sub_block_mask)
+                                     sample_sub_block_mask, sample_suffix_mask)
 from fastdllm.training.objective import ar_batch, diffusion_batch, diffusion_views
 from fastdllm.training.packing import pack_examples
 from fastdllm.training.schedule import lr_at
@@ -106,6 +106,24 @@ def test_sub_block_noise_draws_the_states_decoding_visits():
     assert {0, 1, 2, 3} <= seen  # every sub-block is drawn as the current one
 
 
+def test_suffix_noise_draws_the_left_anchored_rules_states():
+    """noise: suffix: per block, visible before a cut and masked from it on (the left-anchored
+    rule decodes runs from the first masked place, so these are the only states it visits)."""
+    loss = torch.tensor([False] * 5 + [True] * 59)
+    cuts = set()
+    for seed in range(60):
+        masked, p = sample_suffix_mask(loss, 32, torch.Generator().manual_seed(seed))
+        assert not (masked & ~loss).any()
+        for block in range(2):
+            m = masked[block * 32:(block + 1) * 32]
+            cut = int(m.int().argmax()) if m.any() else 32
+            assert m[cut:].all()  # from the first masked place on, everything is masked
+            if block == 1:
+                cuts.add(cut)
+                assert p[32].item() == (32 - cut) / 32
+    assert len(cuts) > 20  # the cut is spread over the block
+
+
 def test_sub_block_noise_config_and_views():
     rows = rows_of([([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 1, 1, 1, 1, 1, 1])], seq_len=8, block=4)
     cfg = DiffusionConfig(block_size=4, noise="sub_block", sub_block_size=2, complementary=False)
@@ -117,8 +135,10 @@ def test_sub_block_noise_config_and_views():
         DiffusionConfig(block_size=4, noise="sub_block", sub_block_size=2)
     with pytest.raises(FastDLLMError, match="must divide diffusion.block_size"):
         DiffusionConfig(block_size=32, noise="sub_block", sub_block_size=5, complementary=False)
-    with pytest.raises(FastDLLMError, match="diffusion.noise"):
+    with pytest.raises(FastDLLMError, match="suffix has no complementary twin"):
         DiffusionConfig(noise="suffix")
+    with pytest.raises(FastDLLMError, match="diffusion.noise"):
+        DiffusionConfig(noise="prefix")
 
 
 # ---- token shift ----

@@ -114,8 +114,9 @@ class DiffusionConfig:
     certainty_weight: float = 0.0
     wrong_confidence_weight: float = 0.0
     # uniform: the paper's noise (each token of a block masked with the block's p) | sub_block:
-    # the states decoding visits (training/noise.py `sample_sub_block_mask`; needs
-    # complementary: false); sub_block_size is decoding's sub-block (engine default 8)
+    # the states decoding visits (training/noise.py `sample_sub_block_mask`) | suffix: the states
+    # the left-anchored rule visits (`sample_suffix_mask`); both need complementary: false;
+    # sub_block_size is decoding's sub-block (engine default 8)
     noise: str = "uniform"
     sub_block_size: int = 8
 
@@ -124,16 +125,16 @@ class DiffusionConfig:
         _positive(self.certainty_weight, "diffusion.certainty_weight", allow_zero=True)
         _positive(self.wrong_confidence_weight, "diffusion.wrong_confidence_weight", allow_zero=True)
         _positive(self.ar_loss_weight, "diffusion.ar_loss_weight", allow_zero=True)
-        _choice(self.noise, ("uniform", "sub_block"), "diffusion.noise")
+        _choice(self.noise, ("uniform", "sub_block", "suffix"), "diffusion.noise")
         _positive(self.sub_block_size, "diffusion.sub_block_size")
-        if self.noise == "sub_block":
-            if self.block_size % self.sub_block_size:
+        if self.noise != "uniform":
+            if self.noise == "sub_block" and self.block_size % self.sub_block_size:
                 raise FastDLLMError(
                     f"diffusion.sub_block_size ({self.sub_block_size}) must divide diffusion.block_size "
                     f"({self.block_size})", field="diffusion.sub_block_size")
             if self.complementary or self.loss_weighting != "none":
                 raise FastDLLMError(
-                    "diffusion.noise: sub_block has no complementary twin and no inverse_t weighting; "
+                    f"diffusion.noise: {self.noise} has no complementary twin and no inverse_t weighting; "
                     "set diffusion.complementary: false and diffusion.loss_weighting: none",
                     field="diffusion.noise")
         if self.ar_loss_weight_end is not None:

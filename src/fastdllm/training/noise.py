@@ -12,6 +12,9 @@ of the two views; in the twin a token of the block is masked with probability 1 
 a current sub-block j and a level t; the sub-blocks before j are visible (decoded), j is masked
 with probability p, the ones after it are fully masked (not reached yet). It has no complementary
 twin (the twin of such a state, the past masked and the future visible, never occurs).
+`noise: suffix` (`sample_suffix_mask`) draws the states the left-anchored rule visits: that rule
+decodes a run from the first masked place of the sub-block, so every state is a block whose
+tokens before a cut are visible and from the cut on masked; the cut is uniform over the block.
 
 Randomness comes from an explicit `torch.Generator` seeded per packed row by `row_seed`, never
 from the global RNG: the same row at the same point of the run gets the same noise on one
@@ -59,6 +62,18 @@ def sample_sub_block_mask(loss_mask: torch.Tensor, block_size: int, sub_block_si
     sub = (torch.arange(length) % block_size) // sub_block_size  # each token's sub-block in its block
     j = current.repeat_interleave(block_size)
     masked = (sub > j) | ((sub == j) & (u < p))
+    return masked & loss_mask, p
+
+
+def sample_suffix_mask(loss_mask: torch.Tensor, block_size: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise one row as the left-anchored rule's states (module docstring): per block a cut
+    uniform over its places, masked from the cut on. p: each block's masked fraction."""
+    (length,) = loss_mask.shape
+    blocks = length // block_size
+    cut = torch.randint(block_size, (blocks,), generator=generator).repeat_interleave(block_size)
+    masked = (torch.arange(length) % block_size) >= cut
+    p = (block_size - cut).float() / block_size
     return masked & loss_mask, p
 
 

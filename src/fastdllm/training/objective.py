@@ -29,7 +29,8 @@ from .attention_mask import (causal_document_mask, flex_block_mask, stream_flex_
 from .config import DiffusionConfig
 from .layout import StreamBatch, lay_out_streams
 from .loss import IGNORE, ar_targets, diffusion_targets, inverse_t_weights, output_index
-from .noise import apply_mask, complement, sample_block_mask, sample_sub_block_mask
+from .noise import (apply_mask, complement, sample_block_mask, sample_sub_block_mask,
+                    sample_suffix_mask)
 from .packing import PackedRows
 
 
@@ -54,6 +55,8 @@ def diffusion_views(rows: PackedRows, seeds: list[int], cfg: DiffusionConfig):
         if cfg.noise == "sub_block":
             m, p = sample_sub_block_mask(rows.loss_mask[r], cfg.block_size, cfg.sub_block_size, cfg.eps,
                                          generator)
+        elif cfg.noise == "suffix":
+            m, p = sample_suffix_mask(rows.loss_mask[r], cfg.block_size, generator)
         else:
             m, p = sample_block_mask(rows.loss_mask[r], cfg.block_size, cfg.eps, generator)
         view_rows.append(r), masked.append(m), probs.append(p), twin.append(False)
