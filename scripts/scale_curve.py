@@ -187,8 +187,11 @@ def plot(rows: list[dict], out: Path) -> None:
                  label=f"t=1.0, budget {b:g}")
     gap.set_title("gap to the AR base", fontsize=9)
     gap.set_ylabel("AR base - adapted (points)")
+    ticks = sorted({r["params"] / 1e6 for r in rows})
     for ax in (acc, gap):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{x:.2f}" for x in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("parameters (millions)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
