@@ -11,9 +11,13 @@ Stages (each reads what the previous wrote under runs/shipped/):
 3. pretrain   the AR base, from scratch          (configs/shipped/pretrain.yaml)
 4. adapt      Fast-dLLM v2 adaptation of the exported AR base (models/fastdllm-wp-ar, exported
               first if missing), 25% budget, with the weighted AR loss (configs/shipped/adapt.yaml)
-5. ablations  the same recipe without the AR loss / without complementary masks / without
+5. certainty  certainty distillation of the adapted model's bf16 export (runs/shipped/adapted-bf16,
+              written first): the states the left-anchored rule visits, confident mistakes
+              penalised (configs/shipped/certainty.yaml; configs/certainty/ holds the val sweep)
+6. ablations  the same recipe without the AR loss / without complementary masks / without
               token shift
-6. export     bf16 copies with model cards into models/fastdllm-wp-ar and models/fastdllm-wp-diffusion
+7. export     bf16 copies with model cards into models/fastdllm-wp-ar and models/fastdllm-wp-diffusion
+              (the diffusion model is the certainty fine-tune, or the adaptation if it is absent)
               (after `benchmarks/bench_gsm.py`, `python scripts/model_cards.py` refreshes the cards' results)
 
 Training runs on CUDA when available (bf16), else on the CPU.
@@ -29,16 +33,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("runs/shipped")
-STAGES = ("data", "tokenizer", "pretrain", "adapt", "ablations", "export")
+STAGES = ("data", "tokenizer", "pretrain", "adapt", "certainty", "ablations", "export")
 N_VAL = 1_000  # of the training problems, held out as the trainer's validation split
 CONFIGS = {
     "pretrain": "configs/shipped/pretrain.yaml",
     "adapt": "configs/shipped/adapt.yaml",
+    "certainty": "configs/shipped/certainty.yaml",
     "adapt-no-ar": "configs/shipped/adapt_no_ar.yaml",
     "adapt-no-complementary": "configs/shipped/adapt_no_complementary.yaml",
     "adapt-no-shift": "configs/shipped/adapt_no_shift.yaml",
 }
-EXPORTS = {"pretrain": "models/fastdllm-wp-ar", "adapt": "models/fastdllm-wp-diffusion"}
+# in order: the certainty fine-tune, when it exists, replaces the adaptation's export
+EXPORTS = {"pretrain": "models/fastdllm-wp-ar", "adapt": "models/fastdllm-wp-diffusion",
+           "certainty": "models/fastdllm-wp-diffusion"}
 
 
 def _write_jsonl(records: list[dict], path: Path) -> None:
@@ -78,7 +85,10 @@ def stage_train(name: str) -> None:
     print(f"{name}: final model -> {out}")
 
 
-def stage_export(runs: list[str] | None = None) -> None:
+ADAPTED_BF16 = WORK / "adapted-bf16"  # the certainty fine-tunes start from it
+
+
+def stage_export(runs: list[str] | None = None, to: Path | None = None) -> None:
     import torch
 
     from fastdllm.model.checkpoint import load_model, load_tokenizer, read_json, save_checkpoint
@@ -87,16 +97,21 @@ def stage_export(runs: list[str] | None = None) -> None:
         if runs is not None and run not in runs:
             continue
         src = WORK / run / "final"
+        if runs is None and run == "certainty" and not src.is_dir():
+            continue
         model = load_model(src, "cpu", torch.float32)
         gen = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else None
         official = model.config.model_type == "Fast_dLLM_Qwen"
         extra = {}
         summary = src / "training_summary.json"
-        if summary.is_file():
+        if run == "certainty":  # the card tells both runs: the adaptation's summary stays beside it
+            extra["training_summary.json"] = (WORK / "adapt" / "final" / "training_summary.json").read_text()
+            extra["certainty_summary.json"] = summary.read_text()
+        elif summary.is_file():
             extra["training_summary.json"] = summary.read_text()
-        save_checkpoint(ROOT / dest, model, tokenizer=load_tokenizer(src), official_layout=official,
+        save_checkpoint(to or ROOT / dest, model, tokenizer=load_tokenizer(src), official_layout=official,
                         generation_config=gen, extra_files=extra, dtype=torch.bfloat16)
-        print(f"export: {src} -> {dest} (bf16)")
+        print(f"export: {src} -> {to or dest} (bf16)")
     if runs is None:
         sys.path.insert(0, str(ROOT / "scripts"))
         from model_cards import write_cards
@@ -122,6 +137,9 @@ def main() -> None:
             if not (ROOT / EXPORTS["pretrain"] / "model.safetensors").is_file():
                 stage_export(["pretrain"])  # the adaptation starts from the shipped AR base
             stage_train("adapt")
+        elif stage == "certainty":
+            stage_export(["adapt"], to=ADAPTED_BF16)  # the fine-tune starts from the bf16 export
+            stage_train("certainty")
         elif stage == "ablations":
             stage_train("adapt-no-ar")
             stage_train("adapt-no-complementary")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Certainty distillation on the validation split (issue 22): fine-tune the shipped adapted model
-# with each config under configs/certainty/ (one thread each, ~6 minutes apiece on a 2-core
-# CPU), then decode the validation split with every fine-tune, the shipped model and the AR
-# base side by side: the left-anchored frontier and AUP per model in
-# docs/results/certainty_val.{json,md,png}. Runs that finished already are not trained again.
+# Certainty distillation on the validation split (issue 22): fine-tune the adapted model (the
+# adaptation's bf16 export, runs/shipped/adapted-bf16, written by
+# `python scripts/build_shipped_models.py --stages certainty`) with each config under
+# configs/certainty/ (one thread each, ~6-20 minutes apiece on a 2-core CPU), then decode the
+# validation split with every fine-tune, the adapted model and the AR base side by side: the
+# left-anchored frontier and AUP per model in docs/results/certainty_val.{json,md,png}. Runs
+# that finished already are not trained again.
 #   bash scripts/certainty_sweep.sh                       # every config
 #   bash scripts/certainty_sweep.sh control wrong1        # some of them
 set -euo pipefail
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=($(ls configs/certainty | sed 's/\.yaml$//'))
-models=(--model "shipped=models/fastdllm-wp-diffusion")
+models=(--model "adapted=runs/shipped/adapted-bf16")
 for name in "${names[@]}"; do
     [ -f "runs/certainty/$name/final/model.safetensors" ] \
         || python -m fastdllm.training --config "configs/certainty/$name.yaml"

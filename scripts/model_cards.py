@@ -23,8 +23,8 @@ BENCH = ROOT / "docs" / "results" / "gsm_bench.json"
 ADAPTATION = [ROOT / "docs" / "results" / "adaptation" / "test_shipped.json"]
 
 
-def _summary(d: Path) -> dict:
-    p = d / "training_summary.json"
+def _summary(d: Path, name: str = "training_summary.json") -> dict:
+    p = d / name
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
@@ -39,11 +39,11 @@ def _tokens(summary: dict) -> int | None:
     return int(summary["tokens_seen"]) if "tokens_seen" in summary else None
 
 
-def _steps_line(summary: dict) -> str:
+def _steps_line(summary: dict, what: str = "") -> str:
     if "steps" not in summary or "config" not in summary:
         return ""
     c = summary["config"]
-    return (f"- {summary['steps']:,} optimizer steps of {summary['global_batch_rows']} rows x "
+    return (f"- {what}{summary['steps']:,} optimizer steps of {summary['global_batch_rows']} rows x "
             f"{c['data']['seq_len']} tokens, peak learning rate {c['optimizer']['lr']:g} "
             f"({c['optimizer']['schedule']}), final validation loss {summary['final_val_loss']:.4f}\n")
 
@@ -109,6 +109,15 @@ def card(which: str, bench: dict) -> str:
                       "(AR) loss of the clean rows with weight 3. Saved in the official "
                       "Fast_dLLM_v2 layout (`Fast_dLLM_QwenForCausalLM`, `bd_size` 32, `|<MASK>|`)."),
     }[which]
+    fine = _summary(d, "certainty_summary.json") if which == "diffusion" else {}
+    if fine:
+        d_cfg = fine["config"]["diffusion"]
+        recipe += (" Then certainty distillation (`configs/shipped/certainty.yaml`, docs/design.md): "
+                   f"{int(fine['tokens_seen']):,} more tokens on the states the left-anchored rule visits "
+                   "(per block a cut, everything from it on masked; no complementary twin), the same "
+                   f"losses plus -log(1 - p_argmax) of every wrong prediction (weight "
+                   f"{d_cfg['wrong_confidence_weight']:g}), so that confident mistakes, which a threshold "
+                   "accepts, become rare.")
     usage = {"ar": "--mode ar", "diffusion": "--threshold 0.9"}[which]
     # the diffusion card's speed table is gsm_bench's only while that run measured this model
     adaptation = _adaptation_section() if which == "diffusion" else ""
@@ -135,7 +144,7 @@ time, ages, percentages, unit conversions, areas, multi-step combinations), 2 to
 
 ## Training
 {recipe}
-{budget}{_steps_line(_summary(d))}- Training summary: `training_summary.json` beside this card
+{budget}{_steps_line(_summary(d), "Adaptation: " if fine else "")}{_steps_line(fine, "Certainty fine-tune: ")}- Training summary: `training_summary.json` beside this card{" (the adaptation; `certainty_summary.json` the fine-tune)" if fine else ""}
 - Rebuild from scratch: `python scripts/build_shipped_models.py`
 
 ## Results
