@@ -42,6 +42,17 @@ SETTINGS = {
 }
 
 
+def decode_of(setting: str) -> dict:
+    """The decoding options of a setting name: causal, left-to-right, t=T (official rule) or
+    la=T (left-anchored). Raises ValueError on any other name."""
+    if setting in SETTINGS:
+        return SETTINGS[setting]
+    rule, _, t = setting.partition("=")
+    if rule not in ("t", "la") or not t:
+        raise ValueError(f"unknown setting {setting!r}: use causal, left-to-right, t=T or la=T")
+    return dict(mode="diffusion", threshold=float(t), rule="threshold" if rule == "t" else "left_anchored")
+
+
 def load_split(split: str, val_file: Path, limit: int) -> list[dict]:
     """[{'prompt': user message, 'answer': reference}] of the first `limit` problems."""
     if split == "val":
@@ -141,14 +152,10 @@ def main() -> None:
     for label, path in args.model:
         llm = LLM.load(path, device=args.device, dtype=args.dtype, prefix_caching=False)
         for setting in args.settings:
-            if setting in SETTINGS:
-                decode = SETTINGS[setting]
-            elif setting.startswith(("t=", "la=")):
-                rule, _, t = setting.partition("=")
-                decode = dict(mode="diffusion", threshold=float(t),
-                              rule="threshold" if rule == "t" else "left_anchored")
-            else:
-                ap.error(f"unknown setting {setting!r}: use causal, left-to-right, t=T or la=T")
+            try:
+                decode = decode_of(setting)
+            except ValueError as e:
+                ap.error(str(e))
             if decode["mode"] == "diffusion" and llm.config.bd_size is None:
                 continue  # an AR checkpoint (no block size): causal only
             r = evaluate(llm, problems, args.batch_size, args.max_new_tokens, f"{label} {setting}", **decode)

@@ -106,13 +106,12 @@ def count_params(path: Path) -> int:
 
 def evaluate_sizes(models: dict[str, tuple[Path, Path]], budget: float, examples: int, val_file: Path,
                    limit: int, batch: int, device: str, out: Path) -> None:
-    from bench_adaptation import evaluate, load_split
+    from bench_adaptation import decode_of, evaluate, load_split
     from common import machine_info, write_results
     from fastdllm.llm import LLM
 
     problems = load_split("val", val_file, limit)
     old = out.with_suffix(".json")
-    key = ("size", "budget", "examples", "problems")
     mine = {"budget": budget, "examples": examples, "problems": len(problems)}
     # rows of earlier calls stay (other sizes, budgets, machines); a row is measured once
     rows = json.loads(old.read_text())["rows"] if old.is_file() else []
@@ -125,13 +124,7 @@ def evaluate_sizes(models: dict[str, tuple[Path, Path]], budget: float, examples
         dllm = LLM.load(dllm_dir, **load)
         res = {}
         for s in SETTINGS:
-            if s == "causal":
-                decode = dict(mode="ar")
-            elif s == "left-to-right":
-                decode = dict(mode="diffusion", sub_block_size=1, threshold=1.0, rule="threshold")
-            else:
-                decode = dict(mode="diffusion", threshold=float(s[3:]), rule="left_anchored")
-            res[s] = evaluate(dllm, problems, batch, 128, f"{size} {s}", **decode)
+            res[s] = evaluate(dllm, problems, batch, 128, f"{size} {s}", **decode_of(s))
         row = {"size": size, **mine, "params": count_params(dllm_dir),
                "ar_base": base["accuracy"],
                **{f"{s} acc": res[s]["accuracy"] for s in SETTINGS},
@@ -140,7 +133,7 @@ def evaluate_sizes(models: dict[str, tuple[Path, Path]], budget: float, examples
                "gap la=0.9 (points)": round(100 * (base["accuracy"] - res["la=0.9"]["accuracy"]), 1),
                "ar_dir": _shown(ar_dir), "dllm_dir": _shown(dllm_dir), "device": device,
                "machine": machine.get("gpu", machine["cpu"])}
-        rows = [r for r in rows if not all(r.get(k) == row[k] for k in key)] + [row]
+        rows.append(row)
         print(json.dumps(row), flush=True)
     rows.sort(key=lambda r: (-r.get("budget", 0), r["params"]))
     cols = ["size", "params", "budget", "examples", "problems", "ar_base", "causal acc",
@@ -222,17 +215,15 @@ def main() -> None:
                  "trained at the full budgets on every example")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    train_file = out / f"sft_train_{args.examples}.jsonl"
-    if not train_file.is_file():
-        lines = (args.data / "sft_train.jsonl").read_text().splitlines(keepends=True)
-        train_file.write_text("".join(lines[:args.examples]))
-    trained = [s for s in args.sizes if s != args.shipped]
-    configs = {s: scaled_configs(s, args.budget, out, train_file, args.data / "sft_val.jsonl",
-                                  args.precision, args.workers)
-               for s in trained}
     if "train" in args.stages:
-        for size in trained:  # smallest first: a curve with two points beats none
-            for config in configs[size]:
+        train_file = out / f"sft_train_{args.examples}.jsonl"
+        if not train_file.is_file():
+            lines = (args.data / "sft_train.jsonl").read_text().splitlines(keepends=True)
+            train_file.write_text("".join(lines[:args.examples]))
+        # smallest first: a curve with two points beats none
+        for size in (s for s in args.sizes if s != args.shipped):
+            for config in scaled_configs(size, args.budget, out, train_file, args.data / "sft_val.jsonl",
+                                         args.precision, args.workers):
                 train(config, args.threads)
     if "eval" in args.stages:
         import torch
